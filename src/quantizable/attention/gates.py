@@ -1,0 +1,81 @@
+"""Attention gates: ``pi = sigmoid(G(x))`` scales each head's output so a head can switch itself off.
+
+x is the attention module's input hidden state (after the pre-attention LayerNorm in pre-LN models). All gate
+types keep their weights as plain parameters batched over heads, so one einsum evaluates every head's gate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+from quantizable.attention.spec import AttentionSpec
+
+
+class AttentionGate(nn.Module):
+    """Gate network of one attention layer; ``forward(x)`` returns gate probabilities.
+
+    Output shape is ``(B, T, H, 1)`` for per-head types (one gate per head and token) and ``(B, T, H, d_head)`` for
+    ``elementwise`` (one gate per output channel), ready to multiply the ``(B, T, H, d_head)`` attention output.
+    """
+
+    def __init__(
+        self, spec: AttentionSpec, hidden_size: int, num_heads: int, head_dim: int, init_std: float = 0.02
+    ) -> None:
+        super().__init__()
+        self.gate_type = spec.gate_type
+        self.pi_init = spec.pi_init
+        self.bias_init = spec.gate_bias_init
+        self.num_heads, self.head_dim = num_heads, head_dim
+        if self.gate_type in ("linear", "mlp") and hidden_size != num_heads * head_dim:
+            raise ValueError(
+                f"gate_type={self.gate_type!r} splits the hidden state into per-head slices, which needs "
+                f"hidden_size == num_heads * head_dim (got {hidden_size} vs {num_heads} x {head_dim})"
+            )
+        if self.gate_type == "linear":
+            self.weight = nn.Parameter(torch.empty(num_heads, head_dim))
+            self.bias = nn.Parameter(torch.empty(num_heads))
+        elif self.gate_type == "mlp":
+            self.hidden_weight = nn.Parameter(torch.empty(num_heads, head_dim, spec.n_hid))
+            self.hidden_bias = nn.Parameter(torch.empty(num_heads, spec.n_hid))
+            self.weight = nn.Parameter(torch.empty(num_heads, spec.n_hid))
+            self.bias = nn.Parameter(torch.empty(num_heads))
+        elif self.gate_type == "all_heads_linear":
+            self.weight = nn.Parameter(torch.empty(num_heads, hidden_size))
+            self.bias = nn.Parameter(torch.empty(num_heads))
+        else:  # elementwise
+            self.weight = nn.Parameter(torch.empty(num_heads * head_dim, hidden_size))
+            self.bias = nn.Parameter(torch.empty(num_heads * head_dim))
+        self.reset_parameters(init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float) -> None:
+        """The family's normal(0, std) weight init; the last bias at ``logit(pi_init)`` for every gate type.
+
+        Uses transformers' init functions, which skip tensors already loaded from a checkpoint.
+        """
+        init.normal_(self.weight, mean=0.0, std=std)
+        init.constant_(self.bias, self.bias_init)
+        if self.gate_type == "mlp":
+            init.normal_(self.hidden_weight, mean=0.0, std=std)
+            init.zeros_(self.hidden_bias)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_type == "linear":
+            xh = x.unflatten(-1, (self.num_heads, self.head_dim))
+            return (torch.einsum("bthd,hd->bth", xh, self.weight) + self.bias).unsqueeze(-1)
+        if self.gate_type == "mlp":
+            xh = x.unflatten(-1, (self.num_heads, self.head_dim))
+            hidden = torch.relu(torch.einsum("bthd,hdn->bthn", xh, self.hidden_weight) + self.hidden_bias)
+            return (torch.einsum("bthn,hn->bth", hidden, self.weight) + self.bias).unsqueeze(-1)
+        out = nn.functional.linear(x, self.weight, self.bias)
+        if self.gate_type == "all_heads_linear":
+            return out.unsqueeze(-1)
+        return out.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+    def extra_repr(self) -> str:
+        return f"type={self.gate_type}, heads={self.num_heads}, head_dim={self.head_dim}, pi_init={self.pi_init}"

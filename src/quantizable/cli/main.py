@@ -1,0 +1,79 @@
+"""``quantizable`` entry point: one sub-command per verb, each in its own module under ``quantizable.cli``.
+
+A verb module defines ``add_arguments(parser)`` and ``run(args) -> int``. Bad input (``UserError``, ``ValueError``,
+``FileNotFoundError``) prints one line and exits 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+VERBS: dict[str, str] = {
+    "train": "pre-train or fine-tune a model with an attention spec",
+    "analyze": "measure outliers (inf-norm, kurtosis, where they sit) and draw the paper's figures",
+    "quantize": "simulated W8A8 post-training quantization with static ranges",
+    "reproduce": "reproduce the paper's comparison table (vanilla vs clipped softmax vs gated attention)",
+    "export": "export to real INT8 (PyTorch PT2E or ONNX Runtime) and measure speed and quality",
+    "data": "prepare the embedded default datasets",
+    "demo": "a tiny end-to-end demonstration of the attention variants",
+}
+
+
+def _quiet_environment() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantizable",
+        description="Train transformers that quantize to full INT8 without tricks "
+        "(clipped softmax and gated attention, Bondarenko et al. 2023).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, summary in VERBS.items():
+        verb_parser = sub.add_parser(verb, help=summary, description=summary)
+        verb_parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        try:
+            module = importlib.import_module(f"quantizable.cli.{verb}")
+        except ModuleNotFoundError as error:
+            if error.name != f"quantizable.cli.{verb}":
+                raise
+            verb_parser.set_defaults(module=None)
+            continue
+        module.add_arguments(verb_parser)
+        verb_parser.set_defaults(module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    if args.module is None:
+        print(f"error: '{args.verb}' is not available in this version yet", file=sys.stderr)
+        return 2
+    from quantizable.cli.errors import UserError
+
+    try:
+        return int(args.module.run(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Build, convert and load models: ``create_model``, ``apply_attention_spec``, ``load_model``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PreTrainedModel
+
+from quantizable.attention.spec import AttentionSpec
+from quantizable.models.families import attention_geometry, family_of_config, get_family
+from quantizable.models.modeling import QUANTIZABLE_CLASSES, register_auto_classes
+
+# Named architectures (family, config overrides). Paper-scale presets follow the paper's appendix C;
+# "tiny" ones are for tests, "small" ones for CPU training.
+MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bert-tiny": ("bert", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=128)),
+    "bert-small": ("bert", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
+                                intermediate_size=512, max_position_embeddings=128)),
+    "bert-6l": ("bert", dict(num_hidden_layers=6, max_position_embeddings=256)),
+    "bert-base": ("bert", dict(max_position_embeddings=512)),
+    "opt-tiny": ("opt", dict(vocab_size=512, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2,
+                             num_attention_heads=4, ffn_dim=128, max_position_embeddings=128, init_std=0.02)),
+    "opt-small": ("opt", dict(hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=6, num_attention_heads=8,
+                              ffn_dim=512, max_position_embeddings=128, init_std=0.02)),
+    "opt-125m": ("opt", dict(hidden_size=768, word_embed_proj_dim=768, num_hidden_layers=12, num_attention_heads=12,
+                             ffn_dim=3072, max_position_embeddings=512, init_std=0.006)),
+    "vit-tiny": ("vit", dict(image_size=28, patch_size=7, num_channels=1, num_labels=10, hidden_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)),
+    "vit-small": ("vit", dict(image_size=28, patch_size=4, num_channels=1, num_labels=10, hidden_size=128,
+                              num_hidden_layers=4, num_attention_heads=8, intermediate_size=512)),
+    "vit-s16": ("vit", dict(image_size=224, patch_size=16, num_channels=3, num_labels=1000, hidden_size=384,
+                            num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                            patch_layernorm=True)),
+    "llama-tiny": ("llama", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)),
+}
+
+
+def create_model(
+    preset: str,
+    spec: AttentionSpec | None = None,
+    **config_overrides: Any,
+) -> PreTrainedModel:
+    """A freshly initialised quantizable model from a preset name (``bert-tiny``, ``opt-125m``, ...) or a family
+    name (``bert``, ``opt``, ``vit``, ``llama``: the transformers defaults), with the given attention spec."""
+    if preset in MODEL_PRESETS:
+        family_name, base = MODEL_PRESETS[preset]
+    elif preset in QUANTIZABLE_CLASSES:
+        family_name, base = preset, {}
+    else:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join([*MODEL_PRESETS, *QUANTIZABLE_CLASSES])}")
+    register_auto_classes()
+    config_class, model_class, _ = QUANTIZABLE_CLASSES[family_name]
+    spec = spec or AttentionSpec()
+    config = config_class(**{**base, **config_overrides}, attention_spec=spec.to_dict())
+    attention_geometry(config)
+    return model_class(config)
+
+
+_CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "attention_spec", "_name_or_path")
+
+
+def apply_attention_spec(model: PreTrainedModel, spec: AttentionSpec) -> PreTrainedModel:
+    """A quantizable copy of ``model`` (any supported family) with ``spec`` applied.
+
+    Every pretrained weight is kept bit-identical; only new gate parameters are initialised (with the family's
+    init and ``logit(pi_init)`` biases). Returns a new model on the same device and dtype; ``model`` is untouched.
+    """
+    family = get_family(family_of_config(model.config).name)
+    register_auto_classes()
+    config_class, model_class, _ = QUANTIZABLE_CLASSES[family.name]
+    settings = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_KEYS_NOT_COPIED}
+    config = config_class(**settings, attention_spec=spec.to_dict())
+    reference = next(model.parameters())
+    new_model = model_class(config).to(device=reference.device, dtype=reference.dtype)
+    missing, unexpected = new_model.load_state_dict(model.state_dict(), strict=False)
+    not_gates = [k for k in [*missing, *unexpected] if ".attn_gate." not in k]
+    if not_gates:
+        raise ValueError(f"state dict mismatch beyond gate parameters: {not_gates[:5]}")
+    new_model.train(model.training)
+    return new_model
+
+
+def _resolve_checkpoint(path: Path) -> tuple[Path, str | None]:
+    """A checkpoint directory (or run directory holding ``model/``) and an optional GGUF file name in it."""
+    if not path.exists():
+        raise FileNotFoundError(f"no such model or run directory: {path}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path.parent, path.name
+        raise ValueError(f"{path} is a file, not a checkpoint directory or a .gguf file")
+    if (path / "model" / "config.json").is_file():
+        return path / "model", None
+    if (path / "config.json").is_file():
+        return path, None
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        return path, ggufs[0].name
+    raise ValueError(f"{path} is not a checkpoint: no config.json, model/config.json or .gguf file in it")
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load one of our run directories, a Hugging Face checkpoint directory of a supported family, or a GGUF file.
+
+    Stock checkpoints load into the family's task class (BERT: masked LM, OPT/Llama: causal LM, ViT:
+    classification); loading goes through safetensors (or GGUF), never pickle.
+    """
+    register_auto_classes()
+    directory, gguf_file = _resolve_checkpoint(Path(path))
+    if gguf_file:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+        family_of_config(model.config)
+        return model.eval()
+    config = AutoConfig.from_pretrained(directory)
+    family = family_of_config(config)
+    if config.model_type.startswith("quantizable_"):
+        model_class = QUANTIZABLE_CLASSES[family.name][1]
+    else:
+        model_class = family.model_class
+    return model_class.from_pretrained(directory, dtype=dtype, use_safetensors=True).eval()

@@ -1,0 +1,24 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import quantizable  # noqa: F401  (registers the model classes and the attention implementation)
+
+TINY_PRESETS = ("bert-tiny", "opt-tiny", "vit-tiny", "llama-tiny")
+
+
+def tiny_batch(preset: str, batch: int = 2, length: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deterministic input batch for a tiny preset (token ids, or 28x28 grey images for ViT)."""
+    g = torch.Generator().manual_seed(seed)
+    if preset.startswith("vit"):
+        return {"pixel_values": torch.randn(batch, 1, 28, 28, generator=g)}
+    ids = torch.randint(0, 512, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
