@@ -153,3 +153,15 @@ def test_materialised_path_equals_sdpa_path(preset):
     batch = tiny_batch(preset)
     with torch.no_grad():
         assert torch.allclose(unclipped(**batch).logits, vanilla(**batch).logits, atol=1e-5)
+
+
+def test_evaluate_perplexity_is_token_weighted():
+    from quantizable.evaluation import evaluate
+
+    model = create_model("opt-tiny")
+    ids = torch.randint(0, 512, (4, 16))
+    whole = evaluate(model, [{"input_ids": ids, "labels": ids}])
+    split = evaluate(model, [{"input_ids": ids[:1], "labels": ids[:1]}, {"input_ids": ids[1:], "labels": ids[1:]}])
+    assert whole["metric"] == "perplexity" and whole["count"] == 4 * 15
+    assert whole["value"] == pytest.approx(split["value"], rel=1e-5)
+    assert 300 < whole["value"] < 900  # near-uniform over 512 tokens at init
