@@ -4,7 +4,9 @@ Hugging Face attention modules (BERT, OPT, ViT, Llama, ...) project q/k/v themse
 ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, q, k, v, mask, ...)``. Registering ``quantizable``
 there lets us change only the part between the projections and the output projection, for all families at once:
 
-* softmax on fused SDPA (vanilla), or materialised probabilities for clipped softmax / softmax+1;
+* softmax on fused SDPA (vanilla), or materialised probabilities for clipped softmax / softmax+1; clipped softmax
+  takes the single-node fast path of ``attention.fused`` unless taps need the intermediates or
+  ``fused_attention(False)`` selects the reference ops;
 * an optional per-head gate on the attention output, computed from the module's input hidden state, which a
   forward pre-hook passes down as the keyword ``attn_gate_input``;
 * named *taps* (``scores``, ``probs``, ``context``) where quantizers and analysis hooks observe or replace the
@@ -13,7 +15,8 @@ there lets us change only the part between the projections and the output projec
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -21,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from quantizable.attention.fused import clipped_softmax_attention
 from quantizable.attention.softmax import clipped_softmax, softmax_plus_one
 from quantizable.attention.spec import AttentionSpec
 
@@ -28,6 +32,19 @@ ATTN_IMPLEMENTATION = "quantizable"
 TAP_NAMES = ("scores", "probs", "context")
 
 Tap = Callable[[torch.Tensor], torch.Tensor]
+
+_FUSED = True
+
+
+@contextmanager
+def fused_attention(enabled: bool) -> Iterator[None]:
+    """Use (default) or bypass the clipped-softmax fast path inside the block, e.g. to compare it with the reference."""
+    global _FUSED
+    previous, _FUSED = _FUSED, enabled
+    try:
+        yield
+    finally:
+        _FUSED = previous
 
 
 def _spec_of(module: nn.Module) -> AttentionSpec:
@@ -59,19 +76,27 @@ def _materialised_attention(
     scaling: float,
     dropout: float,
     is_causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    fast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = _tap(module, "scores", torch.matmul(query, key.transpose(2, 3)) * scaling)
     if attention_mask is None and is_causal and query.shape[2] > 1:
         q_len, k_len = query.shape[2], key.shape[2]
         attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    spec = _spec_of(module)
+    if fast:
+        p_drop = dropout if module.training else 0.0
+        context = clipped_softmax_attention(
+            query, key, value, attention_mask, scaling, spec.resolved_gamma(), spec.zeta, p_drop
+        )
+        return context, None
+    scores = _tap(module, "scores", torch.matmul(query, key.transpose(2, 3)) * scaling)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probs = _tap(module, "probs", normalise(scores, _spec_of(module)))
+    probs = _tap(module, "probs", normalise(scores, spec))
     dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(dropped, value), probs
 
@@ -93,8 +118,12 @@ def quantizable_attention_forward(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     taps = getattr(module, "attention_taps", None) or {}
     causal = bool(getattr(module, "is_causal", False)) if is_causal is None else is_causal
-    if spec.needs_probabilities or "scores" in taps or "probs" in taps or kwargs.get("output_attentions"):
-        context, probs = _materialised_attention(module, query, key, value, attention_mask, scaling, dropout, causal)
+    observed = "scores" in taps or "probs" in taps or bool(kwargs.get("output_attentions"))
+    if spec.needs_probabilities or observed:
+        fast = _FUSED and spec.kind == "clipped_softmax" and not observed
+        context, probs = _materialised_attention(
+            module, query, key, value, attention_mask, scaling, dropout, causal, fast
+        )
         output = context.transpose(1, 2)
     else:
         output, probs = sdpa_attention_forward(
