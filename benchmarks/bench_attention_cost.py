@@ -1,0 +1,226 @@
+"""Cost of each attention variant: training-step time and peak memory, as ratios to vanilla attention on SDPA.
+
+One run measures, for small BERT / OPT / ViT models at two sequence lengths, a full training step (forward,
+backward, AdamW step) of: vanilla on SDPA, vanilla on transformers' eager attention, clipped softmax on the reference
+ops and on the fused fast path, and gated attention with each gate type. All variants of one (model, length) group
+share the same weights and batch, and their steps are interleaved round-robin (rotating the order every round), so
+load from other processes on a shared CPU hits all variants alike; the reported time is the median step.
+
+Memory: on CUDA the peak allocated during one step above the allocation before it. On CPU the peak resident set
+of one step above the resident set before it (glibc's free memory is trimmed first and Linux's high-water mark is
+reset through /proc/self/clear_refs), plus the bytes autograd saves for backward (deterministic, shared storages
+counted once). Attention-probability dropout is set to 0 so that SDPA can use its fused kernel.
+
+    python benchmarks/bench_attention_cost.py            # ~5 min on 1 CPU thread
+    python benchmarks/bench_attention_cost.py --quick    # ~1 min: T=128 only, fewer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+from transformers import PreTrainedModel
+
+from quantizable.attention import AttentionSpec, spec_for_method
+from quantizable.attention.interface import fused_attention
+from quantizable.models import apply_attention_spec, create_model
+
+RESULTS = Path(__file__).parent / "results" / "attention_cost.json"
+BASELINE = "vanilla_sdpa"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    spec: AttentionSpec
+    attn_implementation: str | None = None  # None: keep the quantizable implementation
+    fused: bool = True
+
+    def context(self) -> ContextManager:
+        return nullcontext() if self.fused else fused_attention(False)
+
+
+VARIANTS = (
+    Variant(BASELINE, spec_for_method("vanilla")),
+    Variant("vanilla_eager", spec_for_method("vanilla"), attn_implementation="eager"),
+    Variant("clipped_reference", spec_for_method("clipped_softmax"), fused=False),
+    Variant("clipped_fused", spec_for_method("clipped_softmax")),
+    *(Variant(f"gated_{g}", spec_for_method("gated_attention", gate_type=g))
+      for g in ("linear", "mlp", "all_heads_linear", "elementwise")),
+)
+PRESETS = ("bert-small", "opt-small", "vit-small")
+
+
+def build_group(preset: str, seq_len: int, batch: int) -> tuple[dict[str, PreTrainedModel], dict[str, torch.Tensor], int]:
+    """One model per variant with identical weights, the batch, and the actual number of tokens per sequence."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if preset.startswith("vit"):
+        patch = 4
+        # a (4 x seq_len/4)-patch image: seq_len patches plus the CLS token
+        base = create_model(preset, image_size=(4 * patch, seq_len // 4 * patch))
+        inputs = {"pixel_values": torch.randn(batch, 1, 4 * patch, seq_len // 4 * patch, generator=g),
+                  "labels": torch.randint(0, 10, (batch,), generator=g)}
+        tokens = seq_len + 1
+    else:
+        dropout = {"attention_probs_dropout_prob": 0.0} if preset.startswith("bert") else {"attention_dropout": 0.0}
+        base = create_model(preset, max_position_embeddings=seq_len, **dropout)
+        ids = torch.randint(0, base.config.vocab_size, (batch, seq_len), generator=g)
+        mask = torch.ones_like(ids)
+        mask[-1, -seq_len // 4:] = 0  # one padded sequence, so the padding-mask path is exercised
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+        tokens = seq_len
+    models = {}
+    for variant in VARIANTS:
+        model = apply_attention_spec(base, variant.spec)
+        if variant.attn_implementation:
+            model.set_attn_implementation(variant.attn_implementation)
+        models[variant.name] = model.train()
+    return models, inputs, tokens
+
+
+def make_step(model: PreTrainedModel, inputs: dict[str, torch.Tensor], variant: Variant) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with variant.context():
+            model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_for_backward_bytes(step: Callable[[], None]) -> int:
+    """Bytes of the tensors autograd keeps for backward during one step (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values())
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes of one step above what was in use before it (CUDA allocator, or resident set on CPU)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc_trim(0)
+    before = _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    step()
+    return (_proc_status_kib("VmHWM") - before) * 1024
+
+
+def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int,
+                  device: torch.device) -> list[dict[str, Any]]:
+    models, inputs, tokens = build_group(preset, seq_len, batch)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    steps_of = {}
+    for variant in VARIANTS:
+        steps_of[variant.name] = make_step(models[variant.name].to(device), inputs, variant)
+    times: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
+    names = [v.name for v in VARIANTS]
+    for round_ in range(warmup + steps):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            steps_of[name]()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    rows = []
+    for name in names:
+        rows.append({
+            "model": preset, "seq_len": tokens, "batch": batch, "variant": name,
+            "step_ms": 1000 * statistics.median(times[name]),
+            "step_ms_all": [round(1000 * t, 2) for t in times[name]],
+            "peak_step_bytes": peak_step_memory(steps_of[name], device),
+            "saved_for_backward_bytes": saved_for_backward_bytes(steps_of[name]),
+        })
+    base = next(r for r in rows if r["variant"] == BASELINE)
+    for row in rows:
+        row["time_ratio"] = row["step_ms"] / base["step_ms"]
+        row["peak_ratio"] = row["peak_step_bytes"] / max(base["peak_step_bytes"], 1)
+        row["saved_ratio"] = row["saved_for_backward_bytes"] / base["saved_for_backward_bytes"]
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | T | variant | step ms | time x | peak MiB | peak x | saved MiB | saved x |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['seq_len']} | {r['variant']} | {r['step_ms']:.1f} | {r['time_ratio']:.3f} | "
+            f"{r['peak_step_bytes'] / 2**20:.1f} | {r['peak_ratio']:.2f} | "
+            f"{r['saved_for_backward_bytes'] / 2**20:.1f} | {r['saved_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="T=128 only and fewer steps (~1 min on CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    lengths = (128,) if args.quick else (128, 512)
+    steps = args.steps or (3 if args.quick else 5)
+    start = time.perf_counter()
+    rows = []
+    for preset in PRESETS:
+        for seq_len in lengths:
+            rows += measure_group(preset, seq_len, args.batch, steps, warmup=1, device=device)
+            print(f"# {preset} T={seq_len} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    table = markdown_table(rows)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": str(device), "threads": args.threads, "steps": steps, "quick": args.quick,
+            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "wall_s": round(time.perf_counter() - start, 1)}
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {args.out} ({meta['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The clipped-softmax fast path (attention.fused) equals the reference ops, in values and gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from quantizable.attention import AttentionSpec
+from quantizable.attention.fused import clipped_softmax_attention
+from quantizable.attention.interface import fused_attention, quantizable_attention_forward
+from quantizable.attention.softmax import clipped_softmax
+from quantizable.models import attention_modules, create_model
+
+from .conftest import tiny_batch
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+B, H, T, D = 2, 4, 24, 8
+
+
+class _Attention(nn.Module):
+    """The attributes the attention function reads from a Hugging Face attention module."""
+
+    def __init__(self, spec: AttentionSpec, kv_groups: int = 1) -> None:
+        super().__init__()
+        self.attention_spec = spec
+        self.num_key_value_groups = kv_groups
+
+
+def _qkv(kv_heads: int = H) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    shapes = [(B, H, T, D), (B, kv_heads, T, D), (B, kv_heads, T, D)]
+    # large scores, so that many probabilities fall below the clipping threshold and some reach 1
+    return [(torch.randn(s, generator=g) * 3).requires_grad_() for s in shapes]
+
+
+def _masks() -> dict[str, dict]:
+    padding = torch.ones(B, 1, T, T, dtype=torch.bool)
+    padding[1, :, :, T - 5:] = False
+    padding[1, :, 3, :] = False  # a fully masked row: uniform probabilities, no gradient
+    additive = torch.zeros(B, 1, T, T).masked_fill(~padding, torch.finfo(torch.float32).min)
+    return {
+        "none": dict(attention_mask=None),
+        "causal": dict(attention_mask=None, is_causal=True),
+        "bool_padding": dict(attention_mask=padding),
+        "additive_padding": dict(attention_mask=additive),
+        "bool_causal": dict(attention_mask=torch.ones(T, T, dtype=torch.bool).tril()),
+    }
+
+
+def _run(module: nn.Module, fused: bool, kv_heads: int = H, **kwargs) -> tuple[torch.Tensor, tuple]:
+    q, k, v = _qkv(kv_heads)
+    with fused_attention(fused):
+        out, _ = quantizable_attention_forward(module, q, k, v, dropout=0.0, **kwargs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    return out, torch.autograd.grad(out, (q, k, v), upstream)
+
+
+@pytest.mark.parametrize("mask", list(_masks()))
+@pytest.mark.parametrize("gamma, zeta", [(-0.03, 1.0), (-0.1, 1.05), (0.0, 1.0)])
+def test_fast_path_matches_reference(mask, gamma, zeta):
+    module = _Attention(AttentionSpec(kind="clipped_softmax", gamma=gamma, zeta=zeta)).train()
+    kwargs = _masks()[mask]
+    ref_out, ref_grads = _run(module, False, **kwargs)
+    out, grads = _run(module, True, **kwargs)
+    assert torch.equal(out, ref_out)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert torch.allclose(got, want, **TOL), f"grad {name}: max diff {(got - want).abs().max()}"
+
+
+def test_fast_path_matches_reference_with_grouped_kv_heads():
+    module = _Attention(AttentionSpec(kind="clipped_softmax", gamma=-0.05), kv_groups=2)
+    ref_out, ref_grads = _run(module, False, kv_heads=H // 2, attention_mask=None, is_causal=True)
+    out, grads = _run(module, True, kv_heads=H // 2, attention_mask=None, is_causal=True)
+    assert torch.equal(out, ref_out)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, **TOL)
+
+
+def test_clipping_is_active_in_these_tests():
+    """Guard: the inputs above must exercise both clamp ends, or the gradient tests would not test the clamp."""
+    q, k, _ = _qkv()
+    probs = clipped_softmax(q @ k.transpose(2, 3) * D**-0.5, -0.1, 1.05)
+    assert (probs == 0).float().mean() > 0.3 and (probs == 1).any() and ((probs > 0) & (probs < 1)).any()
+
+
+def test_dropout_matches_reference_with_the_same_mask():
+    q, k, v = _qkv()
+    p, gamma, scaling = 0.3, -0.03, D**-0.5
+    torch.manual_seed(5)
+    out = clipped_softmax_attention(q, k, v, None, scaling, gamma, 1.0, dropout=p)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    torch.manual_seed(5)  # the same draws as dropout inside the fast path: same shape, same generator state
+    keep = nn.functional.dropout(torch.ones(B, H, T, T), p=p)
+    ref = (clipped_softmax(q @ k.transpose(2, 3) * scaling, gamma) * keep) @ v
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert torch.allclose(out, ref, **TOL)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, **TOL)
+
+
+def test_probability_taps_take_the_reference_path():
+    module = _Attention(AttentionSpec(kind="clipped_softmax", gamma=-0.03))
+    seen = []
+    module.attention_taps = {"probs": lambda p: seen.append(p) or p}
+    q, k, v = _qkv()
+    out, probs = quantizable_attention_forward(module, q, k, v, None, dropout=0.0)
+    assert len(seen) == 1 and probs is seen[0]
+    del module.attention_taps
+    fast_out, fast_probs = quantizable_attention_forward(module, q, k, v, None, dropout=0.0)
+    assert fast_probs is None and torch.equal(out, fast_out)
+
+
+NO_ATTENTION_DROPOUT = {
+    "bert-tiny": dict(attention_probs_dropout_prob=0.0),
+    "opt-tiny": dict(attention_dropout=0.0),
+    "vit-tiny": dict(attention_probs_dropout_prob=0.0),
+    "llama-tiny": dict(attention_dropout=0.0),
+}
+
+
+@pytest.mark.parametrize("preset", list(NO_ATTENTION_DROPOUT))
+def test_training_step_gradients_match_in_every_family(preset):
+    spec = AttentionSpec(kind="clipped_softmax", gamma=-0.05)
+    model = create_model(preset, spec, **NO_ATTENTION_DROPOUT[preset]).train()
+    batch = tiny_batch(preset)
+    if "attention_mask" in batch:
+        batch["attention_mask"][1, -5:] = 0
+    labels = {"labels": torch.zeros(2, dtype=torch.long)} if preset.startswith("vit") else {"labels": batch["input_ids"]}
+
+    def loss_and_grads(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # identical hidden-dropout masks in both runs
+        with fused_attention(fused):
+            loss = model(**batch, **labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert attention_modules(model)[0].attention_spec.kind == "clipped_softmax"
+    ref_loss, ref_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], **TOL), name
