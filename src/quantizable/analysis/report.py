@@ -32,10 +32,12 @@ def outlier_histograms(result: dict[str, Any], hidden_size: int, path: Path) -> 
     dims = torch.zeros(hidden_size)
     for dim, count in outliers["dims"]:
         dims[dim] = count
-    axes[0].bar(range(hidden_size), dims.tolist(), width=1.0, color="tab:green")
+    axes[0].vlines(range(hidden_size), 0, dims.tolist(), color="tab:green", linewidth=2)
+    for dim, count in outliers["dims"][:3]:
+        axes[0].annotate(f"#{dim}", (dim, count), ha="center", va="bottom", fontsize=8)
     axes[0].set(title="outliers per hidden dimension", xlabel="hidden dimension", ylabel="count")
     positions = outliers["positions"]
-    axes[1].bar([p for p, _ in positions], [c for _, c in positions], width=1.0, color="tab:blue")
+    axes[1].vlines([p for p, _ in positions], 0, [c for _, c in positions], color="tab:blue", linewidth=2)
     axes[1].set(title="outliers per token position", xlabel="token position", ylabel="count")
     top = outliers["tokens"][:15][::-1]
     axes[2].barh([str(t) for t, _ in top], [c for _, c in top], color="tab:blue")

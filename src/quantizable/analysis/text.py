@@ -1,0 +1,55 @@
+"""Evaluation batches from a raw text file, tokenized with the model's own tokenizer.
+
+Paragraphs (blank-line separated) are packed greedily into sequences of at most ``seq_len`` tokens including the
+tokenizer's special tokens ([CLS]/[SEP] for BERT, <s> for Llama), so delimiters appear as in real inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def pack_paragraphs(text: str, tokenizer: Any, seq_len: int) -> list[str]:
+    """Paragraphs joined into chunks whose token count (with special tokens) fits in ``seq_len``; longer
+    paragraphs become their own chunk and are truncated when tokenized."""
+    budget = seq_len - tokenizer.num_special_tokens_to_add(pair=False)
+    chunks, current, used = [], [], 0
+    for paragraph in _paragraphs(text):
+        size = len(tokenizer(paragraph, add_special_tokens=False)["input_ids"])
+        if current and used + size > budget:
+            chunks.append(" ".join(current))
+            current, used = [], 0
+        current.append(paragraph)
+        used += size
+    if current:
+        chunks.append(" ".join(current))
+    return chunks
+
+
+def text_batches(path: str | Path, tokenizer: Any, seq_len: int, batch_size: int,
+                 max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """``{"input_ids", "attention_mask"}`` batches of a UTF-8 text file (right-padded, padding masked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such text file: {path}")
+    chunks = pack_paragraphs(path.read_text(encoding="utf-8", errors="replace"), tokenizer, seq_len)
+    if not chunks:
+        raise ValueError(f"{path} holds no text")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    for index, start in enumerate(range(0, len(chunks), batch_size)):
+        if max_batches is not None and index >= max_batches:
+            return
+        encoded = tokenizer(chunks[start:start + batch_size], truncation=True, max_length=seq_len,
+                            padding=True, return_tensors="pt")
+        yield {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

@@ -1,0 +1,104 @@
+"""``quantizable analyze MODEL_OR_RUN --out DIR``: outlier metrics, their localisation and the paper's figures.
+
+MODEL_OR_RUN is one of our run directories (``model/`` + ``config.yaml``), a Hugging Face BERT/OPT/ViT/Llama
+checkpoint directory or a ``.gguf`` file. Text comes from ``--data FILE`` (tokenized with the model's own
+tokenizer) or, by default, the embedded validation split of ``quantizable.data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from quantizable.cli.errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, metavar="MODEL_OR_RUN",
+                        help="run directory, Hugging Face checkpoint directory or .gguf file")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="UTF-8 text file to evaluate on (default: the embedded validation split)")
+    parser.add_argument("--batches", type=int, default=4, help="number of batches (default 4)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: the run's data.seq_len, else 128)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="zero-based layer for the attention figures (default: the layer with most outliers)")
+    parser.add_argument("--head", type=int, default=None,
+                        help="zero-based head for the attention figures (default: the head of the top outlier dim)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory for metrics.json, report.md, PNGs")
+
+
+def _run_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.yaml"
+    if not (path.is_dir() and config_file.is_file()):
+        return {}
+    import yaml
+
+    return yaml.safe_load(config_file.read_text()) or {}
+
+
+def _load_tokenizer(path: Path, run_config: dict[str, Any]):
+    """The checkpoint's own tokenizer files, the GGUF's tokenizer, or the run's ``data.tokenizer``; else None."""
+    from transformers import AutoTokenizer
+
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for directory in (path / "model", path):
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return AutoTokenizer.from_pretrained(directory)
+    name = (run_config.get("data") or {}).get("tokenizer")
+    if name:
+        from quantizable.data import load_tokenizer
+
+        return load_tokenizer(name)
+    return None
+
+
+def _default_batches(tokenizer, seq_len: int, task: str, batch_size: int, run_config: dict[str, Any]) -> Iterable:
+    try:
+        from quantizable.data import make_loader, text_dataset
+    except ImportError as error:
+        raise UserError("the embedded validation data is not available in this version; pass --data FILE") from error
+    source = (run_config.get("data") or {}).get("source")
+    dataset = text_dataset("validation", tokenizer, seq_len, task, source=source)
+    return make_loader(dataset, batch_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from quantizable.analysis import analyze
+    from quantizable.analysis.text import text_batches
+    from quantizable.models import family_of_config, load_model
+
+    for name in ("batches", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.data is not None and not args.data.is_file():
+        raise UserError(f"--data {args.data}: no such text file")
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    run_config = _run_config(args.model)
+    model = load_model(args.model)
+    task = family_of_config(model.config).task
+    seq_len = args.seq_len or (run_config.get("data") or {}).get("seq_len") or 128
+    tokenizer = None if task == "image" else _load_tokenizer(args.model, run_config)
+    if args.data is not None:
+        if tokenizer is None:
+            raise UserError(f"{args.model} has no tokenizer to read --data with (image model or no tokenizer files)")
+        batches = text_batches(args.data, tokenizer, seq_len, args.batch_size, args.batches)
+    else:
+        batches = islice(_default_batches(tokenizer, seq_len, task, args.batch_size, run_config), args.batches)
+    result = analyze(model, batches, tokenizer=tokenizer, out_dir=args.out, layer=args.layer, head=args.head)
+    share = result["outliers"]["delimiter_share"]
+    print(f"{result['model']}: {result['sequences']} sequences, max inf-norm {result['max_inf_norm']:.2f} "
+          f"(layer {result['max_inf_norm_layer']}), avg kurtosis {result['avg_kurtosis']:.2f}, "
+          f"{result['outliers']['total']} outliers"
+          + ("" if share is None else f" ({100 * share:.0f}% on delimiters)"))
+    print(f"wrote {args.out / 'metrics.json'}, {args.out / 'report.md'} and {len(result['figures'])} figures")
+    return 0
