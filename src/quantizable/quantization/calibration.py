@@ -1,0 +1,102 @@
+"""Static-range PTQ flow: ``calibrate`` (estimate ranges on a few batches), ``freeze``, ``simulate_w8a8``."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from quantizable.evaluation import evaluate
+from quantizable.quantization.config import QuantConfig
+from quantizable.quantization.placement import handle_of, quantize_, site_table
+
+Batch = dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Batch]) -> int:
+    """Estimate every quantizer's range: weights once from the weights, activations over ``batches`` (each
+    forward quantizes with the estimate so far, so later sites see quantized inputs). Returns the batch count."""
+    handle = handle_of(model)
+    handle.set_state(weights="estimate", acts="off")
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            module.weight  # noqa: B018  (evaluating the parametrization estimates the weight range)
+    handle.set_state(weights="frozen", acts="estimate")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    count = 0
+    for batch in batches:
+        model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        count += 1
+    model.train(was_training)
+    if count == 0 and handle.act_quantizers:
+        raise ValueError("calibration needs at least one batch")
+    return count
+
+
+def freeze(model: nn.Module) -> None:
+    """Fix every range (static quantization); raises if a site saw no data during calibration."""
+    handle = handle_of(model)
+    silent = [name for name, q in handle.act_quantizers.items() if not q.calibrated]
+    if silent:
+        raise RuntimeError(f"{len(silent)} activation quantizers saw no data during calibration, e.g. {silent[0]}")
+    handle.set_state(weights="frozen", acts="frozen")
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "per_seed": values,
+    }
+
+
+def simulate_w8a8(
+    model: nn.Module,
+    calib_batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
+    eval_batches: Callable[[], Iterable[Batch]] | Iterable[Batch],
+    config: QuantConfig | None = None,
+    seeds: Iterable[int] = (0,),
+) -> dict[str, Any]:
+    """FP evaluation, then per seed: quantize, calibrate on ``calib_batches(seed)``, freeze, evaluate.
+
+    ``calib_batches`` is a function of the seed (so each seed draws its own calibration data) or a fixed
+    collection; ``eval_batches`` a function returning fresh batches or a re-iterable collection. The model is
+    restored to floating point afterwards.
+    """
+    config = config or QuantConfig()
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+
+    def fresh_eval() -> Iterable[Batch]:
+        return eval_batches() if callable(eval_batches) else eval_batches
+
+    fp = evaluate(model, fresh_eval())
+    per_seed, table, sites = [], [], 0
+    for seed in seeds:
+        torch.manual_seed(seed)
+        handle = quantize_(model, config)
+        try:
+            calibrate(model, calib_batches(seed) if callable(calib_batches) else calib_batches)
+            freeze(model)
+            per_seed.append(evaluate(model, fresh_eval())["value"])
+            table, sites = site_table(model), len(handle.act_quantizers)
+        finally:
+            handle.remove()
+    return {
+        "metric": fp["metric"],
+        "fp": fp["value"],
+        "quantized": _summary(per_seed),
+        "seeds": seeds,
+        "sites": sites,
+        "weight_sites": sum(row["kind"] == "weight" for row in table),
+        "config": config.to_dict(),
+        "site_table": table,
+    }

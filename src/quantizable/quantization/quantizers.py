@@ -1,0 +1,113 @@
+"""Uniform affine fake quantization, paper eq. (1): ``x_hat = s * (clip(round(x / s) + z, n, p) - z)``.
+
+Weights are symmetric (``z = 0``, integers ``-2^(b-1) .. 2^(b-1)-1``); activations asymmetric (integers
+``0 .. 2^b-1``, the range widened to contain 0 so that zero is exact, ``z`` rounded and clamped). Rounding uses the
+straight-through estimator: its gradient is 1, and the clip passes gradient only inside the range.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantizable.quantization.estimators import RangeEstimator
+
+MIN_SCALE = 1e-8
+STATES = ("estimate", "frozen", "off")
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity gradient (straight-through estimator)."""
+    return x + (x.round() - x).detach()
+
+
+def quant_params(
+    x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(scale, zero_point, int_min, int_max)`` for a range; the range is widened to contain 0."""
+    x_min, x_max = torch.clamp(x_min, max=0.0), torch.clamp(x_max, min=0.0)
+    if symmetric:
+        int_min, int_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        scale = torch.maximum(-x_min, x_max).clamp(min=MIN_SCALE) / int_max
+        return scale, torch.zeros_like(scale), int_min, int_max
+    int_min, int_max = 0, 2**bits - 1
+    scale = ((x_max - x_min) / int_max).clamp(min=MIN_SCALE)
+    zero_point = torch.clamp(torch.round(-x_min / scale), int_min, int_max)
+    return scale, zero_point, int_min, int_max
+
+
+def fake_quantize(x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Quantize-dequantize ``x`` onto the ``bits``-bit grid of ``[x_min, x_max]`` (broadcast per channel)."""
+    scale, zero_point, int_min, int_max = quant_params(x_min, x_max, bits, symmetric)
+    x_int = torch.clamp(round_ste(x / scale) + zero_point, int_min, int_max)
+    return (x_int - zero_point) * scale
+
+
+class FakeQuantizer(nn.Module):
+    """One quantization site: a range estimator plus the grid; states ``estimate`` / ``frozen`` / ``off``.
+
+    In ``estimate`` every call updates the range from the tensor and quantizes with it (as the reference code);
+    ``frozen`` uses the fixed range (static quantization); ``off`` passes the tensor through.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        symmetric: bool,
+        estimator: RangeEstimator,
+        channel_axis: int | None = None,
+        cache_frozen: bool = False,
+    ) -> None:
+        super().__init__()
+        self.bits, self.symmetric, self.estimator, self.channel_axis = bits, symmetric, estimator, channel_axis
+        self.cache_frozen = cache_frozen  # weights: reuse the quantized tensor while frozen and not training
+        self.state = "off"
+        self.register_buffer("x_min", torch.tensor(float("nan")), persistent=False)
+        self.register_buffer("x_max", torch.tensor(float("nan")), persistent=False)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return not bool(torch.isnan(self.x_min).any())
+
+    def set_state(self, state: str) -> None:
+        if state not in STATES:
+            raise ValueError(f"quantizer state must be one of {STATES}, got {state!r}")
+        if state == "frozen" and not self.calibrated:
+            raise RuntimeError("cannot freeze a quantizer that has seen no data; run calibrate() first")
+        self.state, self._cache = state, None
+
+    def reset(self) -> None:
+        self.x_min, self.x_max = torch.full_like(self.x_min, float("nan")), torch.full_like(self.x_max, float("nan"))
+        self._cache = None
+
+    def _broadcast(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_axis is None:
+            return r
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = -1
+        return r.reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state == "off":
+            return x
+        if self.state == "estimate":
+            with torch.no_grad():
+                previous = (self.x_min, self.x_max) if self.calibrated else None
+                self.x_min, self.x_max = self.estimator.update(
+                    x.detach(), previous, self.bits, self.symmetric, self.channel_axis
+                )
+        elif self.cache_frozen and not torch.is_grad_enabled():  # fixed weights: quantize once per version
+            key = (x.data_ptr(), x._version, tuple(x.shape))
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, self._quantize(x))
+            return self._cache[1]
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self._broadcast(self.x_min, x), self._broadcast(self.x_max, x), self.bits,
+                             self.symmetric)
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"bits={self.bits}, {kind}, {self.estimator.name}, state={self.state}"
