@@ -7,7 +7,7 @@ VENV="$ROOT/.venv"
 STAMP="$VENV/.requirements.sha256"
 
 # System packages holding the embedded default data (Debian). Only installed when missing.
-APT_PACKAGES=(${QUANTIZABLE_APT_PACKAGES:-})
+APT_PACKAGES=(${QUANTIZABLE_APT_PACKAGES:-sword-text-web diatheke python3.11-doc dataset-fashion-mnist})
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -28,3 +28,4 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+[ -f "${QUANTIZABLE_DATA:-$HOME/.cache/quantizable/data}/manifest.json" ] || "$VENV/bin/quantizable" data prepare --quiet
