@@ -1,0 +1,244 @@
+"""Training configuration: nested dataclasses read from YAML presets (or a YAML file) plus ``key.sub=value`` overrides.
+
+Presets live in ``quantizable/presets/<name>.yaml`` and only list what differs from the dataclass defaults. The
+resolved configuration is written to ``RUN_DIR/config.yaml`` and reads back to an equal object.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantizable.attention.spec import AttentionSpec
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+SCHEDULES = ("linear", "cosine")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+TOKENIZERS = ("wordpiece", "bpe")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    """A model preset of :data:`quantizable.models.MODEL_PRESETS` and config overrides (dropout, sizes, ...)."""
+
+    preset: str = "bert-tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Text data: tokenizer (``None``: the family's default, WordPiece for MLM and BPE for CLM), sequence length,
+    an optional data source instead of the default corpus, and the MLM masking probability."""
+
+    tokenizer: str | None = None
+    seq_len: int = 128
+    source: str | None = None
+    mlm_probability: float = 0.15
+
+    def __post_init__(self) -> None:
+        _require(self.tokenizer is None or self.tokenizer in TOKENIZERS,
+                 f"data.tokenizer must be one of {', '.join(TOKENIZERS)} or null, got {self.tokenizer!r}")
+        _require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+        _require(0.0 < self.mlm_probability < 1.0, f"data.mlm_probability must lie in (0, 1), got {self.mlm_probability}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then linear or cosine decay to ``final_lr_fraction * lr`` (paper appendix C).
+
+    ``decay_layernorm_gamma`` also applies weight decay to LayerNorm weights (paper B.3); biases are never decayed.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "linear"
+    final_lr_fraction: float = 0.0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    decay_layernorm_gamma: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(self.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(0.0 <= self.final_lr_fraction <= 1.0, f"optim.final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}")
+        _require(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass
+class RunConfig:
+    """Length, batch (per process, per micro-step), seed and how often to evaluate, checkpoint, log and measure
+    outliers (0 disables). ``mixed_precision: auto`` uses bf16 (else fp16) on a GPU and fp32 on CPU."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    eval_every: int = 0
+    eval_batches: int = 20
+    checkpoint_every: int = 0
+    log_every: int = 10
+    outlier_every: int = 0
+    mixed_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, f"run.steps must be >= 0, got {self.steps}")
+        _require(self.batch_size >= 1, f"run.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "log_every", "outlier_every"):
+            _require(getattr(self, name) >= 0, f"run.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.mixed_precision in MIXED_PRECISION,
+                 f"run.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``attention`` is the model's :class:`AttentionSpec`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = copy.deepcopy(data)
+        attention = data.get("attention") or {}
+        seq_len = (data.get("data") or {}).get("seq_len", DataConfig.seq_len)
+        if attention.get("alpha") is not None and attention.get("seq_len") is None:
+            attention["seq_len"] = seq_len  # gamma = -alpha / T uses the training length
+        return _build(cls, data, "")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """A dataclass instance from a (partial) dict, naming the valid keys when one is unknown."""
+    where = prefix.rstrip(".") or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {data!r}")
+    if cls is AttentionSpec:
+        _check_keys(cls, data, prefix)
+        return AttentionSpec.from_dict(data)
+    _check_keys(cls, data, prefix)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _check_keys(cls: type, data: dict, prefix: str) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                         f"valid keys here: {', '.join(prefix + k for k in known)}")
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check a scalar against its annotation (ints are accepted for floats)."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, list, dict) and isinstance(value, origin):
+            return value
+    raise ValueError(f"{name} has the wrong type: got {value!r}, expected {hint}")
+
+
+def list_presets() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"no such config file: {path}")
+    elif (PRESET_DIR / f"{source}.yaml").is_file():
+        path = PRESET_DIR / f"{source}.yaml"
+    else:
+        raise ValueError(f"unknown training preset {str(source)!r}; presets: {', '.join(list_presets())} "
+                         "(or give a path to a .yaml file)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a YAML mapping at the top level")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.sub=value`` (value typed by YAML: ``3`` int, ``1e-4`` float, ``null``, ``[0.9, 0.95]``)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {assignment!r} must look like key.sub=value")
+    parts = key.strip().split(".")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    target, cls = data, TrainConfig
+    for depth, part in enumerate(parts[:-1]):
+        if cls is not None:
+            names = [f.name for f in dataclasses.fields(cls)]
+            if part not in names:
+                prefix = ".".join(parts[:depth])
+                raise ValueError(f"unknown config key {'.'.join(parts[:depth + 1])!r}; valid keys: "
+                                 + ", ".join(f"{prefix}.{n}" if prefix else n for n in names))
+            hint = typing.get_type_hints(cls)[part]
+            cls = hint if dataclasses.is_dataclass(hint) else None
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"cannot set {key}: {'.'.join(parts[:depth + 1])} is not a mapping")
+    target[parts[-1]] = value
+
+
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; treat such strings as the numbers they spell."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    if isinstance(value, dict):
+        return {k: _yaml_number(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_number(v) for v in value]
+    return value
+
+
+def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset name (``bert-tiny``, ``opt-125m``, ...) or a YAML path, with overrides."""
+    data = _read_yaml(source)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return TrainConfig.from_dict(_yaml_number(data))

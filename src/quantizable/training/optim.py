@@ -1,0 +1,52 @@
+"""AdamW with the paper's parameter groups and the warm-up + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from quantizable.training.config import OptimConfig
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
+    """Decay everything except biases and norm weights (norm weights too with ``decay_layernorm_gamma``, B.3).
+
+    Gate weights are decayed, as in the paper's code. Tied parameters are counted once.
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            exempt = name == "bias" or (_is_norm(module) and not config.decay_layernorm_gamma)
+            (no_decay if exempt else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+
+
+def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
+    """Multiplier of ``lr`` after ``step`` updates: linear warm-up from 0, then linear or cosine decay to
+    ``final_lr_fraction`` at ``total_steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    shape = 1.0 - progress if config.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.final_lr_fraction + (1.0 - config.final_lr_fraction) * shape
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, config))

@@ -1,0 +1,360 @@
+"""One trainer for every family (MLM, CLM, image classification) on Hugging Face accelerate.
+
+The run directory holds ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON object per log),
+``tb/`` (TensorBoard), ``checkpoints/step_N`` (``accelerator.save_state``, written atomically) and, when finished,
+``model/`` (``save_pretrained`` plus the tokenizer) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedModel
+
+from quantizable.analysis.metrics import inf_norm, kurtosis, sequences
+from quantizable.analysis.recording import recording
+from quantizable.evaluation import evaluate
+from quantizable.models import apply_attention_spec, create_model, family_of_config, load_model
+from quantizable.training.config import TrainConfig
+from quantizable.training.optim import make_optimizer, make_scheduler
+
+DEFAULT_TOKENIZER = {"mlm": "wordpiece", "clm": "bpe"}
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TaskData:
+    """What the trainer needs from the data layer for one task."""
+
+    train: Any
+    collate: Callable | None
+    validation_loader: Callable[[], Any]  # a fresh loader with the same (seeded) batches every call
+    tokens_per_sample: int  # for throughput: seq_len for text, 1 (image) for images
+
+
+def _tokenizer_dir(init_from: Path) -> Path | None:
+    for directory in (init_from / "model", init_from):
+        if directory.is_dir() and any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            return directory
+    return None
+
+
+def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tuple[PreTrainedModel, Any]:
+    """The model to train and its tokenizer (``None`` for images).
+
+    From scratch: the model preset with the attention spec and the tokenizer's vocabulary size. Fine-tuning
+    (``init_from``, paper B.6): the pretrained model with the spec applied (pretrained weights bit-identical, only
+    gates new) and the checkpoint's own tokenizer when it has one.
+    """
+    from quantizable import data
+
+    if init_from is not None:
+        model = apply_attention_spec(load_model(init_from), config.attention)
+        task = family_of_config(model.config).task
+        tokenizer = None
+        if task != "image":
+            directory = _tokenizer_dir(Path(init_from)) if Path(init_from).is_dir() else None
+            tokenizer = (AutoTokenizer.from_pretrained(directory) if directory
+                         else data.load_tokenizer(config.data.tokenizer or DEFAULT_TOKENIZER[task]))
+            if len(tokenizer) > model.config.vocab_size:
+                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model at {init_from} only "
+                                 f"{model.config.vocab_size}; set data.tokenizer to the one it was trained with")
+    else:
+        probe = create_model(config.model.preset, config.attention, **config.model.overrides)
+        task = family_of_config(probe.config).task
+        tokenizer, extra = None, {}
+        if task != "image":
+            tokenizer = data.load_tokenizer(config.data.tokenizer or DEFAULT_TOKENIZER[task])
+            extra = {"vocab_size": len(tokenizer)}
+            if tokenizer.pad_token_id is not None:
+                extra["pad_token_id"] = tokenizer.pad_token_id
+        model = create_model(config.model.preset, config.attention, **{**config.model.overrides, **extra})
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if task != "image" and limit is not None and config.data.seq_len > limit:
+        raise ValueError(f"data.seq_len={config.data.seq_len} is above the model's max_position_embeddings={limit}; "
+                         f"use data.seq_len <= {limit} or set model.overrides.max_position_embeddings")
+    return model.train(), tokenizer
+
+
+def task_data(config: TrainConfig, task: str, tokenizer: Any) -> TaskData:
+    """Training dataset, its collator and a validation-loader factory from :mod:`quantizable.data`."""
+    from quantizable import data
+
+    source, run = config.data.source, config.run
+    if task == "image":
+        train = data.image_dataset("train", source=source)
+        validation = data.image_dataset("validation", source=source)
+        collate, make_eval_collate, tokens = None, lambda: None, 1
+    else:
+        train = data.text_dataset("train", tokenizer, config.data.seq_len, task, source=source)
+        validation = data.text_dataset("validation", tokenizer, config.data.seq_len, task, source=source)
+        tokens = config.data.seq_len
+        if task == "mlm":
+            collate = data.mlm_collator(tokenizer, probability=config.data.mlm_probability)
+            make_eval_collate = lambda: data.mlm_collator(tokenizer, config.data.mlm_probability, seed=run.seed)
+        else:
+            collate = data.clm_collator()
+            make_eval_collate = data.clm_collator
+    if len(train) == 0 or len(validation) == 0:
+        raise ValueError(f"the {task} data has no training or validation samples (seq_len {config.data.seq_len} too long?)")
+
+    def validation_loader():
+        return data.make_loader(validation, run.batch_size, make_eval_collate(), shuffle=False, seed=run.seed)
+
+    return TaskData(train, collate, validation_loader, tokens)
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+@torch.no_grad()
+def block_outlier_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Max inf-norm (of the per-layer mean over sequences) and mean non-excess kurtosis of the transformer block
+    outputs on one batch; statistics per sequence, flattened over tokens and features (paper section 5)."""
+    per_layer: dict[int, list[torch.Tensor]] = {}
+    mask = batch.get("attention_mask")
+
+    def record(layer: int, name: str, tensor: torch.Tensor) -> None:
+        if name == "block_out":
+            per_layer.setdefault(layer, []).extend(sequences(tensor, mask))
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    with recording(model, record):
+        model(**inputs)
+    model.train(was_training)
+    norms = [sum(inf_norm(s) for s in seqs) / len(seqs) for seqs in per_layer.values()]
+    kurts = [kurtosis(s) for seqs in per_layer.values() for s in seqs]
+    return {"max_inf_norm": max(norms), "avg_kurtosis": sum(kurts) / len(kurts)}
+
+
+def weight_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, to check that processes hold identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once renamed from its temporary name)."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("step_*"):
+        if (path / STATE_FILE).is_file() and path.name.removeprefix("step_").isdigit():
+            found.append((int(path.name.removeprefix("step_")), path))
+    return sorted(found)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite: a finished run or one with checkpoints needs ``resume``."""
+    if resume:
+        return
+    if (run_dir / "summary.json").exists() or (run_dir / "model").exists():
+        raise ValueError(f"{run_dir} holds a finished run; choose another --out or pass --resume")
+    if _checkpoints(run_dir):
+        raise ValueError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from, so the log reads like one run."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _Batches:
+    """Training micro-batches forever: epoch ``e`` is shuffled with seed ``seed + e``, so a position
+    (epoch, batch) is enough to restart at exactly the same batch."""
+
+    def __init__(self, accelerator: Accelerator, data: TaskData, batch_size: int, seed: int,
+                 epoch: int = 0, position: int = 0) -> None:
+        self.accelerator, self.data, self.batch_size, self.seed = accelerator, data, batch_size, seed
+        self.epoch, self.position = epoch, position
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from quantizable.data import make_loader
+
+        while True:
+            loader = make_loader(self.data.train, self.batch_size, self.data.collate, shuffle=True,
+                                 seed=self.seed + self.epoch)
+            loader = self.accelerator.prepare_data_loader(loader)
+            if self.position:
+                loader = self.accelerator.skip_first_batches(loader, self.position)
+            for batch in loader:
+                self.position += 1
+                yield batch
+            self.epoch, self.position = self.epoch + 1, 0
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, Any]) -> None:
+    """``save_state`` into a temporary directory, then rename; older checkpoints go once the new one exists."""
+    final = run_dir / "checkpoints" / f"step_{state['step']}"
+    temporary = final.with_name(f".tmp_{final.name}")
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / STATE_FILE).write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)
+        for _, older in _checkpoints(run_dir)[:-1]:
+            shutil.rmtree(older)
+    accelerator.wait_for_everyone()
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or fine-tune, with ``init_from``) a model as configured; returns the run summary.
+
+    ``resume`` continues from the last checkpoint in ``out_dir`` with the optimizer, scheduler, RNG and data
+    position restored. ``stop_after`` ends this invocation (with a checkpoint) after that many optimizer steps in
+    total, for time-sliced jobs; a later ``resume`` continues with the same schedule.
+    """
+    run_dir = Path(out_dir)
+    check_run_dir(run_dir, resume)
+    run = config.run
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.optim.grad_accum,
+        mixed_precision=_mixed_precision(run.mixed_precision),
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+    )
+    set_seed(run.seed)
+    model, tokenizer = build_model(config, init_from)
+    task = family_of_config(model.config).task
+    data = task_data(config, task, tokenizer)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+    accelerator.init_trackers("tb")
+
+    optimizer = make_optimizer(model, config.optim)
+    scheduler = make_scheduler(optimizer, run.steps, config.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per update, whatever the process count
+
+    step, epoch, position = 0, 0, 0
+    checkpoints = _checkpoints(run_dir) if resume else []
+    if checkpoints:
+        accelerator.load_state(str(checkpoints[-1][1]))
+        state = json.loads((checkpoints[-1][1] / STATE_FILE).read_text())
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        if accelerator.is_main_process:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
+    position_source = _Batches(accelerator, data, run.batch_size, run.seed, epoch, position)
+    batches = iter(position_source)
+    outlier_batch = next(iter(data.validation_loader()))
+    unwrapped = accelerator.unwrap_model(model)
+
+    def write_metrics(record: dict[str, Any]) -> None:
+        accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=record["step"])
+        if accelerator.is_main_process:
+            with open(run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    end = run.steps if stop_after is None else min(run.steps, stop_after)
+    bar = tqdm(total=run.steps, initial=step, desc="train", disable=not (progress and accelerator.is_local_main_process))
+    losses: list[float] = []
+    last_eval: dict[str, Any] | None = None
+    started, start_step = time.perf_counter(), step
+    model.train()
+    while step < end:
+        micro_losses = []
+        while True:
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                micro_losses.append(loss.detach().float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.optim.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                break
+        step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+        if not math.isfinite(step_loss):
+            raise TrainingDivergedError(f"loss became {step_loss} at step {step + 1}; lower optim.lr or check the data")
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        record: dict[str, Any] = {}
+        if run.log_every and step % run.log_every == 0:
+            window = losses[-run.log_every:]
+            record.update(loss=sum(window) / len(window), lr=lr)
+        if run.outlier_every and step % run.outlier_every == 0:
+            record.update(block_outlier_stats(unwrapped, outlier_batch))
+        if run.eval_every and step % run.eval_every == 0:
+            last_eval = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
+            record[f"eval_{last_eval['metric']}"] = last_eval["value"]
+        if record:
+            write_metrics({"step": step, **record})
+        if (run.checkpoint_every and step % run.checkpoint_every == 0) or (step == end < run.steps):
+            _save_checkpoint(accelerator, run_dir, {"step": step, "epoch": position_source.epoch,
+                                                    "position": position_source.position})
+    bar.close()
+    elapsed = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "task": task,
+        "step": step,
+        "finished": step >= run.steps,
+        "losses": losses,
+        "train_seconds": elapsed,
+        "samples_per_second": (step - start_step) * run.batch_size * config.optim.grad_accum
+        * accelerator.num_processes / elapsed if elapsed > 0 and step > start_step else None,
+        "tokens_per_sample": data.tokens_per_sample,
+        "eval": last_eval,
+        "num_processes": accelerator.num_processes,
+        "weight_digests": gather_object([weight_digest(unwrapped)]),
+    }
+    if summary["finished"]:
+        if not (run.eval_every and step % run.eval_every == 0):
+            last_eval = summary["eval"] = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(run_dir / "model", safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(run_dir / "model")
+            (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
