@@ -130,27 +130,34 @@ def test_bad_inputs_raise_clearly(tokenizer) -> None:
         analyze(gpt2, [_text_batch(tokenizer)])
 
 
-@pytest.fixture
-def saved_model(tmp_path, tokenizer):
-    directory = tmp_path / "ckpt"
+@pytest.fixture(params=["checkpoint", "run"])
+def saved_model(request, tmp_path, tokenizer):
+    """A tiny BERT as a plain checkpoint directory or as a run directory (model/ + config.yaml), and a text file."""
+    root = tmp_path / "saved"
+    directory = root / "model" if request.param == "run" else root
     create_model("bert-tiny").save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    if request.param == "run":
+        (root / "config.yaml").write_text("data:\n  seq_len: 12\n")
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join([SENTENCE] * 6))
-    return directory, text
+    return root, text
 
 
-def test_cli_writes_metrics(tmp_path, saved_model, capsys) -> None:
+def test_cli_writes_metrics(tmp_path, saved_model) -> None:
     directory, text = saved_model
     out = tmp_path / "analysis"
+    # one paragraph per sequence: seq_len 16 given here, or 12 from the run's config.yaml
+    seq_len = [] if (directory / "config.yaml").exists() else ["--seq-len", "16"]
     code = main(["analyze", str(directory), "--data", str(text), "--batches", "2", "--batch-size", "2",
-                 "--seq-len", "16", "--out", str(out)])
+                 "--layer", "1", *seq_len, "--out", str(out)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert isinstance(metrics["max_inf_norm"], float) and isinstance(metrics["avg_kurtosis"], float)
     assert metrics["sequences"] == 4 and len(metrics["per_layer"]) == 2 * 5
     assert set(metrics["outliers"]) >= {"dims", "tokens", "delimiter_share"}
-    assert (out / "report.md").is_file() and (out / "outliers.png").is_file()
+    assert metrics["figures"] == ["outliers.png", f"attention_layer1_head{metrics['figure_head']}.png"]
+    assert all((out / name).is_file() for name in ["report.md", *metrics["figures"]])
 
 
 @pytest.mark.parametrize("extra, message", [

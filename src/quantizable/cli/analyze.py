@@ -60,14 +60,19 @@ def _load_tokenizer(path: Path, run_config: dict[str, Any]):
     return None
 
 
-def _default_batches(tokenizer, seq_len: int, task: str, batch_size: int, run_config: dict[str, Any]) -> Iterable:
-    try:
-        from quantizable.data import make_loader, text_dataset
-    except ImportError as error:
-        raise UserError("the embedded validation data is not available in this version; pass --data FILE") from error
+def _default_batches(tokenizer, seq_len: int, task: str, batch_size: int, n_batches: int,
+                     run_config: dict[str, Any]) -> Iterable:
+    """The validation split of the run's data source, or of the embedded default corpus / Fashion-MNIST."""
+    from quantizable.data import image_dataset, make_loader, text_dataset
+
     source = (run_config.get("data") or {}).get("source")
-    dataset = text_dataset("validation", tokenizer, seq_len, task, source=source)
-    return make_loader(dataset, batch_size)
+    if task == "image":
+        return make_loader(image_dataset("validation", source=source), batch_size)
+    if tokenizer is None:
+        raise UserError("no tokenizer for this model: no tokenizer files next to it and no data.tokenizer in config.yaml")
+    max_tokens = 2 * n_batches * batch_size * seq_len  # tokenize only what is analysed
+    return make_loader(text_dataset("validation", tokenizer, seq_len, task, source=source, max_tokens=max_tokens),
+                       batch_size)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{args.model} has no tokenizer to read --data with (image model or no tokenizer files)")
         batches = text_batches(args.data, tokenizer, seq_len, args.batch_size, args.batches)
     else:
-        batches = islice(_default_batches(tokenizer, seq_len, task, args.batch_size, run_config), args.batches)
+        loader = _default_batches(tokenizer, seq_len, task, args.batch_size, args.batches, run_config)
+        batches = islice(loader, args.batches)
     result = analyze(model, batches, tokenizer=tokenizer, out_dir=args.out, layer=args.layer, head=args.head)
     share = result["outliers"]["delimiter_share"]
     print(f"{result['model']}: {result['sequences']} sequences, max inf-norm {result['max_inf_norm']:.2f} "
