@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")" && pwd)"
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-exec quantizable demo --out runs/quickstart "$@"
+exec quantizable reproduce --quick --out runs/quickstart "$@"

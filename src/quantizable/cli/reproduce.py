@@ -1,0 +1,30 @@
+"""``quantizable reproduce``: the paper's comparison table at the scale of this machine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="short trainings (minutes): the quick-start job")
+    parser.add_argument("--scale", choices=("full", "quick", "tiny"), help="full (default), quick, or tiny (CI smoke)")
+    parser.add_argument("--families", default="bert,opt,vit", help="comma-separated: bert,opt,vit")
+    parser.add_argument("--methods", default="vanilla,clipped_softmax,gated_attention", help="comma-separated methods")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (finished runs are reused)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from quantizable.experiments import reproduce
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    scale = args.scale or ("quick" if args.quick else "full")
+    rows = reproduce(args.out, scale, tuple(f for f in args.families.split(",") if f),
+                     tuple(m for m in args.methods.split(",") if m))
+    for row in rows:
+        print(f"{row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  W8A8 {row['w8a8']['mean']:8.2f}  "
+              f"inf-norm {row['max_inf_norm']['mean']:8.1f}  kurtosis {row['avg_kurtosis']['mean']:8.1f}")
+    print(f"report: {args.out / 'report.md'}")
+    return 0

@@ -1,0 +1,199 @@
+"""The paper's comparison (table 2) at the scale of the machine: vanilla vs clipped softmax vs gated attention.
+
+For each family and method, train with each training seed (the training presets of ``quantizable/presets``, scaled
+by ``SCALES``), then measure the floating-point metric, the outlier metrics of ``analyze`` and simulated W8A8
+quality over several calibration seeds. Every run lives in a directory named by a hash of its resolved settings, so
+finished runs are reused and results of different settings never mix; an interrupted training resumes from its
+last checkpoint; each measurement is written atomically next to its run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantizable.training.config import TrainConfig, load_config
+
+METHODS = ("vanilla", "clipped_softmax", "gated_attention")
+FAMILIES = ("bert", "opt", "vit")
+
+# The paper's settings per family and method (BERT table 5, OPT table 6, ViT table 7).
+ATTENTION: dict[str, dict[str, dict[str, Any]]] = {
+    "bert": {"vanilla": {}, "clipped_softmax": {"gamma": -0.025},
+             "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
+    "opt": {"vanilla": {}, "clipped_softmax": {"alpha": 12},
+            "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
+    "vit": {"vanilla": {}, "clipped_softmax": {"gamma": -0.003},
+            "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a reproduction is: training preset suffix and overrides, seeds, calibration and evaluation sizes."""
+
+    preset_suffix: str
+    overrides: tuple[str, ...]
+    train_seeds: tuple[int, ...]
+    calib_seeds: tuple[int, ...]
+    calib_batches: int
+    eval_batches: int
+    analysis_batches: int
+
+
+SCALES: dict[str, Scale] = {
+    # the documented CPU recipe (docs/reproduce.md)
+    "full": Scale("cpu", (), (0, 1), (0, 1, 2), 16, 20, 8),
+    # a few minutes per family on 2 cores
+    "quick": Scale("cpu", ("run.steps=300", "run.batch_size=16", "optim.warmup_steps=30", "run.eval_every=0",
+                           "run.checkpoint_every=100", "run.outlier_every=50"), (0, 1), (0, 1, 2), 8, 8, 4),
+    # the CI smoke form: tiny models, a handful of steps
+    "tiny": Scale("tiny", ("run.steps=12", "run.checkpoint_every=6"), (0,), (0,), 2, 2, 2),
+}
+
+
+def run_config(family: str, method: str, seed: int, scale: Scale) -> TrainConfig:
+    attention = {"kind": method, **ATTENTION[family][method]}
+    overrides = [*scale.overrides, f"run.seed={seed}", f"attention={json.dumps(attention)}"]
+    return load_config(f"{family}-{scale.preset_suffix}", overrides)
+
+
+def fingerprint(config: TrainConfig, scale: Scale) -> str:
+    payload = json.dumps({"config": config.to_dict(), "calib": scale.calib_seeds, "calib_batches": scale.calib_batches,
+                          "eval_batches": scale.eval_batches}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _batches(loader: Any, limit: int) -> list[dict[str, torch.Tensor]]:
+    batches = []
+    for batch in loader:
+        if len(batches) == limit:
+            break
+        batches.append(batch)
+    if len(batches) < limit:
+        raise ValueError(f"the data holds only {len(batches)} batches, {limit} were asked for")
+    return batches
+
+
+def measure(run_dir: Path, scale: Scale) -> dict[str, Any]:
+    """FP metric, outlier metrics and simulated W8A8 over the calibration seeds of one trained run."""
+    from quantizable import data
+    from quantizable.analysis import analyze
+    from quantizable.models import family_of_config, load_model
+    from quantizable.quantization import simulate_w8a8
+    from quantizable.training.trainer import task_data
+
+    config = TrainConfig.from_dict(json.loads(json.dumps(load_yaml(run_dir / "config.yaml"))))
+    model = load_model(run_dir)
+    task = family_of_config(model.config).task
+    tokenizer = None
+    if task != "image":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    sets = task_data(config, task, tokenizer)
+    eval_batches = _batches(sets.validation_loader(), scale.eval_batches)
+
+    def calibration(seed: int) -> list[dict[str, torch.Tensor]]:
+        loader = data.make_loader(sets.train, config.run.batch_size, sets.collate(0), shuffle=True, seed=seed)
+        return _batches(loader, scale.calib_batches)
+
+    quant = simulate_w8a8(model, calibration, eval_batches, seeds=scale.calib_seeds)
+    analysis = analyze(model, eval_batches[: scale.analysis_batches], tokenizer=tokenizer,
+                       out_dir=run_dir / "analysis")
+    return {
+        "metric": quant["metric"],
+        "fp": quant["fp"],
+        "w8a8": quant["quantized"],
+        "sites": quant["sites"],
+        "max_inf_norm": analysis["max_inf_norm"],
+        "avg_kurtosis": analysis["avg_kurtosis"],
+        "per_layer_inf_norm": [row["mean_inf_norm"] for row in analysis["per_layer"]
+                               if row["tensor"] == "block_output"],
+        "analysis_dir": str(run_dir / "analysis"),
+    }
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = FAMILIES,
+              methods: tuple[str, ...] = METHODS, progress: bool = True) -> list[dict[str, Any]]:
+    """Train and measure every (family, method, seed); write ``results.json`` and ``report.md`` under ``out``."""
+    from quantizable.training import train
+
+    if scale_name not in SCALES:
+        raise ValueError(f"unknown scale {scale_name!r}; known: {', '.join(SCALES)}")
+    unknown = [f for f in families if f not in FAMILIES] + [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown families/methods {unknown}; families: {', '.join(FAMILIES)}; "
+                         f"methods: {', '.join(METHODS)}")
+    scale = SCALES[scale_name]
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(f, m, s) for f in families for m in methods for s in scale.train_seeds]
+    started = time.time()
+    measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for index, (family, method, seed) in enumerate(jobs, 1):
+        config = run_config(family, method, seed, scale)
+        run_dir = out / "runs" / f"{family}-{method}-seed{seed}-{fingerprint(config, scale)}"
+        result_path = run_dir / "measure.json"
+        label = f"[{index}/{len(jobs)}] {family} {method} seed {seed}"
+        if result_path.is_file():
+            print(f"{label}: reusing {run_dir.name}", flush=True)
+        else:
+            if not (run_dir / "model" / "config.json").is_file():
+                resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+                print(f"{label}: training ({config.run.steps} steps{', resuming' if resume else ''})", flush=True)
+                if run_dir.exists() and not resume:
+                    import shutil
+
+                    shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint
+                train(config, run_dir, resume=resume, progress=progress)
+            print(f"{label}: measuring FP, outliers and W8A8", flush=True)
+            _write_json_atomic(result_path, measure(run_dir, scale))
+        measured.setdefault((family, method), []).append(
+            {**json.loads(result_path.read_text()), "run_dir": str(run_dir), "seed": seed})
+        print(f"    elapsed {time.time() - started:.0f} s", flush=True)
+
+    rows = []
+    for (family, method), runs in measured.items():
+        w8a8 = [v for r in runs for v in r["w8a8"]["per_seed"]]
+        rows.append({
+            "family": family, "method": method, "metric": runs[0]["metric"],
+            "fp": _mean_std([r["fp"] for r in runs]),
+            "w8a8": _mean_std(w8a8),
+            "max_inf_norm": _mean_std([r["max_inf_norm"] for r in runs]),
+            "avg_kurtosis": _mean_std([r["avg_kurtosis"] for r in runs]),
+            "per_layer_inf_norm": [statistics.fmean(v) for v in zip(*(r["per_layer_inf_norm"] for r in runs))],
+            "train_seeds": [r["seed"] for r in runs], "calib_seeds": list(scale.calib_seeds),
+            "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
+        })
+    summary = {"scale": scale_name, "elapsed_s": round(time.time() - started, 1), "rows": rows}
+    _write_json_atomic(out / "results.json", rows)
+    _write_json_atomic(out / "summary.json", summary)
+    from quantizable.experiments.report import write_report
+
+    write_report(out, rows, scale_name)
+    return rows

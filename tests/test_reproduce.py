@@ -1,0 +1,34 @@
+"""The reproduction pipeline end to end in its tiny form: train, measure, report, and reuse on re-run."""
+
+import json
+
+import pytest
+
+from quantizable.experiments import reproduce
+
+
+@pytest.mark.slow
+def test_tiny_reproduce_end_to_end_and_reuse(tmp_path, capsys):
+    rows = reproduce(tmp_path, "tiny", ("bert", "opt", "vit"), progress=False)
+    assert {(r["family"], r["method"]) for r in rows} == {
+        (f, m) for f in ("bert", "opt", "vit") for m in ("vanilla", "clipped_softmax", "gated_attention")}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for row in saved:
+        for key in ("fp", "w8a8", "max_inf_norm", "avg_kurtosis"):
+            assert set(row[key]) >= {"mean", "std"}
+        assert row["metric"] == ("accuracy" if row["family"] == "vit" else "perplexity")
+        assert row["max_inf_norm"]["mean"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| Family | Method | FP |" in report and (tmp_path / "per_layer_opt.png").is_file()
+
+    capsys.readouterr()
+    again = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
+    assert "reusing" in capsys.readouterr().out
+    assert again[0]["fp"] == next(r for r in rows if r["family"] == "opt" and r["method"] == "vanilla")["fp"]
+
+
+def test_unknown_family_or_scale_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown families"):
+        reproduce(tmp_path, "tiny", ("gpt",))
+    with pytest.raises(ValueError, match="unknown scale"):
+        reproduce(tmp_path, "huge")
