@@ -23,8 +23,27 @@ def _clip(probs: torch.Tensor, gamma: float, zeta: float) -> torch.Tensor:
     return (probs * (zeta - gamma)).add_(gamma).clamp_(0.0, 1.0)
 
 
+# Query rows per block: a block's (B, H, rows, T_k) temporaries stay around 1 MiB, inside a CPU core's L2 cache.
+BLOCK_ELEMENTS = 2**18
+
+
+def _row_blocks(query: torch.Tensor, key: torch.Tensor) -> list[slice]:
+    batch, heads, q_len, _ = query.shape
+    rows = max(1, BLOCK_ELEMENTS // (batch * heads * key.shape[2]))
+    return [slice(start, min(start + rows, q_len)) for start in range(0, q_len, rows)]
+
+
+def _rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The mask entries for a block of query rows (a mask broadcast over rows is used whole)."""
+    return mask if mask is None or mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., rows, :]
+
+
 class ClippedSoftmaxAttention(torch.autograd.Function):
-    """``dropout(clip(softmax(mask(q @ k^T * scaling)))) @ v`` with a single ``(B, H, T, T)`` tensor saved."""
+    """``dropout(clip(softmax(mask(q @ k^T * scaling)))) @ v`` with only the softmax output saved.
+
+    Forward and backward walk over blocks of query rows so the elementwise work stays in cache; the softmax
+    output is saved as one contiguous tensor per block.
+    """
 
     @staticmethod
     def forward(
@@ -38,48 +57,60 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
         zeta: float,
         dropout: float,
     ) -> torch.Tensor:
-        scores = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)
-        bool_mask = mask is not None and mask.dtype == torch.bool
-        if bool_mask:
-            scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-        elif mask is not None:
-            scores.add_(mask)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-        del scores
-        clipped = _clip(probs, gamma, zeta)
-        if dropout > 0.0:
-            clipped = torch.nn.functional.dropout(clipped, p=dropout, training=True)
-        output = torch.matmul(clipped, value)
+        scores_shape = (*query.shape[:3], key.shape[2])
+        # The dropout mask is drawn for the whole tensor at once, as nn.functional.dropout would draw it.
+        keep = query.new_empty(scores_shape).bernoulli_(1.0 - dropout).bool() if dropout > 0.0 else None
+        key_t = key.transpose(2, 3)
+        outputs, saved_probs = [], []
+        for rows in _row_blocks(query, key):
+            scores = torch.matmul(query[:, :, rows], key_t).mul_(scaling)
+            block_mask = _rows(mask, rows)
+            if block_mask is not None and block_mask.dtype == torch.bool:
+                scores.masked_fill_(~block_mask, torch.finfo(scores.dtype).min)
+            elif block_mask is not None:
+                scores.add_(block_mask)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+            clipped = _clip(probs, gamma, zeta)
+            if keep is not None:
+                clipped.mul_(keep[:, :, rows]).div_(1.0 - dropout)
+            outputs.append(torch.matmul(clipped, value))
+            saved_probs.append(probs)
         # A fully masked row gets uniform probabilities; the reference's masked_fill then zeroes its gradient.
-        dead_rows = (~mask).all(dim=-1, keepdim=True) if bool_mask and not mask.any(dim=-1).all() else None
-        # With dropout the dropped probabilities are saved too: wherever the clamp passes gradient they are
-        # non-zero exactly where dropout kept the entry, so they also stand in for the dropout mask.
-        ctx.save_for_backward(query, key, value, probs, clipped if dropout > 0.0 else None, dead_rows)
+        dead_rows = None
+        if mask is not None and mask.dtype == torch.bool:
+            dead_rows = ~mask.amax(dim=-1, keepdim=True)
+            dead_rows = dead_rows if dead_rows.any() else None
+        ctx.save_for_backward(query, key, value, keep, dead_rows, *saved_probs)
         ctx.params = (scaling, gamma, zeta, dropout)
-        return output
+        return torch.cat(outputs, dim=2)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        query, key, value, probs, dropped, dead_rows = ctx.saved_tensors
+        query, key, value, keep, dead_rows, *saved_probs = ctx.saved_tensors
         scaling, gamma, zeta, dropout = ctx.params
-        clipped = _clip(probs, gamma, zeta)
-        if dropped is None:
-            dropped = clipped
-        grad_value = torch.matmul(dropped.transpose(2, 3), grad_output)
-        grad_clipped = torch.matmul(grad_output, value.transpose(2, 3))
-        passes = (clipped > 0.0).logical_and_(clipped < 1.0)
-        if dropout > 0.0:
-            passes.logical_and_(dropped != 0.0)
-            grad_clipped.mul_(1.0 / (1.0 - dropout))
-        del clipped
-        grad_probs = grad_clipped.mul_(passes).mul_(zeta - gamma)
-        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        if dead_rows is not None:
-            grad_scores.masked_fill_(dead_rows, 0.0)
-        grad_scores.mul_(scaling)
-        grad_query = torch.matmul(grad_scores, key) if ctx.needs_input_grad[0] else None
-        grad_key = torch.matmul(grad_scores.transpose(2, 3), query) if ctx.needs_input_grad[1] else None
-        return grad_query, grad_key, grad_value, None, None, None, None, None
+        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+        grad_queries = []
+        value_t = value.transpose(2, 3)
+        # d scores = scaling * softmax_backward((zeta - gamma) * clamp'(.) * dropout'(.) * (dO @ V^T)): the scalar
+        # factors are applied to the small dO block instead of the (rows, T_k) gradient.
+        factor = scaling * (zeta - gamma) / (1.0 - dropout)
+        for rows, probs in zip(_row_blocks(query, key), saved_probs):
+            block_grad = grad_output[:, :, rows]
+            clipped = _clip(probs, gamma, zeta)
+            grad_scores = torch.ops.aten.hardtanh_backward(
+                torch.matmul(block_grad * factor, value_t), clipped, 0.0, 1.0
+            )
+            if keep is not None:
+                block_keep = keep[:, :, rows]
+                grad_scores.mul_(block_keep)
+                clipped.mul_(block_keep).div_(1.0 - dropout)
+            grad_value.add_(torch.matmul(clipped.transpose(2, 3), block_grad))
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_scores, probs, -1, probs.dtype)
+            if dead_rows is not None:
+                grad_scores.masked_fill_(_rows(dead_rows, rows), 0.0)
+            grad_queries.append(torch.matmul(grad_scores, key))
+            grad_key.add_(torch.matmul(grad_scores.transpose(2, 3), query[:, :, rows]))
+        return torch.cat(grad_queries, dim=2), grad_key, grad_value, None, None, None, None, None
 
 
 def clipped_softmax_attention(
