@@ -178,3 +178,10 @@ def test_cli_rejects_non_checkpoint(tmp_path, capsys) -> None:
     assert main(["analyze", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "is not a checkpoint" in err
+
+
+def test_cli_rejects_unsupported_architecture(tmp_path, capsys) -> None:
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=32)).save_pretrained(tmp_path / "gpt2")
+    assert main(["analyze", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unsupported architecture 'gpt2'" in errors[0]

@@ -65,6 +65,8 @@ def transformer_blocks(model: nn.Module) -> list[Block]:
         raise ValueError(f"unsupported architecture {type(model).__name__}: cannot find its {n_layers} transformer blocks")
     blocks = []
     for index, (module, attention) in enumerate(zip(layer_lists[0], attentions)):
+        if not any(sub is attention for sub in module.modules()):
+            raise ValueError(f"unsupported architecture {type(model).__name__}: attention {index} is not in block {index}")
         norms = [(name, sub) for name, sub in module.named_modules() if name and _is_norm(sub)]
         blocks.append(Block(
             index=index,

@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seq_len is not None and args.seq_len < 4:
+        raise UserError("--seq-len must be at least 4")
     if args.data is not None and not args.data.is_file():
         raise UserError(f"--data {args.data}: no such text file")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
