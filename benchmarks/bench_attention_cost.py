@@ -32,8 +32,8 @@ from typing import Any, Callable, ContextManager
 import torch
 from transformers import PreTrainedModel
 
-from quantizable.attention import AttentionSpec, spec_for_method
-from quantizable.attention.interface import fused_attention
+from quantizable.attention import AttentionGate, AttentionSpec, spec_for_method
+from quantizable.attention.interface import fused_attention, quantizable_attention_forward
 from quantizable.models import apply_attention_spec, create_model
 
 RESULTS = Path(__file__).parent / "results" / "attention_cost.json"
@@ -181,6 +181,54 @@ def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int
     return rows
 
 
+class _AttentionCore(torch.nn.Module):
+    """The attributes an attention module hands the attention function, without the projections around it."""
+
+    def __init__(self, variant: Variant, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.attention_spec, self.num_key_value_groups = variant.spec, 1
+        if variant.spec.gated:
+            self.attn_gate = AttentionGate(variant.spec, heads * head_dim, heads, head_dim)
+        if variant.attn_implementation == "eager":  # a probability tap forces the materialised softmax path
+            self.attention_taps = {"probs": lambda probs: probs}
+
+
+def measure_attention_core(seq_len: int, batch: int, rounds: int, device: torch.device,
+                           heads: int = 8, head_dim: int = 16) -> list[dict[str, Any]]:
+    """Forward+backward of the attention function alone (q, k, v -> gated output), the small models' geometry."""
+    g = torch.Generator().manual_seed(0)
+    shape = (batch, heads, seq_len, head_dim)
+    q, k, v = (torch.randn(shape, generator=g).to(device).requires_grad_() for _ in range(3))
+    hidden = torch.randn(batch, seq_len, heads * head_dim, generator=g).to(device).requires_grad_()
+    upstream = torch.randn(batch, seq_len, heads, head_dim, generator=g).to(device)
+    mask = torch.ones(batch, 1, seq_len, seq_len, dtype=torch.bool, device=device)
+    mask[-1, ..., -seq_len // 4:] = False
+
+    def call(variant: Variant, module: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with variant.context():
+                out, _ = quantizable_attention_forward(module, q, k, v, mask, attn_gate_input=hidden)
+            out.backward(upstream)
+        return run
+
+    runs = {v.name: call(v, _AttentionCore(v, heads, head_dim).to(device).train()) for v in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for round_ in range(rounds + 2):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = runs[name]
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times[BASELINE])
+    return [{"seq_len": seq_len, "batch": batch, "variant": name, "ms": 1000 * statistics.median(t),
+             "time_ratio": statistics.median(t) / base} for name, t in times.items()]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | T | variant | step ms | time x | peak MiB | peak x | saved MiB | saved x |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -193,11 +241,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def core_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| T | batch | variant | fwd+bwd ms | time x |", "|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['seq_len']} | {r['batch']} | {r['variant']} | {r['ms']:.2f} | {r['time_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T=128 only and fewer steps (~1 min on CPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per batch: batch = max(1, tokens // T)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -207,18 +262,21 @@ def main() -> None:
     lengths = (128,) if args.quick else (128, 512)
     steps = args.steps or (3 if args.quick else 5)
     start = time.perf_counter()
+    core = []
+    for seq_len in lengths:
+        core += measure_attention_core(seq_len, max(1, args.tokens // seq_len), 10 * steps, device)
+    print("## attention function alone (forward + backward)\n" + core_table(core) + "\n", flush=True)
     rows = []
     for preset in PRESETS:
         for seq_len in lengths:
-            rows += measure_group(preset, seq_len, args.batch, steps, warmup=1, device=device)
+            rows += measure_group(preset, seq_len, max(1, args.tokens // seq_len), steps, warmup=1, device=device)
             print(f"# {preset} T={seq_len} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    table = markdown_table(rows)
-    print(table)
+    print("## training step (forward + backward + AdamW)\n" + markdown_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": str(device), "threads": args.threads, "steps": steps, "quick": args.quick,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "wall_s": round(time.perf_counter() - start, 1)}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"meta": meta, "attention_core": core, "training_step": rows}, indent=1) + "\n")
     print(f"wrote {args.out} ({meta['wall_s']} s)")
 
 
