@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                              quantize_head=args.quantize_head)
     except ValueError as error:
         field = str(error).split(" ", 1)[0].rstrip(":")
-        raise UserError(f"{FLAGS.get(field, field)}: {error}") from None
+        raise UserError(str(error).replace(field, FLAGS.get(field, field), 1)) from None
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model = load_model(args.model)
     task = family_of_config(model.config).task
