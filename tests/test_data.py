@@ -201,8 +201,10 @@ def test_image_folder_and_datasets_name(tmp_path, monkeypatch):
             for i in range(3):
                 Image.new("RGB", (40, 32), (colour, colour, colour)).save(tmp_path / split / label / f"{i}.png")
     data = image_dataset("validation", str(tmp_path))
-    assert len(data) == 6 and data.classes == ("cat", "dog") and [data[i]["labels"] for i in range(6)] == [0] * 3 + [1] * 3
-    assert data[0]["pixel_values"].shape == (1, 28, 28) and data[0]["pixel_values"].mean() < data[5]["pixel_values"].mean()
+    assert len(data) == 6 and data.classes == ("cat", "dog")
+    assert [data[i]["labels"] for i in range(6)] == [0] * 3 + [1] * 3
+    pixels = [data[i]["pixel_values"] for i in range(6)]
+    assert pixels[0].shape == (1, 28, 28) and pixels[0].mean() < pixels[5].mean()
 
     import datasets
 

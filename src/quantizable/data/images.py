@@ -70,7 +70,7 @@ def _to_grey_28(image: Any) -> np.ndarray:
 
 
 def _image_folder(path: Path, split: str) -> ImageArrays:
-    """ImageFolder layout: ``path/<split>/<class>/*.png`` (split dirs train, val/validation/test) or ``path/<class>/``."""
+    """ImageFolder layout: ``path/<split>/<class>/*.png`` (train; val, validation or test) or ``path/<class>/``."""
     try:
         from PIL import Image
     except ImportError as error:
@@ -111,7 +111,7 @@ def _hf_images(name: str, split: str) -> ImageArrays:
 
 
 def image_dataset(split: str, source: str | None = None, root: str | Path | None = None) -> ImageArrays:
-    """{"pixel_values": float (1, 28, 28), "labels": int} items from Fashion-MNIST, an image folder or a datasets name."""
+    """``{"pixel_values": (1, 28, 28) float, "labels": int}`` from Fashion-MNIST, an image folder or a datasets name."""
     check_split(split)
     if source is None:
         return _fashion_mnist(split, resolve_root(root))

@@ -154,7 +154,7 @@ def _special_ids(tokenizer: Any, task: str) -> tuple[int, int]:
     """(block prefix, separator appended after each segment or document) for the task."""
     if task == "mlm":
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-            raise ValueError("task 'mlm' needs a tokenizer with [CLS] and [SEP] tokens (e.g. load_tokenizer('wordpiece'))")
+            raise ValueError("task 'mlm' needs a tokenizer with [CLS] and [SEP], e.g. load_tokenizer('wordpiece')")
         return tokenizer.cls_token_id, tokenizer.sep_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
