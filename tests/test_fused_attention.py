@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from quantizable.attention import AttentionSpec
+from quantizable.attention import fused
 from quantizable.attention.fused import clipped_softmax_attention
 from quantizable.attention.interface import fused_attention, quantizable_attention_forward
 from quantizable.attention.softmax import clipped_softmax
@@ -54,9 +55,17 @@ def _run(module: nn.Module, fused: bool, kv_heads: int = H, **kwargs) -> tuple[t
     return out, torch.autograd.grad(out, (q, k, v), upstream)
 
 
+@pytest.fixture(params=["one_block", "row_blocks"])
+def blocks(request, monkeypatch):
+    """Run once with all query rows in one block and once in blocks of 5 rows (the last one shorter)."""
+    if request.param == "row_blocks":
+        monkeypatch.setattr(fused, "BLOCK_ELEMENTS", B * H * T * 5)
+    return request.param
+
+
 @pytest.mark.parametrize("mask", list(_masks()))
 @pytest.mark.parametrize("gamma, zeta", [(-0.03, 1.0), (-0.1, 1.05), (0.0, 1.0)])
-def test_fast_path_matches_reference(mask, gamma, zeta):
+def test_fast_path_matches_reference(mask, gamma, zeta, blocks):
     module = _Attention(AttentionSpec(kind="clipped_softmax", gamma=gamma, zeta=zeta)).train()
     kwargs = _masks()[mask]
     ref_out, ref_grads = _run(module, False, **kwargs)
@@ -66,7 +75,7 @@ def test_fast_path_matches_reference(mask, gamma, zeta):
         assert torch.allclose(got, want, **TOL), f"grad {name}: max diff {(got - want).abs().max()}"
 
 
-def test_fast_path_matches_reference_with_grouped_kv_heads():
+def test_fast_path_matches_reference_with_grouped_kv_heads(blocks):
     module = _Attention(AttentionSpec(kind="clipped_softmax", gamma=-0.05), kv_groups=2)
     ref_out, ref_grads = _run(module, False, kv_heads=H // 2, attention_mask=None, is_causal=True)
     out, grads = _run(module, True, kv_heads=H // 2, attention_mask=None, is_causal=True)
@@ -82,7 +91,7 @@ def test_clipping_is_active_in_these_tests():
     assert (probs == 0).float().mean() > 0.3 and (probs == 1).any() and ((probs > 0) & (probs < 1)).any()
 
 
-def test_dropout_matches_reference_with_the_same_mask():
+def test_dropout_matches_reference_with_the_same_mask(blocks):
     q, k, v = _qkv()
     p, gamma, scaling = 0.3, -0.03, D**-0.5
     torch.manual_seed(5)

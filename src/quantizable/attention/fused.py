@@ -1,15 +1,17 @@
 """A fast path for clipped-softmax attention: one autograd node for scores -> clipped probs -> P @ V.
 
-The reference path (``interface._materialised_attention``) is a chain of eager ops, and autograd keeps the
-softmax output, the clamp input and the clamped probabilities (three ``(B, H, T, T)`` tensors) alive until
-backward. This node computes the same values with in-place ops and keeps only the softmax output ``p``: the
-clipped probabilities ``clamp(s * p + gamma, 0, 1)`` and the clamp's pass-through mask are recomputed from ``p`` in
-backward (elementwise, cheap next to the matmuls), and the softmax backward is the fused
-``aten._softmax_backward_data`` kernel. Forward values are bit-identical to the reference in float32; gradients
-agree to rounding.
+The reference path (``interface._materialised_attention``) is a chain of eager ops: every op reads and writes a
+``(B, H, T, T)`` tensor, and autograd keeps the softmax output, the clamp input and the clamped probabilities
+alive until backward. This node computes the same values and keeps only the softmax output ``p``:
 
-It covers the training setting: float/bool/no masks, causal masks and attention-probability dropout. Anything
-that must see the intermediate tensors (taps, ``output_attentions``) keeps using the reference path.
+* forward and backward walk over blocks of query rows, so the elementwise work on a block stays in cache;
+* backward recomputes ``clamp(s * p + gamma, 0, 1)`` from ``p``, passes gradient through the clamp with the fused
+  ``hardtanh_backward`` kernel and through softmax with ``_softmax_backward_data``, and applies the scalar factors
+  (scaling, ``zeta - gamma``, dropout's ``1 / (1 - p)``) to the small ``dO`` block rather than to ``(T, T)`` tensors.
+
+Forward values equal the reference's in float32 (the same ops in the same order per element); gradients agree to
+rounding. It covers the training setting: float/bool/no masks, causal masks and attention-probability dropout.
+Anything that must see the intermediate tensors (taps, ``output_attentions``) keeps using the reference path.
 """
 
 from __future__ import annotations
