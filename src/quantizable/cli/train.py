@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
                         progress=not args.no_progress)
     except TrainingDivergedError as error:
         raise UserError(str(error)) from error
+    if summary["process_index"] != 0:
+        return 0
     evaluation = summary["eval"]
     where = f"{args.out / 'model'}" if summary["finished"] else f"checkpoint in {args.out / 'checkpoints'}"
     quality = f", {evaluation['metric']} {evaluation['value']:.4g}" if evaluation else ""

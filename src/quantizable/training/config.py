@@ -207,8 +207,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     value = yaml.safe_load(raw) if raw.strip() else None
     target, cls = data, TrainConfig
-    for depth, part in enumerate(parts[:-1]):
-        if cls is not None:
+    for depth, part in enumerate(parts):
+        if cls is not None:  # inside dataclasses keys are checked; free-form dicts (model.overrides) take any key
             names = [f.name for f in dataclasses.fields(cls)]
             if part not in names:
                 prefix = ".".join(parts[:depth])
@@ -216,6 +216,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
                                  + ", ".join(f"{prefix}.{n}" if prefix else n for n in names))
             hint = typing.get_type_hints(cls)[part]
             cls = hint if dataclasses.is_dataclass(hint) else None
+        if depth == len(parts) - 1:
+            break
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
             raise ValueError(f"cannot set {key}: {'.'.join(parts[:depth + 1])} is not a mapping")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
@@ -44,7 +44,7 @@ class TaskData:
     """What the trainer needs from the data layer for one task."""
 
     train: Any
-    collate: Callable | None
+    collate: Callable[[int], Callable | None]  # the training collator of an epoch
     validation_loader: Callable[[], Any]  # a fresh loader with the same (seeded) batches every call
     tokens_per_sample: int  # for throughput: seq_len for text, 1 (image) for images
 
@@ -101,22 +101,28 @@ def task_data(config: TrainConfig, task: str, tokenizer: Any) -> TaskData:
     if task == "image":
         train = data.image_dataset("train", source=source)
         validation = data.image_dataset("validation", source=source)
-        collate, make_eval_collate, tokens = None, lambda: None, 1
+        collate, make_eval_collate, tokens = lambda epoch: None, lambda: None, 1
     else:
         train = data.text_dataset("train", tokenizer, config.data.seq_len, task, source=source)
         validation = data.text_dataset("validation", tokenizer, config.data.seq_len, task, source=source)
         tokens = config.data.seq_len
         if task == "mlm":
-            collate = data.mlm_collator(tokenizer, probability=config.data.mlm_probability)
+            # Masks are a function of (seed, epoch, block): they change every epoch, yet do not depend on when the
+            # loader (which prefetches) draws random numbers, so a resumed run sees the same masks.
+            def collate(epoch: int) -> Callable:
+                return data.mlm_collator(tokenizer, config.data.mlm_probability, seed=run.seed + 1_000_003 * (epoch + 1))
+
             make_eval_collate = lambda: data.mlm_collator(tokenizer, config.data.mlm_probability, seed=run.seed)
         else:
-            collate = data.clm_collator()
+            collate = lambda epoch: data.clm_collator()
             make_eval_collate = data.clm_collator
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(f"the {task} data has no training or validation samples (seq_len {config.data.seq_len} too long?)")
 
     def validation_loader():
-        return data.make_loader(validation, run.batch_size, make_eval_collate(), shuffle=False, seed=run.seed)
+        loader = data.make_loader(validation, run.batch_size, make_eval_collate(), shuffle=False, seed=run.seed)
+        loader.generator = torch.Generator().manual_seed(run.seed)  # iterating it must not draw from the global RNG
+        return loader
 
     return TaskData(train, collate, validation_loader, tokens)
 
@@ -152,10 +158,10 @@ def block_outlier_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> dic
     return {"max_inf_norm": max(norms), "avg_kurtosis": sum(kurts) / len(kurts)}
 
 
-def weight_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, to check that processes hold identical weights."""
+def weight_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's bytes, to check that processes hold identical weights."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state_dict.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -201,7 +207,7 @@ class _Batches:
         from quantizable.data import make_loader
 
         while True:
-            loader = make_loader(self.data.train, self.batch_size, self.data.collate, shuffle=True,
+            loader = make_loader(self.data.train, self.batch_size, self.data.collate(self.epoch), shuffle=True,
                                  seed=self.seed + self.epoch)
             loader = self.accelerator.prepare_data_loader(loader)
             if self.position:
@@ -253,6 +259,7 @@ def train(
         mixed_precision=_mixed_precision(run.mixed_precision),
         log_with="tensorboard",
         project_dir=str(run_dir),
+        cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch start CPU (gloo) process groups
     )
     set_seed(run.seed)
     model, tokenizer = build_model(config, init_from)
@@ -344,13 +351,16 @@ def train(
         "tokens_per_sample": data.tokens_per_sample,
         "eval": last_eval,
         "num_processes": accelerator.num_processes,
-        "weight_digests": gather_object([weight_digest(unwrapped)]),
+        "process_index": accelerator.process_index,
     }
+    full_state = accelerator.get_state_dict(model)  # gathered across FSDP shards; only complete on rank 0 there
+    if accelerator.distributed_type != DistributedType.FSDP:
+        summary["weight_digests"] = gather_object([weight_digest(full_state)])
     if summary["finished"]:
         if not (run.eval_every and step % run.eval_every == 0):
             last_eval = summary["eval"] = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
         if accelerator.is_main_process:
-            unwrapped.save_pretrained(run_dir / "model", safe_serialization=True)
+            unwrapped.save_pretrained(run_dir / "model", state_dict=full_state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(run_dir / "model")
             (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
