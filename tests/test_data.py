@@ -47,6 +47,13 @@ def test_split_is_by_document_disjoint_and_deterministic():
     assert split_documents(["a", "b"], "validation") == ["b"] or split_documents(["a", "b"], "validation") == ["a"]
 
 
+def test_default_corpora_are_interleaved():
+    from quantizable.data.prepare import _interleave
+
+    merged = _interleave([[["a"]] * 4, [["b"]] * 2])
+    assert merged == [["a"], ["b"], ["a"], ["a"], ["b"], ["a"]]
+
+
 def test_local_file_documents_split_by_document(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     train = load_documents("train", str(corpus))

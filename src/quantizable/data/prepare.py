@@ -24,7 +24,7 @@ from pathlib import Path
 from quantizable.data.common import NOT_PREPARED, resolve_root, split_documents
 
 VOCAB_SIZE = 8192
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 DOCUMENT_CHARS = 8000  # documents without natural boundaries are cut into pieces of about this size
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -63,9 +63,11 @@ def _chunk(paragraphs: list[str], size: int = DOCUMENT_CHARS) -> list[Document]:
     return documents
 
 
-def _paragraphs(text: str) -> list[str]:
-    """Blank-line separated paragraphs with their wrapped lines joined."""
-    return [" ".join(block.split()) for block in re.split(r"\n\s*\n", text) if block.strip()]
+def _interleave(sources: list[list[Document]]) -> list[Document]:
+    """Merge the corpora evenly (by relative position), so any prefix of the file, e.g. under ``max_tokens``,
+    mixes Bible, Shakespeare and the Python manual in their overall proportions."""
+    keyed = [((i + 0.5) / len(docs), s, doc) for s, docs in enumerate(sources) for i, doc in enumerate(docs)]
+    return [doc for _, _, doc in sorted(keyed, key=lambda item: item[:2])]
 
 
 def bible_documents() -> list[Document]:
@@ -236,15 +238,16 @@ def prepare_default_data(root: Path | None = None, quiet: bool = False) -> Path:
         "python-3.11-docs": python_doc_documents,
     }
     corpus_stats = {}
-    splits: dict[str, list[Document]] = {"train": [], "validation": []}
+    per_source: dict[str, list[list[Document]]] = {"train": [], "validation": []}
     for name, build in sources.items():
         documents = build()
-        for split in splits:
-            splits[split].extend(split_documents(documents, split))
+        for split, parts in per_source.items():
+            parts.append(split_documents(documents, split))
         chars = sum(len(p) for doc in documents for p in doc)
         corpus_stats[name] = {"documents": len(documents), "characters": chars,
                               "words": sum(len(p.split()) for doc in documents for p in doc)}
         log(f"{name}: {len(documents)} documents, {chars / 1e6:.1f} M characters")
+    splits = {split: _interleave(parts) for split, parts in per_source.items()}
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         staging = Path(tmp)
         (staging / "text").mkdir()
