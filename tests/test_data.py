@@ -56,7 +56,7 @@ def test_default_corpora_are_interleaved():
 
 def test_local_file_documents_split_by_document(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
-    train = load_documents("train", str(corpus))
+    train = load_documents("train", corpus)  # a Path works as well as a str
     val = load_documents("validation", str(corpus))
     marker = lambda doc: {line.split()[0] for line in doc}  # noqa: E731
     train_markers = set().union(*map(marker, train))
@@ -207,7 +207,7 @@ def test_image_folder_and_datasets_name(tmp_path, monkeypatch):
             (tmp_path / split / label).mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (40, 32), (colour, colour, colour)).save(tmp_path / split / label / f"{i}.png")
-    data = image_dataset("validation", str(tmp_path))
+    data = image_dataset("validation", tmp_path)
     assert len(data) == 6 and data.classes == ("cat", "dog")
     assert [data[i]["labels"] for i in range(6)] == [0] * 3 + [1] * 3
     pixels = [data[i]["pixel_values"] for i in range(6)]

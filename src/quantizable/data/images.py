@@ -7,6 +7,7 @@ model preset serves all of them.
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,12 @@ def _hf_images(name: str, split: str) -> ImageArrays:
     return ImageArrays(images, np.asarray(rows[label_key]), classes)
 
 
-def image_dataset(split: str, source: str | None = None, root: str | Path | None = None) -> ImageArrays:
+def image_dataset(split: str, source: str | os.PathLike | None = None, root: str | Path | None = None) -> ImageArrays:
     """``{"pixel_values": (1, 28, 28) float, "labels": int}`` from Fashion-MNIST, an image folder or a datasets name."""
     check_split(split)
     if source is None:
         return _fashion_mnist(split, resolve_root(root))
+    source = os.fspath(source)
     path = Path(source).expanduser()
     if path.is_dir():
         return _image_folder(path, split)

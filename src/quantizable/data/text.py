@@ -128,7 +128,8 @@ def _hf_documents(name: str, split: str) -> Iterator[Document]:
     return _HF_READERS[path](rows)
 
 
-def load_documents(split: str, source: str | None = None, root: str | Path | None = None) -> Iterable[Document]:
+def load_documents(split: str, source: str | os.PathLike | None = None,
+                   root: str | Path | None = None) -> Iterable[Document]:
     """Documents of one split: the embedded corpus (``None``), a local .txt file/dir, or a ``datasets`` name."""
     check_split(split)
     if source is None:
@@ -137,6 +138,7 @@ def load_documents(split: str, source: str | None = None, root: str | Path | Non
         if not path.exists():
             raise FileNotFoundError(NOT_PREPARED.format(root=root))
         return parse_documents(_read(path))
+    source = os.fspath(source)
     if source in HF_SOURCES:
         return _hf_documents(source, split)
     path = Path(source).expanduser()
@@ -198,13 +200,14 @@ def _source_fingerprint(split: str, source: str | None, root: Path) -> str:
     return source
 
 
-def cached_token_stream(split: str, tokenizer: Any, task: str, source: str | None = None,
+def cached_token_stream(split: str, tokenizer: Any, task: str, source: str | os.PathLike | None = None,
                         root: str | Path | None = None, max_tokens: int | None = None) -> np.ndarray:
     """Token ids of a whole split, tokenized once and kept as ``root/cache/<key>.npy`` (no pickle)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
     check_split(split)
     root = resolve_root(root)
+    source = os.fspath(source) if source is not None else None
     key = hashlib.sha256(json.dumps([_tokenizer_fingerprint(tokenizer), split, _source_fingerprint(split, source, root),
                                      task, max_tokens]).encode()).hexdigest()[:24]
     path = root / "cache" / f"tokens-{key}.npy"
@@ -244,7 +247,7 @@ class TextBlocks(Dataset):
         return {"input_ids": torch.from_numpy(np.concatenate(ids))}
 
 
-def text_dataset(split: str, tokenizer: Any, seq_len: int, task: str, source: str | None = None,
+def text_dataset(split: str, tokenizer: Any, seq_len: int, task: str, source: str | os.PathLike | None = None,
                  root: str | Path | None = None, max_tokens: int | None = None) -> TextBlocks:
     """Blocks of ``seq_len`` ids for ``task`` ``mlm`` ([CLS] ... [SEP]) or ``clm`` (<s> ...) from ``source``."""
     tokens = cached_token_stream(split, tokenizer, task, source, root, max_tokens)
