@@ -36,6 +36,7 @@ HF_SOURCES: dict[str, tuple[str, str | None, dict[str, str]]] = {
     "bookcorpus": ("bookcorpus", None, {"train": "train[:99%]", "validation": "train[99%:]"}),
 }
 BOOKCORPUS_SENTENCES_PER_DOCUMENT = 100
+CACHE_FORMAT = 1  # bump when the layout of the token stream changes, so old caches are not reused
 
 
 def load_tokenizer(kind: str, root: str | Path | None = None):
@@ -209,7 +210,7 @@ def cached_token_stream(split: str, tokenizer: Any, task: str, source: str | os.
     root = resolve_root(root)
     source = os.fspath(source) if source is not None else None
     key = hashlib.sha256(json.dumps([_tokenizer_fingerprint(tokenizer), split, _source_fingerprint(split, source, root),
-                                     task, max_tokens]).encode()).hexdigest()[:24]
+                                     task, max_tokens, CACHE_FORMAT]).encode()).hexdigest()[:24]
     path = root / "cache" / f"tokens-{key}.npy"
     if path.exists():
         return np.load(path, allow_pickle=False)
