@@ -47,7 +47,8 @@ class FakeQuantizer(nn.Module):
     """One quantization site: a range estimator plus the grid; states ``estimate`` / ``frozen`` / ``off``.
 
     In ``estimate`` every call updates the range from the tensor and quantizes with it (as the reference code);
-    ``frozen`` uses the fixed range (static quantization); ``off`` passes the tensor through.
+    ``frozen`` uses the fixed range (static quantization); ``off`` passes the tensor through. The grid is applied
+    with torch's fused ``fake_quantize_per_{tensor,channel}_affine`` (same eq. (1), STE gradient, one kernel).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("x_min", torch.tensor(float("nan")), persistent=False)
         self.register_buffer("x_max", torch.tensor(float("nan")), persistent=False)
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._frozen_params: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -76,17 +78,15 @@ class FakeQuantizer(nn.Module):
         if state == "frozen" and not self.calibrated:
             raise RuntimeError("cannot freeze a quantizer that has seen no data; run calibrate() first")
         self.state, self._cache = state, None
+        self._frozen_params = self._params() if state == "frozen" else None
 
     def reset(self) -> None:
         self.x_min, self.x_max = torch.full_like(self.x_min, float("nan")), torch.full_like(self.x_max, float("nan"))
-        self._cache = None
+        self._cache = self._frozen_params = None
 
-    def _broadcast(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.channel_axis is None:
-            return r
-        shape = [1] * x.dim()
-        shape[self.channel_axis] = -1
-        return r.reshape(shape)
+    def _params(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        scale, zero_point, int_min, int_max = quant_params(self.x_min, self.x_max, self.bits, self.symmetric)
+        return scale.float().reshape(-1), zero_point.to(torch.int32).reshape(-1), int_min, int_max
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == "off":
@@ -105,8 +105,10 @@ class FakeQuantizer(nn.Module):
         return self._quantize(x)
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self._broadcast(self.x_min, x), self._broadcast(self.x_max, x), self.bits,
-                             self.symmetric)
+        scale, zero_point, int_min, int_max = self._frozen_params or self._params()
+        if self.channel_axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, int_min, int_max)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, self.channel_axis, int_min, int_max)
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
