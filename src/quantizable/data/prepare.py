@@ -24,7 +24,7 @@ from pathlib import Path
 from quantizable.data.common import NOT_PREPARED, resolve_root, split_documents
 
 VOCAB_SIZE = 8192
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 DOCUMENT_CHARS = 8000  # documents without natural boundaries are cut into pieces of about this size
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -172,6 +172,11 @@ def _train_tokenizers(train_txt: Path, out: Path) -> None:
     wordpiece.train([str(train_txt)], trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE,
                                                                  special_tokens=WORDPIECE_SPECIAL,
                                                                  show_progress=False))
+    # The trainer orders tied tokens differently from run to run; renumber (specials, then sorted) so every machine
+    # builds the same ids and a checkpoint trained on one machine evaluates correctly on another.
+    learned = sorted(set(wordpiece.get_vocab()) - set(WORDPIECE_SPECIAL))
+    wordpiece.model = models.WordPiece({token: i for i, token in enumerate(WORDPIECE_SPECIAL + learned)},
+                                       unk_token="[UNK]")
     cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
     wordpiece.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
