@@ -1,0 +1,61 @@
+"""Training throughput of each CPU preset: tokens/s (text) or images/s (ViT) over a short run of the real trainer.
+
+Each preset trains ``--steps`` optimizer steps on the default data with evaluation, checkpoints and outlier
+statistics switched off (only the training loop is timed, data loading included). One run per preset, one thread.
+
+    python benchmarks/bench_training_throughput.py              # ~20 steps per preset
+    python benchmarks/bench_training_throughput.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from quantizable.training import load_config, train
+
+PRESETS = ("bert-cpu", "opt-cpu", "vit-cpu")
+
+
+def measure(preset: str, steps: int, attention: str) -> dict:
+    config = load_config(preset, [f"run.steps={steps}", "run.eval_every=0", "run.checkpoint_every=0",
+                                  "run.outlier_every=0", "run.eval_batches=1", f"attention.kind={attention}"]
+                         + (["attention.gamma=-0.025"] if attention == "clipped_softmax" else []))
+    with tempfile.TemporaryDirectory() as run_dir:
+        summary = train(config, Path(run_dir), progress=False)
+    samples = summary["samples_per_second"]
+    unit = "images" if summary["task"] == "image" else "tokens"
+    return {"preset": preset, "model": config.model.preset, "attention": attention, "steps": steps,
+            "batch": config.run.batch_size * config.optim.grad_accum, "seq_len": summary["tokens_per_sample"],
+            "unit": unit, "per_second": samples * summary["tokens_per_sample"], "seconds": summary["train_seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attention", nargs="+", default=["vanilla"],
+                        choices=["vanilla", "clipped_softmax", "gated_attention"])
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [measure(preset, args.steps, attention) for preset in PRESETS for attention in args.attention]
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
+          f"{args.steps} steps per preset")
+    print("| preset | model | attention | batch x T | throughput | seconds |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        shape = f"{r['batch']} x {r['seq_len']}" if r["unit"] == "tokens" else f"{r['batch']} images"
+        print(f"| {r['preset']} | {r['model']} | {r['attention']} | {shape} | {r['per_second']:,.0f} {r['unit']}/s "
+              f"| {r['seconds']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
