@@ -158,3 +158,19 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys) -> None:
                      "--out", str(run_dir), "--no-progress"]) == 0
     assert cli_main(["train", "--config", "vit-tiny", "--out", str(run_dir)]) == 2
     assert "finished run" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_step(tmp_path: Path, monkeypatch) -> None:
+    from quantizable.training import TrainingDivergedError, trainer
+
+    original = trainer.build_model
+
+    def poisoned(*args, **kwargs):
+        model, tokenizer = original(*args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return model, tokenizer
+
+    monkeypatch.setattr(trainer, "build_model", poisoned)
+    with pytest.raises(TrainingDivergedError, match="at step 1"):
+        train(load_config("vit-tiny", ["run.steps=3"]), tmp_path, progress=False)
