@@ -149,6 +149,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys) -> None:
         load_config("bert-tiny", ["run.steps=many"])
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="unknown model preset 'bert-huge'.*bert-small"):
+        train(load_config("bert-tiny", ["model.preset=bert-huge"]), tmp_path / "huge", progress=False)
     with pytest.raises(ValueError, match="max_position_embeddings=128"):
         train(load_config("bert-tiny", ["data.seq_len=256"]), tmp_path / "long", progress=False)
     with pytest.raises(FileNotFoundError, match="missing-corpus"):

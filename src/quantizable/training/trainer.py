@@ -27,7 +27,8 @@ from transformers import AutoTokenizer, PreTrainedModel
 from quantizable.analysis.metrics import inf_norm, kurtosis, sequences
 from quantizable.analysis.recording import recording
 from quantizable.evaluation import evaluate
-from quantizable.models import apply_attention_spec, create_model, family_of_config, load_model
+from quantizable.models import (FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config,
+                                load_model)
 from quantizable.training.config import TrainConfig
 from quantizable.training.optim import make_optimizer, make_scheduler
 
@@ -56,6 +57,13 @@ def _tokenizer_dir(init_from: Path) -> Path | None:
     return None
 
 
+def _preset_task(preset: str) -> str:
+    family = MODEL_PRESETS[preset][0] if preset in MODEL_PRESETS else preset
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join([*MODEL_PRESETS, *FAMILIES])}")
+    return FAMILIES[family].task
+
+
 def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tuple[PreTrainedModel, Any]:
     """The model to train and its tokenizer (``None`` for images).
 
@@ -77,8 +85,7 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
                 raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model at {init_from} only "
                                  f"{model.config.vocab_size}; set data.tokenizer to the one it was trained with")
     else:
-        probe = create_model(config.model.preset, config.attention, **config.model.overrides)
-        task = family_of_config(probe.config).task
+        task = _preset_task(config.model.preset)
         tokenizer, extra = None, {}
         if task != "image":
             tokenizer = data.load_tokenizer(config.data.tokenizer or DEFAULT_TOKENIZER[task])
@@ -281,8 +288,8 @@ def train(
         accelerator.load_state(str(checkpoints[-1][1]))
         state = json.loads((checkpoints[-1][1] / STATE_FILE).read_text())
         step, epoch, position = state["step"], state["epoch"], state["position"]
-        if accelerator.is_main_process:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
+    if accelerator.is_main_process:
+        _truncate_metrics(run_dir / "metrics.jsonl", step)  # a fresh or resumed log reads like one run
     position_source = _Batches(accelerator, data, run.batch_size, run.seed, epoch, position)
     batches = iter(position_source)
     outlier_batch = next(iter(data.validation_loader()))
