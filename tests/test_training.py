@@ -52,7 +52,8 @@ def test_tiny_preset_learns_and_saves(preset: str, tmp_path: Path) -> None:
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     # MLM: masking, dropout and data order must all be restored; accumulation crosses checkpoint boundaries.
-    config = load_config("bert-tiny", ["run.steps=6", "run.log_every=1", "run.checkpoint_every=2", "optim.grad_accum=2"])
+    config = load_config("bert-tiny", ["run.steps=6", "run.log_every=1", "run.checkpoint_every=2",
+                                       "optim.grad_accum=2"])
     full = train(config, tmp_path / "full", progress=False)["losses"]
     first = train(config, tmp_path / "cut", stop_after=3, progress=False)
     assert not first["finished"] and len(first["losses"]) == 3
@@ -176,3 +177,15 @@ def test_nan_loss_stops_with_the_step(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(trainer, "build_model", poisoned)
     with pytest.raises(TrainingDivergedError, match="at step 1"):
         train(load_config("vit-tiny", ["run.steps=3"]), tmp_path, progress=False)
+
+
+def test_cli_stop_and_resume_from_the_run_dir(tmp_path: Path, capsys) -> None:
+    common = ["--out", str(tmp_path), "--no-progress"]
+    assert cli_main(["train", "--config", "vit-tiny", "--set", "run.steps=4", "--set", "run.eval_batches=1",
+                     "--stop-after", "2", *common]) == 0
+    assert (tmp_path / "checkpoints" / "step_2").is_dir() and not (tmp_path / "model").exists()
+    assert cli_main(["train", "--config", "vit-tiny", *common]) == 2  # unfinished run: needs --resume
+    assert "--resume" in capsys.readouterr().err
+    assert cli_main(["train", "--resume", *common]) == 0  # config read back from RUN_DIR/config.yaml
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 4
+    assert load_model(tmp_path).config.num_hidden_layers == 2

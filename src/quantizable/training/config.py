@@ -51,7 +51,8 @@ class DataConfig:
         _require(self.tokenizer is None or self.tokenizer in TOKENIZERS,
                  f"data.tokenizer must be one of {', '.join(TOKENIZERS)} or null, got {self.tokenizer!r}")
         _require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
-        _require(0.0 < self.mlm_probability < 1.0, f"data.mlm_probability must lie in (0, 1), got {self.mlm_probability}")
+        _require(0.0 < self.mlm_probability < 1.0,
+                 f"data.mlm_probability must lie in (0, 1), got {self.mlm_probability}")
 
 
 @dataclass
@@ -74,13 +75,16 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _require(self.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _require(self.schedule in SCHEDULES,
+                 f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        _require(0.0 <= self.final_lr_fraction <= 1.0, f"optim.final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}")
+        _require(0.0 <= self.final_lr_fraction <= 1.0,
+                 f"optim.final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}")
         _require(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+        _require(self.grad_clip is None or self.grad_clip > 0,
+                 f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
 
 
 @dataclass

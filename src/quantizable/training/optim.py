@@ -48,5 +48,6 @@ def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
     return config.final_lr_fraction + (1.0 - config.final_lr_fraction) * shape
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                   config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, config))

@@ -52,7 +52,8 @@ class TaskData:
 
 def _tokenizer_dir(init_from: Path) -> Path | None:
     for directory in (init_from / "model", init_from):
-        if directory.is_dir() and any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        names = ("tokenizer.json", "tokenizer_config.json")
+        if directory.is_dir() and any((directory / name).is_file() for name in names):
             return directory
     return None
 
@@ -117,14 +118,16 @@ def task_data(config: TrainConfig, task: str, tokenizer: Any) -> TaskData:
             # Masks are a function of (seed, epoch, block): they change every epoch, yet do not depend on when the
             # loader (which prefetches) draws random numbers, so a resumed run sees the same masks.
             def collate(epoch: int) -> Callable:
-                return data.mlm_collator(tokenizer, config.data.mlm_probability, seed=run.seed + 1_000_003 * (epoch + 1))
+                epoch_seed = run.seed + 1_000_003 * (epoch + 1)
+                return data.mlm_collator(tokenizer, config.data.mlm_probability, seed=epoch_seed)
 
             make_eval_collate = lambda: data.mlm_collator(tokenizer, config.data.mlm_probability, seed=run.seed)
         else:
             collate = lambda epoch: data.clm_collator()
             make_eval_collate = data.clm_collator
     if len(train) == 0 or len(validation) == 0:
-        raise ValueError(f"the {task} data has no training or validation samples (seq_len {config.data.seq_len} too long?)")
+        raise ValueError(f"the {task} data has no training or validation samples "
+                         f"(data.seq_len={config.data.seq_len} too long for it?)")
 
     def validation_loader():
         loader = data.make_loader(validation, run.batch_size, make_eval_collate(), shuffle=False, seed=run.seed)
@@ -296,15 +299,18 @@ def train(
     unwrapped = accelerator.unwrap_model(model)
 
     def write_metrics(record: dict[str, Any]) -> None:
-        accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=record["step"])
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        accelerator.log(scalars, step=record["step"])
         if accelerator.is_main_process:
             with open(run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
     end = run.steps if stop_after is None else min(run.steps, stop_after)
-    bar = tqdm(total=run.steps, initial=step, desc="train", disable=not (progress and accelerator.is_local_main_process))
+    bar = tqdm(total=run.steps, initial=step, desc="train",
+               disable=not (progress and accelerator.is_local_main_process))
     losses: list[float] = []
     last_eval: dict[str, Any] | None = None
+    last_eval_step = -1
     started, start_step = time.perf_counter(), step
     model.train()
     while step < end:
@@ -338,6 +344,7 @@ def train(
             record.update(block_outlier_stats(unwrapped, outlier_batch))
         if run.eval_every and step % run.eval_every == 0:
             last_eval = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
+            last_eval_step = step
             record[f"eval_{last_eval['metric']}"] = last_eval["value"]
         if record:
             write_metrics({"step": step, **record})
@@ -364,13 +371,14 @@ def train(
     if accelerator.distributed_type != DistributedType.FSDP:
         summary["weight_digests"] = gather_object([weight_digest(full_state)])
     if summary["finished"]:
-        if not (run.eval_every and step % run.eval_every == 0):
-            last_eval = summary["eval"] = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
+        if last_eval_step != step:
+            summary["eval"] = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
         if accelerator.is_main_process:
             unwrapped.save_pretrained(run_dir / "model", state_dict=full_state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(run_dir / "model")
-            (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+            saved = {k: v for k, v in summary.items() if k != "losses"}
+            (run_dir / "summary.json").write_text(json.dumps(saved, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
