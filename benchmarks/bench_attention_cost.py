@@ -4,7 +4,8 @@ One run measures, for small BERT / OPT / ViT models at two sequence lengths, a f
 backward, AdamW step) of: vanilla on SDPA, vanilla on transformers' eager attention, clipped softmax on the reference
 ops and on the fused fast path, and gated attention with each gate type. All variants of one (model, length) group
 share the same weights and batch, and their steps are interleaved round-robin (rotating the order every round), so
-load from other processes on a shared CPU hits all variants alike; the reported time is the median step.
+slow phases of a shared machine hit all variants alike; the reported time is the median step. On CPU the clock
+is this process's CPU time (one torch thread), which other processes' load hardly changes; on CUDA wall time.
 
 Memory: on CUDA the peak allocated during one step above the allocation before it. On CPU the peak resident set
 of one step above the resident set before it (glibc's free memory is trimmed first and Linux's high-water mark is
@@ -102,6 +103,11 @@ def make_step(model: PreTrainedModel, inputs: dict[str, torch.Tensor], variant: 
     return step
 
 
+def _clock(device: torch.device) -> float:
+    """CPU time of this process on CPU (other processes on a shared machine then barely move it), else wall time."""
+    return time.process_time() if device.type == "cpu" else time.perf_counter()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -159,11 +165,11 @@ def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             _sync(device)
-            start = time.perf_counter()
+            start = _clock(device)
             steps_of[name]()
             _sync(device)
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(_clock(device) - start)
     rows = []
     for name in names:
         rows.append({
@@ -219,11 +225,11 @@ def measure_attention_core(seq_len: int, batch: int, rounds: int, device: torch.
         for name in names[shift:] + names[:shift]:
             run = runs[name]
             _sync(device)
-            start = time.perf_counter()
+            start = _clock(device)
             run()
             _sync(device)
             if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(_clock(device) - start)
     base = statistics.median(times[BASELINE])
     return [{"seq_len": seq_len, "batch": batch, "variant": name, "ms": 1000 * statistics.median(t),
              "time_ratio": statistics.median(t) / base} for name, t in times.items()]
