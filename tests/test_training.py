@@ -65,7 +65,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 def test_two_processes_agree_on_weights(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "quantizable.cli.main", "train", "--config", "opt-tiny", "--set", "run.steps=3",
                "--set", "run.eval_batches=1", "--out", str(tmp_path), "--no-progress"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
