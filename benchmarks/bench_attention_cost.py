@@ -63,7 +63,9 @@ VARIANTS = (
 PRESETS = ("bert-small", "opt-small", "vit-small")
 
 
-def build_group(preset: str, seq_len: int, batch: int) -> tuple[dict[str, PreTrainedModel], dict[str, torch.Tensor], int]:
+def build_group(
+    preset: str, seq_len: int, batch: int
+) -> tuple[dict[str, PreTrainedModel], dict[str, torch.Tensor], int]:
     """One model per variant with identical weights, the batch, and the actual number of tokens per sequence."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

@@ -133,7 +133,7 @@ def test_training_step_gradients_match_in_every_family(preset):
     batch = tiny_batch(preset)
     if "attention_mask" in batch:
         batch["attention_mask"][1, -5:] = 0
-    labels = {"labels": torch.zeros(2, dtype=torch.long)} if preset.startswith("vit") else {"labels": batch["input_ids"]}
+    labels = {"labels": torch.zeros(2, dtype=torch.long) if preset.startswith("vit") else batch["input_ids"]}
 
     def loss_and_grads(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
