@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantizable.quantization.quantizers import fake_quantize
+
 MOMENTUM = 0.9
 MSE_GRID = 100
 MSE_MAX_ELEMENTS = 1 << 20  # the MSE search runs on a strided subsample of bigger tensors
@@ -82,8 +84,6 @@ def _percentile_range(flat: torch.Tensor, percentile: float) -> tuple[torch.Tens
 def _mse_range(
     flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from quantizable.quantization.quantizers import fake_quantize
-
     sample = _subsample(flat, MSE_MAX_ELEMENTS)
     best_error = torch.full_like(low, float("inf"))
     best_low, best_high = low.clone(), high.clone()

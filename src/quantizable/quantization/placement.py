@@ -151,7 +151,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> QuantizedM
     modules = [(name, module) for name, module in model.named_modules() if name and in_scope(name)]
     if config.quantize_weights:
         for name, module in modules:
-            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)) or (is_norm(module) and module.weight is not None):
+            has_weight = isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d))
+            if has_weight or (is_norm(module) and getattr(module, "weight", None) is not None):
                 _quantize_weight(handle, name, module, weight_estimator, device)
     if not config.quantize_acts:
         model._quantization_handle = handle

@@ -11,10 +11,13 @@ one division, one rounding and one product, which runs in place when no gradient
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from quantizable.quantization.estimators import RangeEstimator
+if TYPE_CHECKING:
+    from quantizable.quantization.estimators import RangeEstimator
 
 MIN_SCALE = 1e-8
 STATES = ("estimate", "frozen", "off")
@@ -57,7 +60,9 @@ def quantize_to_grid(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.clamp(x, low, high).div_(scale).round_().mul_(scale)
 
 
-def fake_quantize(x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
     """Quantize-dequantize ``x`` onto the ``bits``-bit grid of ``[x_min, x_max]`` (broadcast per channel)."""
     return quantize_to_grid(x, grid_of(x_min, x_max, bits, symmetric))
 
