@@ -20,9 +20,9 @@ import torch
 from torch.autograd.function import FunctionCtx
 
 
-def _clip(probs: torch.Tensor, gamma: float, zeta: float) -> torch.Tensor:
-    """``clamp((zeta - gamma) * p + gamma, 0, 1)`` in a fresh tensor, the same op order as ``clipped_softmax``."""
-    return (probs * (zeta - gamma)).add_(gamma).clamp_(0.0, 1.0)
+def _clip(probs: torch.Tensor, gamma: float, zeta: float, out: torch.Tensor) -> torch.Tensor:
+    """``clamp((zeta - gamma) * p + gamma, 0, 1)`` written to ``out``, the same op order as ``clipped_softmax``."""
+    return torch.mul(probs, zeta - gamma, out=out).add_(gamma).clamp_(0.0, 1.0)
 
 
 # Query rows per block: a block's (B, H, rows, T_k) temporaries stay around 1 MiB, inside a CPU core's L2 cache.
@@ -33,6 +33,18 @@ def _row_blocks(query: torch.Tensor, key: torch.Tensor) -> list[slice]:
     batch, heads, q_len, _ = query.shape
     rows = max(1, BLOCK_ELEMENTS // (batch * heads * key.shape[2]))
     return [slice(start, min(start + rows, q_len)) for start in range(0, q_len, rows)]
+
+
+def _workspace(query: torch.Tensor, key: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
+    """One flat buffer for a block's (B, H, rows, T_k) temporaries, reused by every block: a fresh large tensor
+    per op and block would cost page faults on every allocation."""
+    batch, heads = query.shape[:2]
+    return query.new_empty(batch * heads * (blocks[0].stop - blocks[0].start) * key.shape[2])
+
+
+def _view(buffer: torch.Tensor, like: torch.Tensor, rows: slice, key: torch.Tensor) -> torch.Tensor:
+    shape = (*like.shape[:2], rows.stop - rows.start, key.shape[2])
+    return buffer[: shape[0] * shape[1] * shape[2] * shape[3]].view(shape)
 
 
 def _rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -64,15 +76,17 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
         keep = query.new_empty(scores_shape).bernoulli_(1.0 - dropout).bool() if dropout > 0.0 else None
         key_t = key.transpose(2, 3)
         outputs, saved_probs = [], []
-        for rows in _row_blocks(query, key):
-            scores = torch.matmul(query[:, :, rows], key_t).mul_(scaling)
+        blocks = _row_blocks(query, key)
+        buffer = _workspace(query, key, blocks)
+        for rows in blocks:
+            scores = torch.matmul(query[:, :, rows], key_t, out=_view(buffer, query, rows, key)).mul_(scaling)
             block_mask = _rows(mask, rows)
             if block_mask is not None and block_mask.dtype == torch.bool:
                 scores.masked_fill_(~block_mask, torch.finfo(scores.dtype).min)
             elif block_mask is not None:
                 scores.add_(block_mask)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-            clipped = _clip(probs, gamma, zeta)
+            clipped = _clip(probs, gamma, zeta, out=scores)
             if keep is not None:
                 clipped.mul_(keep[:, :, rows]).div_(1.0 - dropout)
             outputs.append(torch.matmul(clipped, value))
@@ -96,18 +110,21 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
         # d scores = scaling * softmax_backward((zeta - gamma) * clamp'(.) * dropout'(.) * (dO @ V^T)): the scalar
         # factors are applied to the small dO block instead of the (rows, T_k) gradient.
         factor = scaling * (zeta - gamma) / (1.0 - dropout)
-        for rows, probs in zip(_row_blocks(query, key), saved_probs):
+        blocks = _row_blocks(query, key)
+        clipped_buffer, grad_buffer = _workspace(query, key, blocks), _workspace(query, key, blocks)
+        for rows, probs in zip(blocks, saved_probs):
             block_grad = grad_output[:, :, rows]
-            clipped = _clip(probs, gamma, zeta)
-            grad_scores = torch.ops.aten.hardtanh_backward(
-                torch.matmul(block_grad * factor, value_t), clipped, 0.0, 1.0
-            )
+            clipped = _clip(probs, gamma, zeta, out=_view(clipped_buffer, query, rows, key))
+            grad_scores = torch.matmul(block_grad * factor, value_t, out=_view(grad_buffer, query, rows, key))
+            torch.ops.aten.hardtanh_backward.grad_input(grad_scores, clipped, 0.0, 1.0, grad_input=grad_scores)
             if keep is not None:
                 block_keep = keep[:, :, rows]
                 grad_scores.mul_(block_keep)
                 clipped.mul_(block_keep).div_(1.0 - dropout)
             grad_value.add_(torch.matmul(clipped.transpose(2, 3), block_grad))
-            grad_scores = torch.ops.aten._softmax_backward_data(grad_scores, probs, -1, probs.dtype)
+            grad_scores = torch.ops.aten._softmax_backward_data.out(
+                grad_scores, probs, -1, probs.dtype, grad_input=grad_scores
+            )
             if dead_rows is not None:
                 grad_scores.masked_fill_(_rows(dead_rows, rows), 0.0)
             grad_queries.append(torch.matmul(grad_scores, key))
