@@ -4,7 +4,8 @@ The reference path (``interface._materialised_attention``) is a chain of eager o
 ``(B, H, T, T)`` tensor, and autograd keeps the softmax output, the clamp input and the clamped probabilities
 alive until backward. This node computes the same values and keeps only the softmax output ``p``:
 
-* forward and backward walk over blocks of query rows, so the elementwise work on a block stays in cache;
+* forward and backward walk over blocks of query rows, so the elementwise work on a block stays in cache, and
+  the blocks' temporaries live in one workspace reused by every block;
 * backward recomputes ``clamp(s * p + gamma, 0, 1)`` from ``p``, passes gradient through the clamp with the fused
   ``hardtanh_backward`` kernel and through softmax with ``_softmax_backward_data``, and applies the scalar factors
   (scaling, ``zeta - gamma``, dropout's ``1 / (1 - p)``) to the small ``dO`` block rather than to ``(T, T)`` tensors.
