@@ -247,6 +247,24 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, A
     accelerator.wait_for_everyone()
 
 
+def _optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    batches: Iterator[dict[str, torch.Tensor]], grad_clip: float | None) -> float:
+    """One optimizer update over ``grad_accum`` micro-batches (fewer at the end of an epoch, where accelerate
+    syncs); returns the mean micro-batch loss, averaged over processes."""
+    micro_losses = []
+    while True:
+        with accelerator.accumulate(model):
+            loss = model(**next(batches)).loss
+            micro_losses.append(loss.detach().float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            return accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+
+
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -314,20 +332,7 @@ def train(
     started, start_step = time.perf_counter(), step
     model.train()
     while step < end:
-        micro_losses = []
-        while True:
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                micro_losses.append(loss.detach().float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.optim.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                break
-        step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+        step_loss = _optimizer_step(accelerator, model, optimizer, batches, config.optim.grad_clip)
         if not math.isfinite(step_loss):
             raise TrainingDivergedError(f"loss became {step_loss} at step {step + 1}; lower optim.lr or check the data")
         lr = scheduler.get_last_lr()[0]
