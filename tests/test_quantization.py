@@ -111,6 +111,14 @@ def test_estimators_on_heavy_tails() -> None:
     assert high - low < 0.8 * (gauss.max() - gauss.min())
 
 
+@pytest.mark.parametrize("name", ["current_minmax", "percentile:99.9", "mse"])
+def test_per_channel_estimates(name: str) -> None:
+    weight = torch.randn(5, 40) * torch.arange(1, 6)[:, None]
+    low, high = parse_estimator(name).update(weight, None, 8, True, channel_axis=0)
+    assert low.shape == high.shape == (5,)
+    assert bool((high > 0).all()) and bool((high[1:] > high[:1]).all())  # follows each row's scale
+
+
 def test_running_minmax_is_an_ema() -> None:
     estimator = parse_estimator("running_minmax")
     first = estimator.update(torch.tensor([-1.0, 1.0]), None, 8, False, None)
@@ -259,18 +267,21 @@ def _data_ready() -> bool:
 
 
 @pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
-def test_cli_writes_results(tmp_path) -> None:
+@pytest.mark.parametrize("preset,metric", [("bert-tiny", "perplexity"), ("opt-tiny", "perplexity"),
+                                           ("vit-tiny", "accuracy")])
+def test_cli_writes_results(tmp_path, preset: str, metric: str) -> None:
     from quantizable.cli.main import main
 
-    run = _run_dir(tmp_path, "bert-tiny", vocab_size=8192)
+    run = _run_dir(tmp_path, preset, **({} if preset.startswith("vit") else {"vocab_size": 8192}))
     out = tmp_path / "out"
     argv = ["quantize", str(run), "--calib-batches", "2", "--seeds", "2", "--eval-batches", "2",
-            "--batch-size", "4", "--out", str(out)]
+            "--batch-size", "4", "--estimator", "percentile:99.99", "--out", str(out)]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["metric"] == "perplexity" and results["sites"] == SITE_FORMULA["bert"](2)
+    assert results["metric"] == metric and results["sites"] == SITE_FORMULA[preset.split("-")[0]](2)
     assert set(results["quantized"]) == {"mean", "std", "per_seed"} and len(results["quantized"]["per_seed"]) == 2
-    assert results["config"]["act_estimator"] == "running_minmax" and results["site_table"]
+    assert results["config"]["act_estimator"] == "percentile:99.99" and results["site_table"]
+    assert results["fp"] > 0 and all(math.isfinite(v) for v in results["quantized"]["per_seed"])
 
 
 @pytest.mark.parametrize("flags,message", [
