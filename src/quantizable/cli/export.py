@@ -1,0 +1,84 @@
+"""``quantizable export MODEL_OR_RUN --int8 --out DIR``: real INT8 inference, FP32 vs INT8 quality and latency.
+
+Calibration and validation batches come from the same datasets and collators as ``quantizable quantize`` (so the
+numbers are comparable with the simulator): ``--calib-batches`` shuffled training batches drawn with ``--seed``,
+and seeded-mask validation batches. Writes ``DIR/model.fp32.onnx``, ``DIR/model.int8.onnx`` and ``DIR/int8.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from itertools import islice
+from pathlib import Path
+
+from quantizable.cli.errors import UserError
+from quantizable.cli.quantize import EVAL_MASK_SEED, _datasets
+
+BACKENDS = ("onnxruntime", "pt2e")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, metavar="MODEL_OR_RUN",
+                        help="run directory, Hugging Face checkpoint directory or .gguf file")
+    parser.add_argument("--int8", action="store_true", required=True,
+                        help="static per-tensor INT8 weights and activations (the only export so far)")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="onnxruntime (default; QDQ via quantize_static); pt2e is not implemented yet")
+    parser.add_argument("--calib-batches", type=int, default=16, help="calibration batches (default 16)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences or images per batch (default 8)")
+    parser.add_argument("--eval-batches", type=int, default=None,
+                        help="validation batches to score (default: the whole validation split)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: the run's data.seq_len, else 128)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration shuffling seed (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for both models (default 1)")
+    parser.add_argument("--no-simulate", action="store_true", help="skip the simulated W8A8 comparison number")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.backend != "onnxruntime":
+        raise UserError(f"--backend {args.backend} is not implemented yet; use --backend onnxruntime")
+    for name in ("calib_batches", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eval_batches is not None and args.eval_batches < 1:
+        raise UserError("--eval-batches must be at least 1")
+    if not args.model.exists():
+        raise UserError(f"{args.model} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from quantizable.data import make_loader
+    from quantizable.export import export_int8
+    from quantizable.models import family_of_config, load_model
+
+    _check(args)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    model = load_model(args.model)
+    train, validation, collate = _datasets(args, model, family_of_config(model.config).task)
+    available = len(train) // args.batch_size
+    if args.calib_batches > available:
+        raise UserError(f"--calib-batches {args.calib_batches} exceeds the {available} full batches of "
+                        f"{args.batch_size} in the training split")
+    calibration = islice(make_loader(train, args.batch_size, collate(args.seed), shuffle=True, seed=args.seed),
+                         args.calib_batches)
+
+    def evaluation():
+        loader = make_loader(validation, args.batch_size, collate(EVAL_MASK_SEED))
+        return loader if args.eval_batches is None else islice(loader, args.eval_batches)
+
+    result = export_int8(model, calibration, evaluation, args.out, backend=args.backend, threads=args.threads,
+                         simulate=not args.no_simulate)
+    result["model"] = str(args.model)
+    (args.out / "int8.json").write_text(json.dumps(result, indent=2))
+    fp32, int8 = result["fp32"], result["int8"]
+    print(f"{result['metric']}: FP32 {fp32['metric']:.3f}, INT8 {int8['metric']:.3f}"
+          + (f" (simulated W8A8 {result['simulated_w8a8']['metric']:.3f})" if "simulated_w8a8" in result else ""))
+    print(f"latency ({args.threads} thread(s), median): FP32 {fp32['latency_ms']:.2f} ms, "
+          f"INT8 {int8['latency_ms']:.2f} ms, speedup {result['speedup']:.2f}x")
+    print(f"wrote {args.out / 'int8.json'}")
+    return 0

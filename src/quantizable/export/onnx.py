@@ -1,0 +1,125 @@
+"""Real INT8 inference with ONNX Runtime: FP32 ONNX export, static per-tensor QDQ quantization, an evaluation adapter.
+
+The exported graph is the plain-torch reference attention (``fused_attention(False)``), so clipped softmax, softmax+1
+and the gates are ordinary ONNX ops. Quantization is ORT's ``quantize_static``: QDQ format, per-tensor MinMax ranges,
+unsigned 8-bit activations and signed 8-bit weights, calibrated on the batches given (the simulator's calibration data).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantizable.attention.interface import fused_attention
+
+OPSET = 17
+LABELS = "labels"
+
+
+def input_names(batch: dict[str, torch.Tensor]) -> list[str]:
+    """The model inputs of a batch (everything but the labels), in a fixed order."""
+    return sorted(name for name in batch if name != LABELS)
+
+
+class _LogitsOnly(nn.Module):
+    """Positional inputs -> logits, the only thing an ONNX graph of the model needs to return."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, inputs))).logits
+
+
+def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Export ``model`` (eval mode, reference attention) to an FP32 ONNX graph with dynamic batch and length axes."""
+    names = input_names(example)
+    if not names:
+        raise ValueError("the example batch has no model inputs (only labels)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = {name: ({0: "batch", 1: "sequence"} if example[name].dim() == 2 else {0: "batch"}) for name in names}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), fused_attention(False):
+        torch.onnx.export(_LogitsOnly(model, names), tuple(example[name] for name in names), str(path),
+                          input_names=names, output_names=["logits"], dynamic_axes={**dynamic, "logits": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
+    model.train(was_training)
+    return path
+
+
+class _Reader:
+    """``CalibrationDataReader`` over our batches (numpy feeds, labels dropped)."""
+
+    def __init__(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = (feeds(batch) for batch in batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """ORT inputs of a batch."""
+    return {name: batch[name].numpy() for name in input_names(batch)}
+
+
+def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[dict[str, torch.Tensor]]) -> Path:
+    """Static INT8 (QDQ, per-tensor MinMax, QUInt8 activations / QInt8 weights) calibrated on the batches."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    reader = type("CalibrationReader", (_Reader, CalibrationDataReader), {})(calibration)
+    quantize_static(str(fp32_path), str(int8_path), reader, quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return Path(int8_path)
+
+
+def session(path: str | Path, threads: int = 1) -> Any:
+    """An ORT CPU session with a fixed thread count, so FP32 and INT8 timings are comparable."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OrtModel(nn.Module):
+    """An ORT session that looks like our HF model to ``quantizable.evaluation.evaluate`` (``config``, a device,
+    ``model(**batch).logits``), so ONNX logits go through exactly the same metric code as the PyTorch model."""
+
+    def __init__(self, ort_session: Any, config: Any) -> None:
+        super().__init__()
+        self.session, self.config = ort_session, config
+        self._device = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def forward(self, **batch: torch.Tensor) -> SimpleNamespace:
+        (logits,) = self.session.run(["logits"], feeds(batch))
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+def median_latencies_ms(sessions: dict[str, Any], batch: dict[str, torch.Tensor], repeats: int = 20,
+                        warmup: int = 3) -> dict[str, float]:
+    """Median wall time (ms) of one forward pass on ``batch`` per session. Runs are interleaved, so load from other
+    processes on a shared CPU hits every session alike and their ratio stays meaningful."""
+    inputs = feeds(batch)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for step in range(warmup + repeats):
+        for name, ort_session in sessions.items():
+            start = time.perf_counter()
+            ort_session.run(["logits"], inputs)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(values) for name, values in times.items()}
