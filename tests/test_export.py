@@ -1,0 +1,137 @@
+"""Real INT8 export: ONNX graphs of every family and attention variant, ORT INT8 close to FP32, CLI and bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from quantizable.attention.spec import spec_for_method
+from quantizable.export import export_int8, export_onnx, quantize_onnx, session
+from quantizable.models import create_model, load_model
+from tests.conftest import tiny_batch
+
+pytest.importorskip("onnxruntime")
+
+CASES = [("opt-tiny", "clipped_softmax"), ("opt-tiny", "gated_attention"), ("bert-tiny", "clipped_softmax"),
+         ("bert-tiny", "gated_attention"), ("vit-tiny", "vanilla"), ("vit-tiny", "gated_attention"),
+         ("llama-tiny", "softmax_plus_one")]
+
+
+def _saved_model(tmp_path, preset: str, method: str):
+    """Round-trip through save_pretrained, the way the CLI meets models."""
+    create_model(preset, spec_for_method(method)).save_pretrained(tmp_path / "model")
+    return load_model(tmp_path / "model").eval()
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _ort_logits(path, batch) -> torch.Tensor:
+    (logits,) = session(path).run(["logits"], {k: v.numpy() for k, v in batch.items()})
+    return torch.from_numpy(logits)
+
+
+@pytest.mark.parametrize("preset,method", CASES)
+def test_int8_logits_close_to_fp32(tmp_path, preset: str, method: str) -> None:
+    model = _saved_model(tmp_path, preset, method)
+    fp32 = export_onnx(model, tiny_batch(preset), tmp_path / "fp32.onnx")
+    calibration = [tiny_batch(preset, batch=4, seed=seed) for seed in range(1, 4)]
+    int8 = quantize_onnx(fp32, tmp_path / "int8.onnx", calibration)
+    # a batch and length other than the exported example: the axes are dynamic
+    batch = tiny_batch(preset, batch=3, length=24, seed=7)
+    reference = _logits(model, batch)
+    fp32_logits, int8_logits = _ort_logits(fp32, batch), _ort_logits(int8, batch)
+    assert fp32_logits.shape == int8_logits.shape == reference.shape
+    torch.testing.assert_close(fp32_logits, reference, atol=1e-4, rtol=1e-4)
+    relative = (int8_logits - reference).norm() / reference.norm()
+    assert 0 < relative < 0.15, relative
+    # INT8 really is in the graph: quantized weights and quantize/dequantize pairs
+    import onnx
+
+    graph = onnx.load(str(int8)).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+
+
+def _text_batches(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    batches = [tiny_batch("opt-tiny", batch=4, seed=seed + i) for i in range(count)]
+    return [{**batch, "labels": batch["input_ids"]} for batch in batches]
+
+
+@pytest.mark.parametrize("simulate", [False, True])
+def test_export_int8_reports_quality_and_latency(tmp_path, simulate: bool) -> None:
+    model = create_model("opt-tiny", spec_for_method("clipped_softmax")).eval()
+    evaluation = _text_batches(2, seed=100)
+    result = export_int8(model, _text_batches(3, seed=0), lambda: evaluation, tmp_path, repeats=3,
+                         simulate=simulate)
+    assert result["metric"] == "perplexity" and result["backend"] == "onnxruntime"
+    for name in ("fp32", "int8"):
+        assert math.isfinite(result[name]["metric"]) and result[name]["latency_ms"] > 0
+    # random init: perplexity near the vocabulary size, INT8 within a few percent of FP32
+    assert abs(result["int8"]["metric"] / result["fp32"]["metric"] - 1) < 0.05
+    assert result["speedup"] == pytest.approx(result["fp32"]["latency_ms"] / result["int8"]["latency_ms"])
+    assert (tmp_path / result["files"]["int8"]).exists()
+    assert ("simulated_w8a8" in result) == simulate
+    if simulate:  # the PyTorch and ORT FP32 graphs compute the same perplexity
+        assert result["simulated_w8a8"]["torch_fp"] == pytest.approx(result["fp32"]["metric"], rel=1e-4)
+
+
+def test_export_int8_bad_input(tmp_path) -> None:
+    model = create_model("opt-tiny").eval()
+    batches = _text_batches(1, seed=0)
+    with pytest.raises(ValueError, match="backend"):
+        export_int8(model, batches, lambda: batches, tmp_path, backend="tensorrt")
+    with pytest.raises(ValueError, match="calibration"):
+        export_int8(model, [], lambda: batches, tmp_path)
+    with pytest.raises(ValueError, match="evaluation"):
+        export_int8(model, batches, lambda: [], tmp_path)
+    with pytest.raises(ValueError, match="no model inputs"):
+        export_onnx(model, {"labels": batches[0]["labels"]}, tmp_path / "x.onnx")
+
+
+def _data_ready() -> bool:
+    from quantizable.data import default_data_dir
+
+    return (default_data_dir() / "tokenizers" / "wordpiece" / "tokenizer.json").exists()
+
+
+@pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
+def test_cli_writes_int8_json(tmp_path) -> None:
+    import yaml
+
+    from quantizable.cli.main import main
+
+    run = tmp_path / "run"
+    create_model("vit-tiny", spec_for_method("gated_attention")).save_pretrained(run / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {}}))
+    out = tmp_path / "out"
+    argv = ["export", str(run), "--int8", "--calib-batches", "2", "--eval-batches", "2", "--batch-size", "4",
+            "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "int8.json").read_text())
+    assert result["metric"] == "accuracy" and result["eval_count"] == 8
+    assert {"fp32", "int8", "speedup", "backend", "simulated_w8a8"} <= set(result)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--backend", "pt2e"], "not implemented"),
+    (["--calib-batches", "0"], "--calib-batches"),
+    (["--threads", "0"], "--threads"),
+])
+def test_cli_bad_input(tmp_path, capsys, flags, message) -> None:
+    from quantizable.cli.main import main
+
+    create_model("vit-tiny").save_pretrained(tmp_path / "run" / "model")
+    assert main(["export", str(tmp_path / "run"), "--int8", *flags, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_model(tmp_path, capsys) -> None:
+    from quantizable.cli.main import main
+
+    assert main(["export", str(tmp_path / "nowhere"), "--int8", "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
