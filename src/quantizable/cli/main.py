@@ -1,7 +1,7 @@
 """``quantizable`` entry point: one sub-command per verb, each in its own module under ``quantizable.cli``.
 
 A verb module defines ``add_arguments(parser)`` and ``run(args) -> int``. Bad input (``UserError``, ``ValueError``,
-``FileNotFoundError``) prints one line and exits 2; ``--debug`` shows the traceback instead.
+``OSError`` such as ``FileNotFoundError``) prints one line and exits 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, summary in VERBS.items():
         verb_parser = sub.add_parser(verb, help=summary, description=summary)
-        verb_parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        # also accepted after the verb; SUPPRESS keeps a --debug given before the verb from being reset to False
+        verb_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         try:
             module = importlib.import_module(f"quantizable.cli.{verb}")
         except ModuleNotFoundError as error:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.module.run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as error:
+    except (UserError, ValueError, OSError) as error:  # OSError: missing paths, a file where a folder goes, ...
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable, Iterable
 from itertools import islice
 from pathlib import Path
@@ -109,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     results = simulate_w8a8(model, calibration, evaluation, config, seeds=range(args.seeds))
     results["model"] = str(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    staging = args.out / ".tmp_results.json"  # renamed into place: an interrupted run leaves no half-written results
+    staging.write_text(json.dumps(results, indent=2))
+    os.replace(staging, args.out / "results.json")
     q = results["quantized"]
     print(f"{results['metric']}: FP {results['fp']:.3f}, W{args.weights}A{args.acts} {q['mean']:.3f} "
           f"± {q['std']:.3f} over {args.seeds} seeds ({results['sites']} activation quantizers)")

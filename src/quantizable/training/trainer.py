@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,10 @@ STATE_FILE = "trainer_state.json"
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files do not match the digests recorded when it was written (truncated or damaged)."""
 
 
 @dataclass
@@ -228,8 +233,30 @@ class _Batches:
             self.epoch, self.position = self.epoch + 1, 0
 
 
+def _file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file a checkpoint holds, so a truncated or damaged one is caught before it is loaded."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.iterdir()) if path.is_file() and path.name != STATE_FILE}
+
+
+def _verified_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint whose files match the digests recorded when it was written."""
+    state = json.loads((path / STATE_FILE).read_text())
+    if "files" not in state or "scheduler" not in state:
+        raise CorruptCheckpointError(f"checkpoint {path} was written by an older version of quantizable (no file "
+                                     f"digests or scheduler state); delete {path} to restart the run from scratch")
+    actual = _file_digests(path)
+    expected = state["files"]
+    damaged = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
+    if damaged:
+        raise CorruptCheckpointError(f"checkpoint {path} is damaged ({', '.join(damaged)} truncated, changed or "
+                                     f"missing); delete {path} to restart the run from scratch")
+    return state
+
+
 def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, Any]) -> None:
-    """``save_state`` into a temporary directory, then rename; older checkpoints go once the new one exists."""
+    """``save_state`` into a temporary directory, then rename; older checkpoints go once the new one exists, so a
+    crash at any point leaves the last complete checkpoint in place."""
     final = run_dir / "checkpoints" / f"step_{state['step']}"
     temporary = final.with_name(f".tmp_{final.name}")
     if accelerator.is_main_process and temporary.exists():
@@ -238,7 +265,7 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, A
     accelerator.save_state(str(temporary), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / STATE_FILE).write_text(json.dumps(state))
+        (temporary / STATE_FILE).write_text(json.dumps({**state, "files": _file_digests(temporary)}))
         if final.exists():
             shutil.rmtree(final)
         temporary.rename(final)
@@ -281,6 +308,8 @@ def train(
     """
     run_dir = Path(out_dir)
     check_run_dir(run_dir, resume)
+    checkpoints = _checkpoints(run_dir) if resume else []
+    resumed = _verified_state(checkpoints[-1][1]) if checkpoints else None  # checked before anything is written
     run = config.run
     accelerator = Accelerator(
         gradient_accumulation_steps=config.optim.grad_accum,
@@ -301,14 +330,14 @@ def train(
     optimizer = make_optimizer(model, config.optim)
     scheduler = make_scheduler(optimizer, run.steps, config.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per update, whatever the process count
+    # The scheduler (stepped by us once per update, whatever the process count) is saved as JSON in the trainer
+    # state, not through register_for_checkpointing, which accelerate reads back with torch.load(weights_only=False).
 
     step, epoch, position = 0, 0, 0
-    checkpoints = _checkpoints(run_dir) if resume else []
-    if checkpoints:
+    if resumed is not None:
         accelerator.load_state(str(checkpoints[-1][1]))
-        state = json.loads((checkpoints[-1][1] / STATE_FILE).read_text())
-        step, epoch, position = state["step"], state["epoch"], state["position"]
+        scheduler.load_state_dict(resumed["scheduler"])
+        step, epoch, position = resumed["step"], resumed["epoch"], resumed["position"]
     if accelerator.is_main_process:
         _truncate_metrics(run_dir / "metrics.jsonl", step)  # a fresh or resumed log reads like one run
     position_source = _Batches(accelerator, data, run.batch_size, run.seed, epoch, position)
@@ -355,7 +384,8 @@ def train(
             write_metrics({"step": step, **record})
         if (run.checkpoint_every and step % run.checkpoint_every == 0) or (step == end < run.steps):
             _save_checkpoint(accelerator, run_dir, {"step": step, "epoch": position_source.epoch,
-                                                    "position": position_source.position})
+                                                    "position": position_source.position,
+                                                    "scheduler": scheduler.state_dict()})
     bar.close()
     elapsed = time.perf_counter() - started
     summary: dict[str, Any] = {
@@ -379,11 +409,20 @@ def train(
         if last_eval_step != step:
             summary["eval"] = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
         if accelerator.is_main_process:
-            unwrapped.save_pretrained(run_dir / "model", state_dict=full_state, safe_serialization=True)
+            # written under temporary names and renamed: a run killed here leaves no model/ or summary.json that
+            # looks finished, and --resume redoes the last steps from the checkpoint
+            staging = run_dir / ".tmp_model"
+            if staging.exists():
+                shutil.rmtree(staging)
+            unwrapped.save_pretrained(staging, state_dict=full_state, safe_serialization=True)
             if tokenizer is not None:
-                tokenizer.save_pretrained(run_dir / "model")
+                tokenizer.save_pretrained(staging)
+            if (run_dir / "model").exists():
+                shutil.rmtree(run_dir / "model")
+            staging.rename(run_dir / "model")
             saved = {k: v for k, v in summary.items() if k != "losses"}
-            (run_dir / "summary.json").write_text(json.dumps(saved, indent=2))
+            (run_dir / ".tmp_summary.json").write_text(json.dumps(saved, indent=2))
+            os.replace(run_dir / ".tmp_summary.json", run_dir / "summary.json")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

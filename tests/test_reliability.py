@@ -1,0 +1,317 @@
+"""Reliability: kill -9 and resume, atomic and verified checkpoints, NaN stops, no pickle loads, clean CLI errors,
+and a reproduction that reuses finished runs without mixing settings."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantizable.cli.main import main as cli_main
+from quantizable.training import load_config, train
+from quantizable.training import trainer
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+KILL_STEPS = 10
+KILL_OVERRIDES = [f"run.steps={KILL_STEPS}", "run.checkpoint_every=2", "run.log_every=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def default_data():
+    from quantizable.data import prepare_default_data
+
+    prepare_default_data(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted opt-tiny run with the settings of the kill test; also the model the CLI cases load."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train(load_config("opt-tiny", KILL_OVERRIDES), run_dir, progress=False)
+    return run_dir
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, str]]:
+    """Every entry's mtime and content digest (directories too), to show that a failed command changed nothing."""
+    entries = {".": (directory.stat().st_mtime_ns, "")}
+    for path in sorted(directory.rglob("*")):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        entries[str(path.relative_to(directory))] = (path.stat().st_mtime_ns, digest)
+    return entries
+
+
+def _checkpoint_is_intact(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / trainer.STATE_FILE).read_text())
+    return state["files"] == trainer._file_digests(checkpoint)
+
+
+# 1. kill -9 during training, then --resume
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, reference_run: Path, capsys) -> None:
+    run_dir = tmp_path / "killed"
+    command = [PYTHON, "-m", "quantizable.cli.main", "train", "--config", "opt-tiny", "--out", str(run_dir),
+               "--no-progress", *(a for o in KILL_OVERRIDES for a in ("--set", o))]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    try:
+        while not list((run_dir / "checkpoints").glob(f"step_*/{trainer.STATE_FILE}")):
+            assert process.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists(), "killed too late"
+    checkpoint_step = max(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert checkpoint_step < KILL_STEPS
+
+    assert cli_main(["train", "--resume", "--out", str(run_dir), "--no-progress"]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == KILL_STEPS
+    resumed, reference = _losses(run_dir), _losses(reference_run)
+    assert sorted(resumed) == list(range(1, KILL_STEPS + 1))  # log lines after the checkpoint were dropped
+    for step in range(checkpoint_step + 1, KILL_STEPS + 1):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+# 2. atomic checkpoints; a damaged one is refused with one line and never replaces the last good one
+
+def test_crash_while_saving_keeps_the_last_good_checkpoint_and_damage_is_detected(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    from accelerate import Accelerator
+
+    original, calls = Accelerator.save_state, []
+
+    def crash_on_second_save(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        original(self, output_dir, **kwargs)  # the files are written ...
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # ... but the process dies before the checkpoint is complete
+
+    monkeypatch.setattr(Accelerator, "save_state", crash_on_second_save)
+    run_dir = tmp_path / "run"
+    config = load_config("opt-tiny", ["run.steps=4", "run.checkpoint_every=2"])
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, progress=False)
+    monkeypatch.undo()
+    assert Path(calls[1]).name == ".tmp_step_4"  # written under a temporary name
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_2"]
+    assert _checkpoint_is_intact(run_dir / "checkpoints" / "step_2")
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    weights = damaged / "checkpoints" / "step_2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    before = _snapshot(damaged)
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", "--out", str(damaged), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint") and "model.safetensors" in err[0], err
+    assert _snapshot(damaged) == before  # the refused resume wrote nothing
+
+    assert cli_main(["train", "--resume", "--out", str(run_dir), "--no-progress"]) == 0  # the good copy resumes
+    assert json.loads((run_dir / "summary.json").read_text())["finished"]
+    assert not list(run_dir.rglob(".tmp_*"))
+
+
+def test_results_are_renamed_into_place(tmp_path: Path, reference_run: Path, monkeypatch) -> None:
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append((Path(src).name, Path(dst).name)),
+                                                         real_replace(src, dst)))
+    out = tmp_path / "quant"
+    assert cli_main(["quantize", str(reference_run), "--calib-batches", "1", "--seeds", "1", "--eval-batches", "1",
+                     "--out", str(out)]) == 0
+    assert (".tmp_results.json", "results.json") in replaced
+    assert json.loads((out / "results.json").read_text())["fp"] > 0
+    assert [p.name for p in out.iterdir()] == ["results.json"]
+
+
+# 3. NaN loss
+
+def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
+    original, calls = trainer._optimizer_step, []
+
+    def poisoned_at_step_3(accelerator, model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.fill_(float("nan"))
+        return original(accelerator, model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_optimizer_step", poisoned_at_step_3)
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", "--config", "opt-tiny", "--set", "run.steps=6", "--set", "run.checkpoint_every=2",
+                     "--out", str(run_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at step 3" in err[0] and err[0].startswith("error: loss became nan"), err
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_2"]
+    assert _checkpoint_is_intact(run_dir / "checkpoints" / "step_2")
+    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
+
+
+# 4. nothing in src/ unpickles files
+
+UNSAFE_CALLS = {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"),
+                ("joblib", "load"), ("dill", "load"), ("cloudpickle", "load")}
+UNSAFE_MODULES = {"pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+
+
+def _unsafe_loads(source: str) -> list[str]:
+    """Calls that can run code from a file: torch.load, pickle-family loads, np.load(allow_pickle=True),
+    weights_only=False, and accelerate's register_for_checkpointing (read back with weights_only=False)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            found += [f"import {n}" for n in names if n.split(".")[0] in UNSAFE_MODULES]
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
+        if (owner, name) in UNSAFE_CALLS or name == "register_for_checkpointing":
+            found.append(f"{owner}.{name}" if owner else name)
+        for keyword in node.keywords:
+            unsafe = {"allow_pickle": True, "weights_only": False}
+            if keyword.arg in unsafe and isinstance(keyword.value, ast.Constant) \
+                    and keyword.value.value is unsafe[keyword.arg]:
+                found.append(f"{name}({keyword.arg}={keyword.value.value})")
+    return found
+
+
+def test_no_source_file_unpickles_untrusted_data() -> None:
+    assert sorted(_unsafe_loads("import torch\ntorch.load(p)\nnp.load(p, allow_pickle=True)\nimport pickle\n"
+                                "a.register_for_checkpointing(s)\nload(p, weights_only=False)\n")) == sorted([
+        "torch.load", "load(allow_pickle=True)", "import pickle", "a.register_for_checkpointing",
+        "load(weights_only=False)"])  # the scanner itself can fail
+    offenders = {}
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        if found := _unsafe_loads(path.read_text()):
+            offenders[str(path.relative_to(ROOT))] = found
+    assert not offenders, offenders
+
+
+# 5. every verb: bad input is one `error:` line, exit 2, and the output directory is untouched
+
+def _bad_inputs(model: Path, guarded: Path, tmp: Path) -> list[list[str]]:
+    a_file = tmp / "a_file.txt"
+    a_file.write_text("not a directory")
+    out = ["--out", str(guarded)]
+    missing = str(tmp / "missing")
+    return [
+        ["train", "--config", f"{missing}.yaml", *out],
+        ["train", "--config", "no-such-preset", *out],
+        ["train", "--config", "opt-tiny", "--set", "run.no_such_key=1", *out],
+        ["train", "--config", "opt-tiny", "--set", "run.steps=-1", *out],
+        ["train", "--config", "opt-tiny", "--set", "optim.lr=-1", *out],
+        ["train", "--config", "opt-tiny", "--init-from", missing, *out],
+        ["analyze", missing, *out],
+        ["analyze", str(model), "--data", missing, *out],
+        ["analyze", str(model), "--batches", "0", *out],
+        ["quantize", missing, *out],
+        ["quantize", str(model), "--weights", "1", *out],
+        ["quantize", str(model), "--acts", "17", *out],
+        ["quantize", str(model), "--estimator", "no-such-estimator", *out],
+        ["quantize", str(model), "--calib-batches", "100000", *out],
+        ["reproduce", "--scale", "tiny", "--families", "gpt", *out],
+        ["reproduce", "--scale", "tiny", "--methods", "no_such_method", *out],
+        ["reproduce", "--scale", "tiny", "--out", str(a_file)],
+        ["data", "info", "--root", missing],
+    ]
+
+
+def test_every_verb_rejects_bad_input_with_one_line(tmp_path: Path, reference_run: Path, capsys) -> None:
+    guarded = tmp_path / "guarded"
+    (guarded / "sub").mkdir(parents=True)
+    (guarded / "sub" / "keep.json").write_text('{"keep": true}')
+    before = _snapshot(guarded)
+    failures = []
+    for argv in _bad_inputs(reference_run, guarded, tmp_path):
+        capsys.readouterr()
+        try:
+            code = cli_main(argv)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        err = capsys.readouterr().err
+        error_lines = [line for line in err.splitlines() if "error:" in line]
+        if code != 2 or len(error_lines) != 1 or "Traceback" in err:
+            failures.append((argv, code, err))
+        if _snapshot(guarded) != before:
+            failures.append((argv, "modified the output directory"))
+    assert not failures, failures
+    assert not (tmp_path / "missing").exists()
+
+
+def test_real_process_error_has_no_traceback_unless_debug(tmp_path: Path, reference_run: Path) -> None:
+    argv = [PYTHON, "-m", "quantizable.cli.main", "quantize", str(reference_run), "--weights", "17",
+            "--out", str(tmp_path / "out")]
+    plain = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2
+    assert plain.stderr.strip() == "error: --weights must be an integer from 2 to 16, got 17"
+    debug = subprocess.run([*argv[:3], "--debug", *argv[3:]], env=ENV, capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# 6. reproduce: interrupted and re-run reuses finished work and never mixes settings
+
+def test_reproduce_reuses_finished_runs_and_separates_settings(tmp_path: Path, monkeypatch, capsys) -> None:
+    reproduce_module = importlib.import_module("quantizable.experiments.reproduce")
+
+    scale = reproduce_module.Scale("tiny", ("run.steps=4", "run.checkpoint_every=2"), (0,), (0,), 1, 1, 1)
+    monkeypatch.setitem(reproduce_module.SCALES, "tiny", scale)
+    original_measure = reproduce_module.measure
+
+    def interrupted(run_dir, scale):
+        raise KeyboardInterrupt  # killed after training, before the measurement was written
+
+    monkeypatch.setattr(reproduce_module, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce_module.reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
+    (first_run,) = (tmp_path / "runs").iterdir()
+    assert (first_run / "model" / "config.json").is_file() and not (first_run / "measure.json").exists()
+    trained_at = (first_run / "model" / "model.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(reproduce_module, "measure", original_measure)
+    capsys.readouterr()
+    rows = reproduce_module.reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
+    out = capsys.readouterr().out
+    assert "training" not in out and "measuring" in out  # the finished training was not redone
+    assert (first_run / "model" / "model.safetensors").stat().st_mtime_ns == trained_at
+    measured = (first_run / "measure.json").read_text()
+
+    capsys.readouterr()
+    reproduce_module.reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
+    assert "reusing" in capsys.readouterr().out and (first_run / "measure.json").read_text() == measured
+
+    monkeypatch.setitem(reproduce_module.SCALES, "tiny", scale.__class__(
+        scale.preset_suffix, ("run.steps=3", "run.checkpoint_every=2"), *[getattr(scale, f) for f in (
+            "train_seeds", "calib_seeds", "calib_batches", "eval_batches", "analysis_batches")]))
+    changed = reproduce_module.reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and first_run in runs  # a new directory for the new settings, the old one untouched
+    assert (first_run / "measure.json").read_text() == measured
+    assert changed[0]["runs"] != rows[0]["runs"]
+    new_run = next(r for r in runs if r != first_run)
+    assert load_config(new_run / "config.yaml").run.steps == 3
