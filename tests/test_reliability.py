@@ -84,6 +84,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, refere
     assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists(), "killed too late"
     checkpoint_step = max(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*"))
     assert checkpoint_step < KILL_STEPS
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        log.write('{"step": 99, "lo')  # as if the kill had landed in the middle of a log line
 
     assert cli_main(["train", "--resume", "--out", str(run_dir), "--no-progress"]) == 0
     assert json.loads((run_dir / "summary.json").read_text())["step"] == KILL_STEPS

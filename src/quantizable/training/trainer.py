@@ -205,8 +205,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from, so the log reads like one run."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+    staging = path.with_name(f".tmp_{path.name}")
+    staging.write_text("".join(line + "\n" for line in kept))
+    os.replace(staging, path)
 
 
 class _Batches:
