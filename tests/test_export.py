@@ -55,6 +55,12 @@ def test_int8_logits_close_to_fp32(tmp_path, preset: str, method: str) -> None:
     ops = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
     assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+    # the attention mask (finfo.min fill) is not quantized: every scale is finite and sane
+    from onnx import numpy_helper
+
+    scales = {node.input[1] for node in graph.node if node.op_type == "QuantizeLinear"}
+    values = [numpy_helper.to_array(init) for init in graph.initializer if init.name in scales]
+    assert values and all(0 < float(v.max()) < 1e3 for v in values)
 
 
 def _text_batches(count: int, seed: int) -> list[dict[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ unsigned 8-bit activations and signed 8-bit weights, calibrated on the batches g
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from quantizable.attention.interface import fused_attention
 
 OPSET = 17
 LABELS = "labels"
+# Calibrated ranges beyond this are mask fill values (finfo.min), not activations; real outliers are ~1e3.
+MASK_LIMIT = 1e9
 
 
 def input_names(batch: dict[str, torch.Tensor]) -> list[str]:
@@ -73,15 +76,39 @@ def feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: batch[name].numpy() for name in input_names(batch)}
 
 
+def masked_nodes(fp32_path: str | Path, calibration: list[dict[str, torch.Tensor]], limit: float = MASK_LIMIT) -> list[str]:
+    """Nodes that read or write a tensor whose calibrated range exceeds ``limit``: the attention-mask path, where
+    masked scores hold ``finfo.min``. Quantizing them gives an infinite scale and destroys attention, so they stay
+    in floating point (the simulator quantizes the scores before the mask instead)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, create_calibrator
+
+    reader = type("CalibrationReader", (_Reader, CalibrationDataReader), {})(calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(Path(fp32_path), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax)
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+    unbounded = {name for name in ranges.data
+                 if not np.all(np.isfinite(bounds := np.asarray(ranges[name].range_value, dtype=np.float64)))
+                 or np.abs(bounds).max() > limit}
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    return [node.name for node in graph.node if unbounded & {*node.input, *node.output}]
+
+
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[dict[str, torch.Tensor]]) -> Path:
-    """Static INT8 (QDQ, per-tensor MinMax, QUInt8 activations / QInt8 weights) calibrated on the batches."""
+    """Static INT8 (QDQ, per-tensor MinMax, QUInt8 activations / QInt8 weights) calibrated on the batches, with the
+    attention-mask path (``masked_nodes``) left in floating point."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
+    calibration = list(calibration)
+    excluded = masked_nodes(fp32_path, calibration)
     reader = type("CalibrationReader", (_Reader, CalibrationDataReader), {})(calibration)
     quantize_static(str(fp32_path), str(int8_path), reader, quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False,
-                    calibrate_method=CalibrationMethod.MinMax)
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded)
     return Path(int8_path)
 
 
