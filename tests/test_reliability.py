@@ -240,6 +240,9 @@ def _bad_inputs(model: Path, guarded: Path, tmp: Path) -> list[list[str]]:
         ["reproduce", "--scale", "tiny", "--methods", "no_such_method", *out],
         ["reproduce", "--scale", "tiny", "--out", str(a_file)],
         ["data", "info", "--root", missing],
+        ["export", missing, "--int8", *out],
+        ["export", str(model), "--int8", "--batch-size", "0", *out],
+        ["export", str(model), "--int8", "--calib-batches", "100000", *out],
     ]
 
 
