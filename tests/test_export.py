@@ -3,15 +3,15 @@
 import json
 import math
 
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from quantizable.attention.spec import spec_for_method
 from quantizable.export import export_int8, export_onnx, quantize_onnx, session
 from quantizable.models import create_model, load_model
 from tests.conftest import tiny_batch
-
-pytest.importorskip("onnxruntime")
 
 CASES = [("opt-tiny", "clipped_softmax"), ("opt-tiny", "gated_attention"), ("bert-tiny", "clipped_softmax"),
          ("bert-tiny", "gated_attention"), ("vit-tiny", "vanilla"), ("vit-tiny", "gated_attention"),
@@ -49,15 +49,11 @@ def test_int8_logits_close_to_fp32(tmp_path, preset: str, method: str) -> None:
     relative = (int8_logits - reference).norm() / reference.norm()
     assert 0 < relative < 0.15, relative
     # INT8 really is in the graph: quantized weights and quantize/dequantize pairs
-    import onnx
-
     graph = onnx.load(str(int8)).graph
     ops = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
     assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
     # the attention mask (finfo.min fill) is not quantized: every scale is finite and sane
-    from onnx import numpy_helper
-
     scales = {node.input[1] for node in graph.node if node.op_type == "QuantizeLinear"}
     values = [numpy_helper.to_array(init) for init in graph.initializer if init.name in scales]
     assert values and all(0 < float(v.max()) < 1e3 for v in values)

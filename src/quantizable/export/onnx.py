@@ -16,7 +16,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import create_calibrator
 from torch import nn
 
 from quantizable.attention.interface import fused_attention
@@ -53,16 +57,18 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: str | 
     dynamic = {name: ({0: "batch", 1: "sequence"} if example[name].dim() == 2 else {0: "batch"}) for name in names}
     was_training = model.training
     model.eval()
-    with torch.no_grad(), fused_attention(False):
-        torch.onnx.export(_LogitsOnly(model, names), tuple(example[name] for name in names), str(path),
-                          input_names=names, output_names=["logits"], dynamic_axes={**dynamic, "logits": {0: "batch"}},
-                          opset_version=OPSET, dynamo=False)
-    model.train(was_training)
+    try:
+        with torch.no_grad(), fused_attention(False):
+            torch.onnx.export(_LogitsOnly(model, names), tuple(example[name] for name in names), str(path),
+                              input_names=names, output_names=["logits"], opset_version=OPSET, dynamo=False,
+                              dynamic_axes={**dynamic, "logits": {0: "batch"}})
+    finally:
+        model.train(was_training)
     return path
 
 
-class _Reader:
-    """``CalibrationDataReader`` over our batches (numpy feeds, labels dropped)."""
+class _Reader(CalibrationDataReader):
+    """ORT's calibration input: our batches as numpy feeds, labels dropped."""
 
     def __init__(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         self._feeds: Iterator[dict[str, np.ndarray]] = (feeds(batch) for batch in batches)
@@ -76,46 +82,39 @@ def feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: batch[name].numpy() for name in input_names(batch)}
 
 
-def masked_nodes(fp32_path: str | Path, calibration: list[dict[str, torch.Tensor]], limit: float = MASK_LIMIT) -> list[str]:
+def masked_nodes(fp32_path: str | Path, calibration: list[dict[str, torch.Tensor]],
+                 limit: float = MASK_LIMIT) -> list[str]:
     """Nodes that read or write a tensor whose calibrated range exceeds ``limit``: the attention-mask path, where
     masked scores hold ``finfo.min``. Quantizing them gives an infinite scale and destroys attention, so they stay
     in floating point (the simulator quantizes the scores before the mask instead)."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import CalibrationDataReader, create_calibrator
-
-    reader = type("CalibrationReader", (_Reader, CalibrationDataReader), {})(calibration)
     with tempfile.TemporaryDirectory() as tmp:
         calibrator = create_calibrator(Path(fp32_path), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=CalibrationMethod.MinMax)
-        calibrator.collect_data(reader)
+        calibrator.collect_data(_Reader(calibration))
         ranges = calibrator.compute_data()
-    unbounded = {name for name in ranges.data
-                 if not np.all(np.isfinite(bounds := np.asarray(ranges[name].range_value, dtype=np.float64)))
-                 or np.abs(bounds).max() > limit}
+    unbounded = {name for name in ranges.data if not _within(ranges[name].range_value, limit)}
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
     return [node.name for node in graph.node if unbounded & {*node.input, *node.output}]
+
+
+def _within(bounds: tuple[np.ndarray, np.ndarray], limit: float) -> bool:
+    values = np.asarray(bounds, dtype=np.float64)
+    return bool(np.all(np.isfinite(values)) and np.abs(values).max() <= limit)
 
 
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[dict[str, torch.Tensor]]) -> Path:
     """Static INT8 (QDQ, per-tensor MinMax, QUInt8 activations / QInt8 weights) calibrated on the batches, with the
     attention-mask path (``masked_nodes``) left in floating point."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
-
     calibration = list(calibration)
     excluded = masked_nodes(fp32_path, calibration)
-    reader = type("CalibrationReader", (_Reader, CalibrationDataReader), {})(calibration)
-    quantize_static(str(fp32_path), str(int8_path), reader, quant_format=QuantFormat.QDQ,
+    quantize_static(str(fp32_path), str(int8_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded)
     return Path(int8_path)
 
 
-def session(path: str | Path, threads: int = 1) -> Any:
+def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     """An ORT CPU session with a fixed thread count, so FP32 and INT8 timings are comparable."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -127,7 +126,7 @@ class OrtModel(nn.Module):
     """An ORT session that looks like our HF model to ``quantizable.evaluation.evaluate`` (``config``, a device,
     ``model(**batch).logits``), so ONNX logits go through exactly the same metric code as the PyTorch model."""
 
-    def __init__(self, ort_session: Any, config: Any) -> None:
+    def __init__(self, ort_session: ort.InferenceSession, config: Any) -> None:
         super().__init__()
         self.session, self.config = ort_session, config
         self._device = nn.Parameter(torch.empty(0), requires_grad=False)
@@ -137,7 +136,7 @@ class OrtModel(nn.Module):
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
 
-def median_latencies_ms(sessions: dict[str, Any], batch: dict[str, torch.Tensor], repeats: int = 20,
+def median_latencies_ms(sessions: dict[str, ort.InferenceSession], batch: dict[str, torch.Tensor], repeats: int = 20,
                         warmup: int = 3) -> dict[str, float]:
     """Median wall time (ms) of one forward pass on ``batch`` per session. Runs are interleaved, so load from other
     processes on a shared CPU hits every session alike and their ratio stays meaningful."""
