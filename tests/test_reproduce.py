@@ -18,6 +18,7 @@ def test_tiny_reproduce_end_to_end_and_reuse(tmp_path, capsys):
             assert set(row[key]) >= {"mean", "std"}
         assert row["metric"] == ("accuracy" if row["family"] == "vit" else "perplexity")
         assert row["max_inf_norm"]["mean"] > 0
+        assert len(row["per_layer_inf_norm"]) == 2  # the tiny presets have two layers
     report = (tmp_path / "report.md").read_text()
     assert "| Family | Method | FP |" in report and (tmp_path / "per_layer_opt.png").is_file()
 

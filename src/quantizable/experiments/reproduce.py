@@ -125,7 +125,7 @@ def measure(run_dir: Path, scale: Scale) -> dict[str, Any]:
         "max_inf_norm": analysis["max_inf_norm"],
         "avg_kurtosis": analysis["avg_kurtosis"],
         "per_layer_inf_norm": [row["mean_inf_norm"] for row in analysis["per_layer"]
-                               if row["tensor"] == "block_output"],
+                               if row["tensor"] == "block_out"],
         "analysis_dir": str(run_dir / "analysis"),
     }
 
