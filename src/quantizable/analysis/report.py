@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from quantizable.io import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from quantizable.analysis.analyze import _Collector
@@ -173,6 +174,6 @@ def write_outputs(result: dict[str, Any], collector: _Collector, first_inputs: d
         figures.append(vit_patch_grids(collector, first_inputs, layer, head, out_dir / "vit_patches.png"))
     names = [f.name for f in figures]
     result = {**result, "figures": names}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "report.md").write_text(_markdown(result))
+    write_json_atomic(out_dir / "metrics.json", result)
+    write_text_atomic(out_dir / "report.md", _markdown(result))
     return names

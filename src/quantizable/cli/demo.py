@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from quantizable.io import write_json_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
                          "logits_shape": list(logits.shape)})
             print(f"{preset:11s} {spec.describe():45s} params={rows[-1]['parameters']:>8,d} logits={tuple(logits.shape)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo.json").write_text(json.dumps(rows, indent=2))
+    write_json_atomic(args.out / "demo.json", rows)
     print(f"wrote {args.out / 'demo.json'}")
     return 0

@@ -8,12 +8,12 @@ and seeded-mask validation batches. Writes ``DIR/model.fp32.onnx``, ``DIR/model.
 from __future__ import annotations
 
 import argparse
-import json
 from itertools import islice
 from pathlib import Path
 
 from quantizable.cli.errors import UserError
 from quantizable.cli.quantize import EVAL_MASK_SEED, _datasets
+from quantizable.io import write_json_atomic
 
 BACKENDS = ("onnxruntime", "pt2e")
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     result = export_int8(model, calibration, evaluation, args.out, backend=args.backend, threads=args.threads,
                          simulate=not args.no_simulate)
     result["model"] = str(args.model)
-    (args.out / "int8.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(args.out / "int8.json", result)
     fp32, int8 = result["fp32"], result["int8"]
     print(f"{result['metric']}: FP32 {fp32['metric']:.3f}, INT8 {int8['metric']:.3f}"
           + (f" (simulated W8A8 {result['simulated_w8a8']['metric']:.3f})" if "simulated_w8a8" in result else ""))

@@ -8,14 +8,13 @@ so both see identical masks). Writes ``DIR/results.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from collections.abc import Callable, Iterable
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from quantizable.cli.errors import UserError
+from quantizable.io import write_json_atomic
 
 DEFAULT_TOKENIZER = {"mlm": "wordpiece", "clm": "bpe"}
 EVAL_MASK_SEED = 1234
@@ -110,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
     results = simulate_w8a8(model, calibration, evaluation, config, seeds=range(args.seeds))
     results["model"] = str(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    staging = args.out / ".tmp_results.json"  # renamed into place: an interrupted run leaves no half-written results
-    staging.write_text(json.dumps(results, indent=2))
-    os.replace(staging, args.out / "results.json")
+    write_json_atomic(args.out / "results.json", results)  # an interrupted run leaves no half-written results
     q = results["quantized"]
     print(f"{results['metric']}: FP {results['fp']:.3f}, W{args.weights}A{args.acts} {q['mean']:.3f} "
           f"± {q['std']:.3f} over {args.seeds} seeds ({results['sites']} activation quantizers)")

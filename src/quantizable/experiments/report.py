@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from quantizable.io import write_text_atomic
+
 METHOD_NAMES = {"vanilla": "Vanilla", "clipped_softmax": "Clipped softmax", "gated_attention": "Gated attention"}
 
 
@@ -70,6 +72,4 @@ def write_report(out: Path, rows: list[dict[str, Any]], scale: str) -> Path:
             if figures:
                 lines += ["", "Outlier figures of the vanilla run (first training seed):", ""]
                 lines += [f"![{f.stem}]({os.path.relpath(f, out)})" for f in figures]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

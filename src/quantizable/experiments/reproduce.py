@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from quantizable.io import write_json_atomic
 from quantizable.training.config import TrainConfig, load_config
 
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")
@@ -72,12 +72,6 @@ def fingerprint(config: TrainConfig, scale: Scale) -> str:
     payload = json.dumps({"config": config.to_dict(), "calib": scale.calib_seeds, "calib_batches": scale.calib_batches,
                           "eval_batches": scale.eval_batches}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _batches(loader: Any, limit: int) -> list[dict[str, torch.Tensor]]:
@@ -174,7 +168,7 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
                     shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint
                 train(config, run_dir, resume=resume, progress=progress)
             print(f"{label}: measuring FP, outliers and W8A8", flush=True)
-            _write_json_atomic(result_path, measure(run_dir, scale))
+            write_json_atomic(result_path, measure(run_dir, scale))
         measured.setdefault((family, method), []).append(
             {**json.loads(result_path.read_text()), "run_dir": str(run_dir), "seed": seed})
         print(f"    elapsed {time.time() - started:.0f} s", flush=True)
@@ -193,8 +187,8 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
             "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
         })
     summary = {"scale": scale_name, "elapsed_s": round(time.time() - started, 1), "rows": rows}
-    _write_json_atomic(out / "results.json", rows)
-    _write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "results.json", rows)
+    write_json_atomic(out / "summary.json", summary)
     from quantizable.experiments.report import write_report
 
     write_report(out, rows, scale_name)
