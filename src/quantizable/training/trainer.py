@@ -339,7 +339,7 @@ def train(
     scheduler = make_scheduler(optimizer, run.steps, config.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler (stepped by us once per update, whatever the process count) is saved as JSON in the trainer
-    # state, not through register_for_checkpointing, which accelerate reads back with torch.load(weights_only=False).
+    # state, not through register_for_checkpointing, which accelerate would read back by unpickling (weights_only=False).
 
     step, epoch, position = 0, 0, 0
     if resumed is not None:
