@@ -33,3 +33,22 @@ def test_unknown_family_or_scale_is_a_clear_error(tmp_path):
         reproduce(tmp_path, "tiny", ("gpt",))
     with pytest.raises(ValueError, match="unknown scale"):
         reproduce(tmp_path, "huge")
+
+
+def test_overrides_reach_every_run_and_change_its_directory(tmp_path, capsys):
+    base = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
+    hot = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False,
+                    overrides=("optim.lr=1e-2", "run.outlier_every=4"))
+    assert base[0]["runs"] != hot[0]["runs"]  # a different recipe never reuses (or mixes with) the other's run
+    config = (tmp_path / "runs" / hot[0]["runs"][0].rsplit("/", 1)[-1] / "config.yaml").read_text()
+    assert "lr: 0.01" in config
+    assert (tmp_path / "training_opt.png").is_file()  # inf-norm over steps from the logged outlier metrics
+    assert json.loads((tmp_path / "summary.json").read_text())["overrides"] == ["optim.lr=1e-2", "run.outlier_every=4"]
+
+
+def test_bad_override_fails_before_any_training(tmp_path):
+    with pytest.raises(ValueError):
+        reproduce(tmp_path, "tiny", ("opt",), progress=False, overrides=("optim.lr=-1",))
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError, match="train_seeds"):
+        reproduce(tmp_path, "tiny", ("opt",), progress=False, train_seeds=2)

@@ -11,6 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", choices=("full", "quick", "tiny"), help="full (default), quick, or tiny (CI smoke)")
     parser.add_argument("--families", default="bert,opt,vit", help="comma-separated: bert,opt,vit")
     parser.add_argument("--methods", default="vanilla,clipped_softmax,gated_attention", help="comma-separated methods")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="training override for every run, as in `train --set` (e.g. optim.lr=1e-2)")
+    parser.add_argument("--train-seeds", type=int, help="use only the first N training seeds of the scale")
     parser.add_argument("--out", type=Path, required=True, help="output directory (finished runs are reused)")
 
 
@@ -22,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scale = args.scale or ("quick" if args.quick else "full")
     rows = reproduce(args.out, scale, tuple(f for f in args.families.split(",") if f),
-                     tuple(m for m in args.methods.split(",") if m))
+                     tuple(m for m in args.methods.split(",") if m), overrides=tuple(args.overrides),
+                     train_seeds=args.train_seeds)
     for row in rows:
         print(f"{row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  W8A8 {row['w8a8']['mean']:8.2f}  "
               f"inf-norm {row['max_inf_norm']['mean']:8.1f}  kurtosis {row['avg_kurtosis']['mean']:8.1f}")

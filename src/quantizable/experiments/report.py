@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,57 @@ def plot_per_layer(rows: list[dict[str, Any]], family: str, path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, rows: list[dict[str, Any]], scale: str) -> Path:
+def outlier_curve(run_dir: str | Path) -> list[tuple[int, float, float]]:
+    """(step, max inf-norm, avg kurtosis) logged during training (``run.outlier_every``), from ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    points = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by an interruption
+            continue
+        if "max_inf_norm" in record:
+            points.append((record["step"], record["max_inf_norm"], record["avg_kurtosis"]))
+    return points
+
+
+def plot_training_curves(rows: list[dict[str, Any]], family: str, path: Path) -> Path | None:
+    """Max inf-norm and kurtosis over training steps, one line per method and training seed."""
+    curves = [(row, outlier_curve(run)) for row in rows if row["family"] == family for run in row["runs"]]
+    curves = [(row, points) for row, points in curves if points]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    colors: dict[str, str] = {}
+    for row, points in curves:
+        new = row["method"] not in colors
+        color = colors.setdefault(row["method"], f"C{len(colors)}")
+        label = METHOD_NAMES[row["method"]] if new else None
+        steps = [p[0] for p in points]
+        axes[0].plot(steps, [p[1] for p in points], color=color, marker=".", label=label)
+        axes[1].plot(steps, [p[2] for p in points], color=color, marker=".")
+    for ax, name in zip(axes, ("max ‖block output‖∞", "avg. kurtosis")):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(name)
+        ax.set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(f"{family.upper()}: outliers during training (fixed validation batch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: tuple[str, ...] = ()) -> Path:
     lines = [
         f"# Reproduction of the paper's table 2 (scale: {scale})",
         "",
+        *([f"Training overrides on top of the scale: `{' '.join(overrides)}`", ""] if overrides else []),
         "Metric: perplexity (lower is better) for BERT (masked LM) and OPT (causal LM), top-1 accuracy in % for ViT.",
         "FP is the floating-point model; W8A8 is the simulated post-training quantization (8-bit per-tensor weights,",
         "8-bit static per-tensor activations everywhere, running min-max ranges); mean ± std over training seeds",
@@ -66,6 +114,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], scale: str) -> Path:
     for family in dict.fromkeys(row["family"] for row in rows):
         plot = plot_per_layer(rows, family, out / f"per_layer_{family}.png")
         lines += ["", f"## {family.upper()}", "", f"![per-layer inf-norm]({plot.name})"]
+        curves = plot_training_curves(rows, family, out / f"training_{family}.png")
+        if curves:
+            lines += ["", f"![outliers during training]({curves.name})"]
         vanilla = next((r for r in rows if r["family"] == family and r["method"] == "vanilla"), None)
         if vanilla:
             figures = sorted(Path(vanilla["analysis_dir"]).glob("*.png"))

@@ -9,6 +9,7 @@ last checkpoint; each measurement is written atomically next to its run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -62,10 +63,11 @@ SCALES: dict[str, Scale] = {
 }
 
 
-def run_config(family: str, method: str, seed: int, scale: Scale) -> TrainConfig:
+def run_config(family: str, method: str, seed: int, scale: Scale, overrides: tuple[str, ...] = ()) -> TrainConfig:
+    """The training configuration of one run: preset, scale, the user's ``--set`` overrides, seed and method."""
     attention = {"kind": method, **ATTENTION[family][method]}
-    overrides = [*scale.overrides, f"run.seed={seed}", f"attention={json.dumps(attention)}"]
-    return load_config(f"{family}-{scale.preset_suffix}", overrides)
+    settings = [*scale.overrides, *overrides, f"run.seed={seed}", f"attention={json.dumps(attention)}"]
+    return load_config(f"{family}-{scale.preset_suffix}", settings)
 
 
 def fingerprint(config: TrainConfig, scale: Scale) -> str:
@@ -136,8 +138,13 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = FAMILIES,
-              methods: tuple[str, ...] = METHODS, progress: bool = True) -> list[dict[str, Any]]:
-    """Train and measure every (family, method, seed); write ``results.json`` and ``report.md`` under ``out``."""
+              methods: tuple[str, ...] = METHODS, progress: bool = True, overrides: tuple[str, ...] = (),
+              train_seeds: int | None = None) -> list[dict[str, Any]]:
+    """Train and measure every (family, method, seed); write ``results.json`` and ``report.md`` under ``out``.
+
+    ``overrides`` (``key=value``, as ``train --set``) apply to every run on top of the scale: the recipe search
+    uses them; ``train_seeds`` keeps only the first so many training seeds of the scale.
+    """
     from quantizable.training import train
 
     if scale_name not in SCALES:
@@ -147,12 +154,19 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
         raise ValueError(f"unknown families/methods {unknown}; families: {', '.join(FAMILIES)}; "
                          f"methods: {', '.join(METHODS)}")
     scale = SCALES[scale_name]
+    if train_seeds is not None:
+        if not 1 <= train_seeds <= len(scale.train_seeds):
+            raise ValueError(f"train_seeds must lie in 1..{len(scale.train_seeds)} for scale {scale_name!r}, "
+                             f"got {train_seeds}")
+        scale = dataclasses.replace(scale, train_seeds=scale.train_seeds[:train_seeds])
+    for family in families:  # a bad override fails here, before any training starts
+        run_config(family, methods[0] if methods else "vanilla", 0, scale, overrides)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(f, m, s) for f in families for m in methods for s in scale.train_seeds]
     started = time.time()
     measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for index, (family, method, seed) in enumerate(jobs, 1):
-        config = run_config(family, method, seed, scale)
+        config = run_config(family, method, seed, scale, overrides)
         run_dir = out / "runs" / f"{family}-{method}-seed{seed}-{fingerprint(config, scale)}"
         result_path = run_dir / "measure.json"
         label = f"[{index}/{len(jobs)}] {family} {method} seed {seed}"
@@ -186,10 +200,11 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
             "train_seeds": [r["seed"] for r in runs], "calib_seeds": list(scale.calib_seeds),
             "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
         })
-    summary = {"scale": scale_name, "elapsed_s": round(time.time() - started, 1), "rows": rows}
+    summary = {"scale": scale_name, "overrides": list(overrides), "elapsed_s": round(time.time() - started, 1),
+               "rows": rows}
     write_json_atomic(out / "results.json", rows)
     write_json_atomic(out / "summary.json", summary)
     from quantizable.experiments.report import write_report
 
-    write_report(out, rows, scale_name)
+    write_report(out, rows, scale_name, overrides)
     return rows
