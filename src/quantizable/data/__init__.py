@@ -4,10 +4,10 @@ Debian/PyPI packages, the same pipeline for local files and Hugging Face ``datas
 from quantizable.data.common import default_data_dir, make_loader, split_documents
 from quantizable.data.images import image_dataset
 from quantizable.data.prepare import prepare_default_data, read_manifest
-from quantizable.data.text import (TextBlocks, clm_collator, load_documents, load_tokenizer, mlm_collator,
+from quantizable.data.text import (TextBlocks, checkpoint_tokenizer, clm_collator, load_documents, load_tokenizer, mlm_collator,
                                    text_dataset)
 
 __all__ = [
-    "TextBlocks", "clm_collator", "default_data_dir", "image_dataset", "load_documents", "load_tokenizer",
+    "TextBlocks", "checkpoint_tokenizer", "clm_collator", "default_data_dir", "image_dataset", "load_documents", "load_tokenizer",
     "make_loader", "mlm_collator", "prepare_default_data", "read_manifest", "split_documents", "text_dataset",
 ]

@@ -52,6 +52,26 @@ def load_tokenizer(kind: str, root: str | Path | None = None):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def checkpoint_tokenizer(path: str | Path):
+    """The tokenizer that came with a checkpoint: a run's ``model/``, a Hugging Face directory or a ``.gguf`` file
+    (whose vocabulary is inside it); ``None`` when there is none, e.g. an image model."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for directory in (path / "model", path):
+        if directory.is_dir() and any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return AutoTokenizer.from_pretrained(directory)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if ggufs:  # a directory holding a GGUF, as load_model accepts it
+        return AutoTokenizer.from_pretrained(path, gguf_file=ggufs[0].name)
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- documents
 
 def parse_documents(text: str) -> list[Document]:

@@ -98,11 +98,7 @@ def measure(run_dir: Path, scale: Scale) -> dict[str, Any]:
     config = TrainConfig.from_dict(json.loads(json.dumps(load_yaml(run_dir / "config.yaml"))))
     model = load_model(run_dir)
     task = family_of_config(model.config).task
-    tokenizer = None
-    if task != "image":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    tokenizer = None if task == "image" else data.checkpoint_tokenizer(run_dir)
     sets = task_data(config, task, tokenizer)
     eval_batches = _batches(sets.validation_loader(), scale.eval_batches)
 

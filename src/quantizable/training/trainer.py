@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from quantizable.analysis.metrics import inf_norm, kurtosis, sequences
 from quantizable.analysis.recording import recording
@@ -55,14 +55,6 @@ class TaskData:
     tokens_per_sample: int  # for throughput: seq_len for text, 1 (image) for images
 
 
-def _tokenizer_dir(init_from: Path) -> Path | None:
-    for directory in (init_from / "model", init_from):
-        names = ("tokenizer.json", "tokenizer_config.json")
-        if directory.is_dir() and any((directory / name).is_file() for name in names):
-            return directory
-    return None
-
-
 def _preset_task(preset: str) -> str:
     family = MODEL_PRESETS[preset][0] if preset in MODEL_PRESETS else preset
     if family not in FAMILIES:
@@ -84,9 +76,9 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
         task = family_of_config(model.config).task
         tokenizer = None
         if task != "image":
-            directory = _tokenizer_dir(Path(init_from)) if Path(init_from).is_dir() else None
-            tokenizer = (AutoTokenizer.from_pretrained(directory) if directory
-                         else data.load_tokenizer(config.data.tokenizer or DEFAULT_TOKENIZER[task]))
+            tokenizer = data.checkpoint_tokenizer(init_from)
+            if tokenizer is None:
+                tokenizer = data.load_tokenizer(config.data.tokenizer or DEFAULT_TOKENIZER[task])
             if len(tokenizer) > model.config.vocab_size:
                 raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model at {init_from} only "
                                  f"{model.config.vocab_size}; set data.tokenizer to the one it was trained with")
