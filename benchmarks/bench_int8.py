@@ -1,25 +1,43 @@
-"""FP32 vs INT8 latency in ONNX Runtime, per model size (random weights and inputs: the cost does not depend on them).
+"""FP32 vs INT8 latency of every CPU path, per model size, in one interleaved run (random weights and inputs: the
+cost does not depend on them; quality is measured by ``quantizable export``).
 
-For each preset: export to ONNX (reference attention), quantize statically (QDQ, per-tensor) on a few random
-batches, then time both sessions on the same batch with the same thread count, interleaved so that load from other
-processes hits both alike; the median is reported with the ratio. Quality is measured by ``quantizable export``.
+Paths: PyTorch FP32 eager, PyTorch FP32 ``torch.compile`` (freezing), ORT FP32; PT2E INT8 (X86InductorQuantizer,
+compiled) and ORT INT8 (QDQ, per-tensor). All are timed on the same batch with the same thread count, interleaved so
+that load from other processes hits them alike; medians are reported, with INT8 speedups over the fastest FP32 path.
 
-    python benchmarks/bench_int8.py [--presets opt-tiny opt-small] [--batch-size 8] [--seq-len 128] [--threads 1]
+    python benchmarks/bench_int8.py [--models bert-256 opt-768] [--method vanilla] [--batch-size 8] [--seq-len 128]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from quantizable.attention.spec import spec_for_method
-from quantizable.export import export_onnx, median_latencies_ms, quantize_onnx, session
+from quantizable.export import median_latencies_ms, ort_int8
+from quantizable.export.pt2e import pt2e_int8
+from quantizable.io import write_json_atomic
 from quantizable.models import MODEL_PRESETS, create_model
+
+# name -> (preset, config overrides): the repository's small presets and two sizes where INT8 GEMMs dominate
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "opt-tiny": ("opt-tiny", {}),
+    "bert-small": ("bert-small", {}),
+    "vit-small": ("vit-small", {}),
+    "bert-256": ("bert-small", {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024}),
+    "opt-256": ("opt-small", {"hidden_size": 256, "word_embed_proj_dim": 256, "num_hidden_layers": 4,
+                              "num_attention_heads": 4, "ffn_dim": 1024}),
+    "bert-768": ("bert-6l", {}),
+    "opt-768": ("opt-125m", {"num_hidden_layers": 6}),
+}
+FP32_PATHS = ("fp32_eager", "fp32_compiled", "fp32_ort")
+INT8_PATHS = ("int8_pt2e", "int8_ort")
 
 
 def _batch(model, family: str, batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
@@ -31,42 +49,61 @@ def _batch(model, family: str, batch_size: int, seq_len: int, seed: int) -> dict
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def bench(preset: str, method: str, batch_size: int, seq_len: int, threads: int, repeats: int) -> dict:
+def _eager(model):
+    def logits(batch):
+        with torch.no_grad():
+            return model(**batch).logits
+
+    return logits
+
+
+def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, repeats: int) -> dict[str, Any]:
+    preset, overrides = MODELS[name]
     family = MODEL_PRESETS[preset][0]
-    model = create_model(preset, spec_for_method(method)).eval()
+    model = create_model(preset, spec_for_method(method), **overrides).eval()
     batch = _batch(model, family, batch_size, seq_len, seed=0)
+    calibration = [_batch(model, family, batch_size, seq_len, seed=s) for s in range(1, 5)]
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fp32 = export_onnx(model, batch, Path(tmp) / "fp32.onnx")
-        calibration = [_batch(model, family, batch_size, seq_len, seed=s) for s in range(1, 5)]
-        int8 = quantize_onnx(fp32, Path(tmp) / "int8.onnx", calibration)
-        sizes = {"fp32_mb": fp32.stat().st_size / 2**20, "int8_mb": int8.stat().st_size / 2**20}
-        latency = median_latencies_ms({"fp32": session(fp32, threads), "int8": session(int8, threads)}, batch,
-                                      repeats=repeats)
-    return {"preset": preset, "method": method, "batch": {k: list(v.shape) for k, v in batch.items()},
-            "threads": threads, **{f"{k}_ms": v for k, v in latency.items()},
-            "speedup": latency["fp32"] / latency["int8"], **sizes}
+        ort, _ = ort_int8(model, calibration, batch, Path(tmp) / "ort", threads)
+        pt2e, _ = pt2e_int8(model, calibration, batch, Path(tmp) / "pt2e")
+        functions = {"fp32_eager": _eager(model), "fp32_compiled": pt2e["fp32"], "fp32_ort": ort["fp32"],
+                     "int8_pt2e": pt2e["int8"], "int8_ort": ort["int8"]}
+        started = time.perf_counter()
+        for function in (pt2e["fp32"], pt2e["int8"]):  # compile outside the timed runs
+            function(batch)
+        compile_s = time.perf_counter() - started
+        latency = median_latencies_ms(functions, batch, repeats=repeats)
+    fastest = min(FP32_PATHS, key=latency.get)
+    return {"model": name, "preset": preset, "overrides": overrides, "method": method,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "batch": {k: list(v.shape) for k, v in batch.items()}, "threads": threads, "repeats": repeats,
+            "latency_ms": latency, "fastest_fp32": fastest, "compile_s": compile_s,
+            "speedup_vs_fastest_fp32": {path: latency[fastest] / latency[path] for path in INT8_PATHS},
+            "speedup_same_backend": {"pt2e": latency["fp32_compiled"] / latency["int8_pt2e"],
+                                     "onnxruntime": latency["fp32_ort"] / latency["int8_ort"]}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["opt-tiny", "opt-small", "bert-small", "vit-small"])
-    parser.add_argument("--method", default="clipped_softmax")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--method", default="vanilla")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8.json")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     rows = []
-    for preset in args.presets:
-        row = bench(preset, args.method, args.batch_size, args.seq_len, args.threads, args.repeats)
-        print(f"{preset:12s} FP32 {row['fp32_ms']:8.2f} ms  INT8 {row['int8_ms']:8.2f} ms  "
-              f"speedup {row['speedup']:.2f}x  size {row['fp32_mb']:.2f} -> {row['int8_mb']:.2f} MiB")
+    for name in args.models:
+        row = bench(name, args.method, args.batch_size, args.seq_len, args.threads, args.repeats)
+        ms = row["latency_ms"]
+        print(f"{name:10s} " + "  ".join(f"{path} {ms[path]:8.2f}" for path in (*FP32_PATHS, *INT8_PATHS))
+              + f"  | vs fastest FP32 ({row['fastest_fp32']}): "
+              + "  ".join(f"{path} {v:.2f}x" for path, v in row["speedup_vs_fastest_fp32"].items()), flush=True)
         rows.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
+        write_json_atomic(args.out, rows)
     print(f"wrote {args.out}")
 
 

@@ -1,4 +1,5 @@
-"""Real INT8 export: ONNX graphs of every family and attention variant, ORT INT8 close to FP32, CLI and bad input."""
+"""Real INT8 export: ONNX and PT2E graphs of every family and attention variant, INT8 close to FP32, CLI and bad
+input."""
 
 import json
 import math
@@ -120,7 +121,8 @@ def test_cli_writes_int8_json(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--backend", "pt2e"], "not implemented"),
+    (["--no-compile"], "only applies to --backend pt2e"),
+    (["--backend", "pt2e", "--batch-size", "0"], "--batch-size"),
     (["--calib-batches", "0"], "--calib-batches"),
     (["--threads", "0"], "--threads"),
 ])
@@ -137,3 +139,84 @@ def test_cli_missing_model(tmp_path, capsys) -> None:
 
     assert main(["export", str(tmp_path / "nowhere"), "--int8", "--out", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- PT2E (torchao X86InductorQuantizer) -------------------------------------------------------------------------
+
+PT2E_CASES = [*CASES, ("opt-tiny", "vanilla"), ("bert-tiny", "vanilla")]
+
+
+@pytest.mark.parametrize("preset,method", PT2E_CASES)
+def test_pt2e_int8_logits_close_to_fp32(tmp_path, preset: str, method: str) -> None:
+    from quantizable.export.pt2e import export_program, logits_function, quantize_program
+
+    model = _saved_model(tmp_path, preset, method)
+    program = export_program(model, tiny_batch(preset, batch=4))
+    # calibrating OPT runs its integer position-id product through the quantizer: it must get no observer
+    int8 = quantize_program(program, [tiny_batch(preset, batch=4, seed=seed) for seed in range(1, 4)])
+    batch = tiny_batch(preset, batch=3, seed=7)  # another batch size: the batch axis is dynamic
+    reference = _logits(model, batch)
+    fp32_logits, int8_logits = logits_function(program.module())(batch), logits_function(int8)(batch)
+    assert fp32_logits.shape == int8_logits.shape == reference.shape
+    torch.testing.assert_close(fp32_logits, reference, atol=1e-5, rtol=1e-5)
+    relative = (int8_logits - reference).norm() / reference.norm()
+    assert 0 < relative < 0.15, relative
+    # every Linear (head included) has INT8 weights with one scale per tensor, as in the simulator
+    weights = [node for node in int8.graph.nodes if node.target == torch.ops.quantized_decomposed.dequantize_per_channel.default]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(weights) >= len(linears)
+    for node in weights:
+        qweight, scale = (getattr(int8, arg.target) for arg in node.args[:2])
+        assert qweight.dtype == torch.int8 and torch.all(scale == scale[0]) and 0 < float(scale[0]) < 1
+
+
+def test_pt2e_export_int8_reports_quality(tmp_path) -> None:
+    model = create_model("opt-tiny", spec_for_method("gated_attention")).eval()
+    evaluation = _text_batches(2, seed=100)
+    result = export_int8(model, _text_batches(3, seed=0), lambda: evaluation, tmp_path, backend="pt2e", repeats=2,
+                         compile=False)
+    assert result["backend"] == "pt2e" and result["metric"] == "perplexity" and not result["compiled"]
+    assert abs(result["int8"]["metric"] / result["fp32"]["metric"] - 1) < 0.05
+    assert result["simulated_w8a8"]["torch_fp"] == pytest.approx(result["fp32"]["metric"], rel=1e-5)
+    # the saved INT8 program loads back and computes the same logits
+    loaded = torch.export.load(tmp_path / result["files"]["int8"]).module()
+    batch = {k: v for k, v in evaluation[0].items() if k != "labels"}
+    from quantizable.export.pt2e import logits_function
+
+    assert logits_function(loaded)(batch).shape == (4, 16, 512)
+
+
+@pytest.mark.slow
+def test_pt2e_compiled_runs_int8_kernels(tmp_path) -> None:
+    """torch.compile (freezing) lowers the quantized Linears to oneDNN INT8 kernels and keeps the numbers."""
+    from quantizable.export.pt2e import Compiled, export_program, logits_function, quantize_program
+
+    model = create_model("opt-tiny", spec_for_method("clipped_softmax")).eval()
+    program = export_program(model, tiny_batch("opt-tiny", batch=4))
+    int8 = quantize_program(program, [tiny_batch("opt-tiny", batch=4, seed=seed) for seed in range(1, 3)])
+    batch = tiny_batch("opt-tiny", batch=4, seed=7)
+    compiled = logits_function(Compiled(int8))
+    with torch.profiler.profile() as profile:
+        logits = compiled(batch)
+    kernels = {event.name for event in profile.events()}
+    assert any("qlinear" in name for name in kernels), sorted(kernels)[:20]
+    reference = logits_function(int8)(batch)
+    assert ((logits - reference).norm() / reference.norm()) < 0.02
+
+
+@pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
+def test_cli_pt2e_writes_int8_json(tmp_path) -> None:
+    import yaml
+
+    from quantizable.cli.main import main
+
+    run = tmp_path / "run"
+    create_model("vit-tiny", spec_for_method("clipped_softmax")).save_pretrained(run / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {}}))
+    out = tmp_path / "out"
+    argv = ["export", str(run), "--int8", "--backend", "pt2e", "--no-compile", "--calib-batches", "2",
+            "--eval-batches", "2", "--batch-size", "4", "--no-simulate", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "int8.json").read_text())
+    assert result["backend"] == "pt2e" and result["metric"] == "accuracy" and result["eval_count"] == 8
+    assert (out / "model.int8.pt2").exists() and (out / "model.fp32.pt2").exists()

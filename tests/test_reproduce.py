@@ -14,13 +14,16 @@ def test_tiny_reproduce_end_to_end_and_reuse(tmp_path, capsys):
         (f, m) for f in ("bert", "opt", "vit") for m in ("vanilla", "clipped_softmax", "gated_attention")}
     saved = json.loads((tmp_path / "results.json").read_text())
     for row in saved:
-        for key in ("fp", "w8a8", "max_inf_norm", "avg_kurtosis"):
+        for key in ("fp", "w8a8", "int8", "max_inf_norm", "avg_kurtosis"):
             assert set(row[key]) >= {"mean", "std"}
+        # real INT8 (ORT) of these barely trained tiny models stays close to FP
+        fp, int8 = row["fp"]["mean"], row["int8"]["mean"]
+        assert (abs(int8 / fp - 1) < 0.05) if row["metric"] == "perplexity" else abs(int8 - fp) <= 10
         assert row["metric"] == ("accuracy" if row["family"] == "vit" else "perplexity")
         assert row["max_inf_norm"]["mean"] > 0
         assert len(row["per_layer_inf_norm"]) == 2  # the tiny presets have two layers
     report = (tmp_path / "report.md").read_text()
-    assert "| Family | Method | FP |" in report and (tmp_path / "per_layer_opt.png").is_file()
+    assert "| Family | Method | FP |" in report and "INT8 (ORT)" in report and (tmp_path / "per_layer_opt.png").is_file()
 
     capsys.readouterr()
     again = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)

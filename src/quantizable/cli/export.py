@@ -1,8 +1,10 @@
-"""``quantizable export MODEL_OR_RUN --int8 --out DIR``: real INT8 inference, FP32 vs INT8 quality and latency.
+"""``quantizable export MODEL_OR_RUN --int8 [--backend onnxruntime|pt2e] --out DIR``: real INT8 inference, FP32 vs
+INT8 quality and latency.
 
 Calibration and validation batches come from the same datasets and collators as ``quantizable quantize`` (so the
 numbers are comparable with the simulator): ``--calib-batches`` shuffled training batches drawn with ``--seed``,
-and seeded-mask validation batches. Writes ``DIR/model.fp32.onnx``, ``DIR/model.int8.onnx`` and ``DIR/int8.json``.
+and seeded-mask validation batches. Writes the backend's FP32 and INT8 models (``model.{fp32,int8}.onnx`` or
+``.pt2``) and ``DIR/int8.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from quantizable.cli.errors import UserError
 from quantizable.cli.quantize import EVAL_MASK_SEED, _datasets
 from quantizable.io import write_json_atomic
 
+# quantizable.export.BACKENDS, not imported here: the parser is built for every verb and must stay light
 BACKENDS = ("onnxruntime", "pt2e")
 
 
@@ -24,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true", required=True,
                         help="static per-tensor INT8 weights and activations (the only export so far)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                        help="onnxruntime (default; QDQ via quantize_static); pt2e is not implemented yet")
+                        help="onnxruntime (default; QDQ via quantize_static) or pt2e (torchao X86InductorQuantizer, "
+                             "torch.compile)")
     parser.add_argument("--calib-batches", type=int, default=16, help="calibration batches (default 16)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences or images per batch (default 8)")
     parser.add_argument("--eval-batches", type=int, default=None,
@@ -32,14 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sequence (default: the run's data.seq_len, else 128)")
     parser.add_argument("--seed", type=int, default=0, help="calibration shuffling seed (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for both models (default 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (ORT and PyTorch) for both models (default 1)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="pt2e: run the converted graph without torch.compile (INT8 numerics, not INT8 speed)")
     parser.add_argument("--no-simulate", action="store_true", help="skip the simulated W8A8 comparison number")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.backend != "onnxruntime":
-        raise UserError(f"--backend {args.backend} is not implemented yet; use --backend onnxruntime")
+    if args.no_compile and args.backend != "pt2e":
+        raise UserError("--no-compile only applies to --backend pt2e")
     for name in ("calib_batches", "batch_size", "threads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return loader if args.eval_batches is None else islice(loader, args.eval_batches)
 
     result = export_int8(model, calibration, evaluation, args.out, backend=args.backend, threads=args.threads,
-                         simulate=not args.no_simulate)
+                         simulate=not args.no_simulate, compile=not args.no_compile)
     result["model"] = str(args.model)
     write_json_atomic(args.out / "int8.json", result)
     fp32, int8 = result["fp32"], result["int8"]

@@ -16,9 +16,10 @@ def _pm(stat: dict[str, float], digits: int = 2) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def _degradation(row: dict[str, Any]) -> float:
-    """W8A8 loss: relative perplexity increase (%) or absolute accuracy drop (points)."""
-    fp, q = row["fp"]["mean"], row["w8a8"]["mean"]
+def _degradation(row: dict[str, Any], key: str = "w8a8") -> float:
+    """Quantization loss (``key``: simulated ``w8a8`` or real ``int8``): relative perplexity increase (%) or
+    absolute accuracy drop (points)."""
+    fp, q = row["fp"]["mean"], row[key]["mean"]
     return 100.0 * (q - fp) / fp if row["metric"] == "perplexity" else fp - q
 
 
@@ -100,16 +101,19 @@ def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: t
         "8-bit static per-tensor activations everywhere, running min-max ranges); mean ± std over training seeds",
         "(FP, outlier metrics) and over training x calibration seeds (W8A8). Max inf-norm and average kurtosis are",
         "those of `quantizable analyze` (block outputs, per sequence, averaged over the validation batches).",
+        "INT8 (ORT) is real INT8 inference: ONNX Runtime static per-tensor QDQ (`quantizable export --int8`),",
+        "calibrated on the first calibration seed's batches, scored on the same validation batches (mean ± std over",
+        "training seeds); its loss is relative to FP like W8A8's.",
         "",
-        "| Family | Method | FP | Max inf. norm | Avg. kurtosis | W8A8 | W8A8 loss |",
-        "|---|---|---|---|---|---|---|",
+        "| Family | Method | FP | Max inf. norm | Avg. kurtosis | W8A8 | W8A8 loss | INT8 (ORT) | INT8 loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         unit = "%" if row["metric"] == "perplexity" else " pts"
         lines.append(
             f"| {row['family'].upper()} | {METHOD_NAMES[row['method']]} | {_pm(row['fp'])} | "
             f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['avg_kurtosis'], 1)} | {_pm(row['w8a8'])} | "
-            f"{_degradation(row):+.2f}{unit} |"
+            f"{_degradation(row):+.2f}{unit} | {_pm(row['int8'])} | {_degradation(row, 'int8'):+.2f}{unit} |"
         )
     for family in dict.fromkeys(row["family"] for row in rows):
         plot = plot_per_layer(rows, family, out / f"per_layer_{family}.png")

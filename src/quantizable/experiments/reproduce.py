@@ -87,12 +87,11 @@ def _batches(loader: Any, limit: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def measure(run_dir: Path, scale: Scale) -> dict[str, Any]:
-    """FP metric, outlier metrics and simulated W8A8 over the calibration seeds of one trained run."""
+def _measurement_data(run_dir: Path, scale: Scale) -> tuple[Any, Any, list[dict[str, torch.Tensor]], Any]:
+    """``(model, tokenizer, evaluation batches, calibration batches of a seed)`` of a trained run: the same data
+    for the simulator, the analysis and real INT8."""
     from quantizable import data
-    from quantizable.analysis import analyze
     from quantizable.models import family_of_config, load_model
-    from quantizable.quantization import simulate_w8a8
     from quantizable.training.trainer import task_data
 
     config = TrainConfig.from_dict(json.loads(json.dumps(load_yaml(run_dir / "config.yaml"))))
@@ -106,6 +105,15 @@ def measure(run_dir: Path, scale: Scale) -> dict[str, Any]:
         loader = data.make_loader(sets.train, config.run.batch_size, sets.collate(0), shuffle=True, seed=seed)
         return _batches(loader, scale.calib_batches)
 
+    return model, tokenizer, eval_batches, calibration
+
+
+def measure(run_dir: Path, scale: Scale) -> dict[str, Any]:
+    """FP metric, outlier metrics and simulated W8A8 over the calibration seeds of one trained run."""
+    from quantizable.analysis import analyze
+    from quantizable.quantization import simulate_w8a8
+
+    model, tokenizer, eval_batches, calibration = _measurement_data(run_dir, scale)
     quant = simulate_w8a8(model, calibration, eval_batches, seeds=scale.calib_seeds)
     analysis = analyze(model, eval_batches[: scale.analysis_batches], tokenizer=tokenizer,
                        out_dir=run_dir / "analysis")
@@ -120,6 +128,19 @@ def measure(run_dir: Path, scale: Scale) -> dict[str, Any]:
                                if row["tensor"] == "block_out"],
         "analysis_dir": str(run_dir / "analysis"),
     }
+
+
+def measure_int8(run_dir: Path, scale: Scale) -> dict[str, Any]:
+    """Real INT8 (ONNX Runtime, static per tensor, one thread) of one trained run, calibrated on the first
+    calibration seed's batches and scored on the same evaluation batches as ``measure``; ``DIR/int8.json`` of
+    ``quantizable export`` under ``run_dir/int8``. ORT needs no compilation, which keeps it cheap."""
+    from quantizable.export import export_int8
+
+    model, _, eval_batches, calibration = _measurement_data(run_dir, scale)
+    result = export_int8(model, calibration(scale.calib_seeds[0]), lambda: eval_batches, run_dir / "int8",
+                         repeats=5, simulate=False)
+    write_json_atomic(run_dir / "int8" / "int8.json", result)
+    return result
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -179,8 +200,13 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
                 train(config, run_dir, resume=resume, progress=progress)
             print(f"{label}: measuring FP, outliers and W8A8", flush=True)
             write_json_atomic(result_path, measure(run_dir, scale))
+        int8_path = run_dir / "int8" / "int8.json"
+        if not int8_path.is_file():  # also for runs measured before the INT8 column existed
+            print(f"{label}: measuring real INT8 (ONNX Runtime)", flush=True)
+            measure_int8(run_dir, scale)
         measured.setdefault((family, method), []).append(
-            {**json.loads(result_path.read_text()), "run_dir": str(run_dir), "seed": seed})
+            {**json.loads(result_path.read_text()), "int8": json.loads(int8_path.read_text()),
+             "run_dir": str(run_dir), "seed": seed})
         print(f"    elapsed {time.time() - started:.0f} s", flush=True)
 
     rows = []
@@ -190,6 +216,7 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
             "family": family, "method": method, "metric": runs[0]["metric"],
             "fp": _mean_std([r["fp"] for r in runs]),
             "w8a8": _mean_std(w8a8),
+            "int8": _mean_std([r["int8"]["int8"]["metric"] for r in runs]),
             "max_inf_norm": _mean_std([r["max_inf_norm"] for r in runs]),
             "avg_kurtosis": _mean_std([r["avg_kurtosis"] for r in runs]),
             "per_layer_inf_norm": [statistics.fmean(v) for v in zip(*(r["per_layer_inf_norm"] for r in runs))],

@@ -1,4 +1,8 @@
-"""The whole INT8 pipeline on one model: export, calibrate, quantize, then FP32 vs INT8 quality and latency."""
+"""The whole INT8 pipeline on one model: export, calibrate, quantize, then FP32 vs INT8 quality and latency.
+
+Backends (``onnxruntime``: ``export.onnx``; ``pt2e``: ``export.pt2e``) only turn the model into FP32 and INT8
+logits functions; calibration data, evaluation and timing are the same code for both.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from quantizable.evaluation import evaluate
-from quantizable.export.onnx import OrtModel, export_onnx, median_latencies_ms, quantize_onnx, session
+from quantizable.export.common import Batch, LogitsModel, median_latencies_ms, torch_threads
 
-Batch = dict[str, torch.Tensor]
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "pt2e")
 
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """The tracer warns about every Python-level shape check and ORT's quantizer (through the root logger) about
+    """The tracers warn about every Python-level shape check and ORT's quantizer (through the root logger) about
     every LayerNorm bias and constant (zero-range) tensor; none is actionable, so keep the CLI output readable."""
     root = logging.getLogger()
     previous = root.level
@@ -43,13 +45,16 @@ def export_int8(
     threads: int = 1,
     repeats: int = 20,
     simulate: bool = True,
+    compile: bool = True,
 ) -> dict[str, Any]:
     """Static per-tensor INT8 of ``model`` calibrated on ``calibration``; scores FP32 and INT8 on ``evaluation()``
-    (a fresh iterable per call) with ``quantizable.evaluation``'s metric, and times both on its first batch.
+    (a fresh iterable per call) with ``quantizable.evaluation``'s metric, and times both on its first batch with
+    ``threads`` threads. FP32 is the same backend's FP32 path (ORT session; PT2E: the exported program, compiled
+    like INT8 unless ``compile`` is False, which runs the converted reference graph: for tests, not for timing).
 
     Returns (and the CLI writes) ``{"backend", "metric", "fp32": {"metric", "latency_ms"}, "int8": {...},
-    "speedup", "threads", "latency_batch", "files", "simulated_w8a8"?}``. With ``simulate``, the simulator's W8A8
-    number (head quantized too, like ORT) on the same calibration batches is added for comparison.
+    "speedup", "threads", "compiled", "latency_batch", "files", "simulated_w8a8"?}``. With ``simulate``, the
+    simulator's W8A8 number (head quantized too, like both backends) on the same calibration batches is added.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -60,21 +65,28 @@ def export_int8(
     if example is None:
         raise ValueError("no evaluation batches")
     out = Path(out)
-    with _quiet():
-        fp32_path = export_onnx(model, example, out / "model.fp32.onnx")
-        int8_path = quantize_onnx(fp32_path, out / "model.int8.onnx", calibration)
-    sessions = {"fp32": session(fp32_path, threads), "int8": session(int8_path, threads)}
-    latency = median_latencies_ms(sessions, example, repeats=repeats)
-    scores = {name: evaluate(OrtModel(s, model.config), evaluation()) for name, s in sessions.items()}
+    with _quiet(), torch_threads(threads):
+        if backend == "onnxruntime":
+            from quantizable.export.onnx import ort_int8
+
+            functions, files = ort_int8(model, calibration, example, out, threads)
+        else:
+            from quantizable.export.pt2e import pt2e_int8
+
+            functions, files = pt2e_int8(model, calibration, example, out, compile=compile)
+        latency = median_latencies_ms(functions, example, repeats=repeats)
+        scores = {name: evaluate(LogitsModel(function, model.config), evaluation())
+                  for name, function in functions.items()}
     result: dict[str, Any] = {
         "backend": backend,
         "metric": scores["fp32"]["metric"],
-        **{name: {"metric": scores[name]["value"], "latency_ms": latency[name]} for name in sessions},
+        **{name: {"metric": scores[name]["value"], "latency_ms": latency[name]} for name in functions},
         "speedup": latency["fp32"] / latency["int8"],
         "threads": threads,
+        "compiled": backend == "pt2e" and compile,
         "latency_batch": {name: list(value.shape) for name, value in example.items() if name != "labels"},
         "eval_count": scores["fp32"]["count"],
-        "files": {"fp32": fp32_path.name, "int8": int8_path.name},
+        "files": files,
     }
     if simulate:
         from quantizable.quantization import QuantConfig, simulate_w8a8

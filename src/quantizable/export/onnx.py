@@ -7,13 +7,9 @@ unsigned 8-bit activations and signed 8-bit weights, calibrated on the batches g
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import onnx
@@ -24,27 +20,11 @@ from onnxruntime.quantization.calibrate import create_calibrator
 from torch import nn
 
 from quantizable.attention.interface import fused_attention
+from quantizable.export.common import LogitsFn, LogitsOnly, input_names
 
 OPSET = 17
-LABELS = "labels"
 # Calibrated ranges beyond this are mask fill values (finfo.min), not activations; real outliers are ~1e3.
 MASK_LIMIT = 1e9
-
-
-def input_names(batch: dict[str, torch.Tensor]) -> list[str]:
-    """The model inputs of a batch (everything but the labels), in a fixed order."""
-    return sorted(name for name in batch if name != LABELS)
-
-
-class _LogitsOnly(nn.Module):
-    """Positional inputs -> logits, the only thing an ONNX graph of the model needs to return."""
-
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.model, self.names = model, names
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.names, inputs))).logits
 
 
 def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -59,7 +39,7 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: str | 
     model.eval()
     try:
         with torch.no_grad(), fused_attention(False):
-            torch.onnx.export(_LogitsOnly(model, names), tuple(example[name] for name in names), str(path),
+            torch.onnx.export(LogitsOnly(model, names), tuple(example[name] for name in names), str(path),
                               input_names=names, output_names=["logits"], opset_version=OPSET, dynamo=False,
                               dynamic_axes={**dynamic, "logits": {0: "batch"}})
     finally:
@@ -122,30 +102,22 @@ def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class OrtModel(nn.Module):
-    """An ORT session that looks like our HF model to ``quantizable.evaluation.evaluate`` (``config``, a device,
-    ``model(**batch).logits``), so ONNX logits go through exactly the same metric code as the PyTorch model."""
+def ort_logits(ort_session: ort.InferenceSession) -> LogitsFn:
+    """The session as a logits function (``quantizable.export.common``), for the shared evaluation and timing."""
 
-    def __init__(self, ort_session: ort.InferenceSession, config: Any) -> None:
-        super().__init__()
-        self.session, self.config = ort_session, config
-        self._device = nn.Parameter(torch.empty(0), requires_grad=False)
+    def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        (values,) = ort_session.run(["logits"], feeds(batch))
+        return torch.from_numpy(values)
 
-    def forward(self, **batch: torch.Tensor) -> SimpleNamespace:
-        (logits,) = self.session.run(["logits"], feeds(batch))
-        return SimpleNamespace(logits=torch.from_numpy(logits))
+    return logits
 
 
-def median_latencies_ms(sessions: dict[str, ort.InferenceSession], batch: dict[str, torch.Tensor], repeats: int = 20,
-                        warmup: int = 3) -> dict[str, float]:
-    """Median wall time (ms) of one forward pass on ``batch`` per session. Runs are interleaved, so load from other
-    processes on a shared CPU hits every session alike and their ratio stays meaningful."""
-    inputs = feeds(batch)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for step in range(warmup + repeats):
-        for name, ort_session in sessions.items():
-            start = time.perf_counter()
-            ort_session.run(["logits"], inputs)
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000.0 * statistics.median(values) for name, values in times.items()}
+def ort_int8(model: nn.Module, calibration: list[dict[str, torch.Tensor]], example: dict[str, torch.Tensor],
+             out: Path, threads: int = 1) -> tuple[dict[str, LogitsFn], dict[str, str]]:
+    """FP32 and INT8 ORT sessions of ``model`` as logits functions, and the files written (``model.fp32.onnx``,
+    ``model.int8.onnx``)."""
+    fp32_path = export_onnx(model, example, out / "model.fp32.onnx")
+    int8_path = quantize_onnx(fp32_path, out / "model.int8.onnx", calibration)
+    paths = {"fp32": fp32_path, "int8": int8_path}
+    return {name: ort_logits(session(path, threads)) for name, path in paths.items()}, \
+        {name: path.name for name, path in paths.items()}
