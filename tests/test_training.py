@@ -137,6 +137,22 @@ def test_optimizer_groups_and_schedule() -> None:
     assert lr_factor(60, 110, config.optim) == pytest.approx(0.55)
 
 
+def test_gate_lr_scale_gives_only_the_gates_a_larger_learning_rate() -> None:
+    from quantizable.attention import AttentionSpec
+    from quantizable.models import create_model
+
+    config = load_config("opt-tiny", ["optim.gate_lr_scale=30"])
+    model = create_model("opt-tiny", AttentionSpec(kind="gated_attention", gate_type="linear"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = parameter_groups(model, config.optim)
+    fast = [g for g in groups if g["lr"] == pytest.approx(30 * config.optim.lr)]
+    assert fast and all(".attn_gate." in names[id(p)] for g in fast for p in g["params"])
+    assert sum(len(g["params"]) for g in fast) == sum(1 for n in names.values() if ".attn_gate." in n)
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    with pytest.raises(ValueError, match="gate_lr_scale"):
+        load_config("opt-tiny", ["optim.gate_lr_scale=0"])
+
+
 def test_bad_input_is_a_clear_error(tmp_path: Path, capsys) -> None:
     with pytest.raises(ValueError, match="unknown training preset 'nope'.*bert-tiny"):
         load_config("nope")

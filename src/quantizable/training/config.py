@@ -60,6 +60,8 @@ class OptimConfig:
     """AdamW with linear warm-up then linear or cosine decay to ``final_lr_fraction * lr`` (paper appendix C).
 
     ``decay_layernorm_gamma`` also applies weight decay to LayerNorm weights (paper B.3); biases are never decayed.
+    ``gate_lr_scale`` multiplies the learning rate of attention gates: when fine-tuning a pretrained model the gates
+    are the only new parameters, and at the small learning rate that suits the pretrained weights they barely move.
     """
 
     lr: float = 1e-4
@@ -72,6 +74,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     decay_layernorm_gamma: bool = False
+    gate_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
@@ -83,6 +86,7 @@ class OptimConfig:
                  f"optim.final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}")
         _require(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.gate_lr_scale > 0, f"optim.gate_lr_scale must be > 0, got {self.gate_lr_scale}")
         _require(self.grad_clip is None or self.grad_clip > 0,
                  f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from quantizable.attention.gates import AttentionGate
 from quantizable.training.config import OptimConfig
 
 
@@ -17,19 +18,24 @@ def _is_norm(module: nn.Module) -> bool:
 def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     """Decay everything except biases and norm weights (norm weights too with ``decay_layernorm_gamma``, B.3).
 
-    Gate weights are decayed, as in the paper's code. Tied parameters are counted once.
+    Gate weights are decayed, as in the paper's code; with ``gate_lr_scale != 1`` they form their own groups at
+    ``lr * gate_lr_scale``. Tied parameters are counted once; empty groups are left out.
     """
-    decay, no_decay, seen = [], [], set()
+    gate_params = {id(p) for m in model.modules() if isinstance(m, AttentionGate) for p in m.parameters()
+                   if config.gate_lr_scale != 1.0}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
             exempt = name == "bias" or (_is_norm(module) and not config.decay_layernorm_gamma)
-            (no_decay if exempt else decay).append(param)
+            groups.setdefault((not exempt, id(param) in gate_params), []).append(param)
     return [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": config.weight_decay if decayed else 0.0,
+         "lr": config.lr * (config.gate_lr_scale if gate else 1.0)}
+        for (decayed, gate), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
     ]
 
 
