@@ -111,7 +111,7 @@ def test_config_overrides_and_round_trip(tmp_path: Path) -> None:
     config.save(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == config
     assert TrainConfig.from_dict(config.to_dict()) == config
-    for name in ("bert-cpu", "opt-cpu", "vit-cpu", "bert-base", "bert-6l", "vit-s16"):
+    for name in ("bert-cpu", "opt-cpu", "vit-cpu", "bert-base", "bert-6l", "vit-s16", "llama-finetune-cpu"):
         load_config(name)
 
 
