@@ -57,7 +57,9 @@ def _eager(model):
     return logits
 
 
-def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, repeats: int) -> dict[str, Any]:
+def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, repeats: int) -> list[dict[str, Any]]:
+    """One row per INT8 backend (``backend``, ``fp32_ms``/``int8_ms``/``speedup`` against the same backend's FP32,
+    file sizes) with every path's latency from the same interleaved run and the speedup over the fastest FP32."""
     preset, overrides = MODELS[name]
     family = MODEL_PRESETS[preset][0]
     model = create_model(preset, spec_for_method(method), **overrides).eval()
@@ -65,8 +67,11 @@ def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, r
     calibration = [_batch(model, family, batch_size, seq_len, seed=s) for s in range(1, 5)]
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ort, _ = ort_int8(model, calibration, batch, Path(tmp) / "ort", threads)
-        pt2e, _ = pt2e_int8(model, calibration, batch, Path(tmp) / "pt2e")
+        backends = {"onnxruntime": ort_int8(model, calibration, batch, Path(tmp) / "ort", threads),
+                    "pt2e": pt2e_int8(model, calibration, batch, Path(tmp) / "pt2e")}
+        sizes = {backend: {f"{k}_mb": (Path(tmp) / ("ort" if backend == "onnxruntime" else "pt2e") / f).stat().st_size
+                           / 2**20 for k, f in files.items()} for backend, (_, files) in backends.items()}
+        ort, pt2e = backends["onnxruntime"][0], backends["pt2e"][0]
         functions = {"fp32_eager": _eager(model), "fp32_compiled": pt2e["fp32"], "fp32_ort": ort["fp32"],
                      "int8_pt2e": pt2e["int8"], "int8_ort": ort["int8"]}
         started = time.perf_counter()
@@ -75,13 +80,15 @@ def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, r
         compile_s = time.perf_counter() - started
         latency = median_latencies_ms(functions, batch, repeats=repeats)
     fastest = min(FP32_PATHS, key=latency.get)
-    return {"model": name, "preset": preset, "overrides": overrides, "method": method,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "batch": {k: list(v.shape) for k, v in batch.items()}, "threads": threads, "repeats": repeats,
-            "latency_ms": latency, "fastest_fp32": fastest, "compile_s": compile_s,
-            "speedup_vs_fastest_fp32": {path: latency[fastest] / latency[path] for path in INT8_PATHS},
-            "speedup_same_backend": {"pt2e": latency["fp32_compiled"] / latency["int8_pt2e"],
-                                     "onnxruntime": latency["fp32_ort"] / latency["int8_ort"]}}
+    common = {"model": name, "preset": preset, "overrides": overrides, "method": method,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "batch": {k: list(v.shape) for k, v in batch.items()}, "threads": threads, "repeats": repeats,
+              "latency_ms": latency, "fastest_fp32": fastest}
+    same = {"onnxruntime": ("fp32_ort", "int8_ort"), "pt2e": ("fp32_compiled", "int8_pt2e")}
+    return [{**common, "backend": backend, "fp32_ms": latency[fp32], "int8_ms": latency[int8],
+             "speedup": latency[fp32] / latency[int8], "speedup_vs_fastest_fp32": latency[fastest] / latency[int8],
+             **sizes[backend], **({"compile_s": compile_s} if backend == "pt2e" else {})}
+            for backend, (fp32, int8) in same.items()]
 
 
 def main() -> None:
@@ -97,12 +104,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        row = bench(name, args.method, args.batch_size, args.seq_len, args.threads, args.repeats)
-        ms = row["latency_ms"]
+        pair = bench(name, args.method, args.batch_size, args.seq_len, args.threads, args.repeats)
+        ms = pair[0]["latency_ms"]
         print(f"{name:10s} " + "  ".join(f"{path} {ms[path]:8.2f}" for path in (*FP32_PATHS, *INT8_PATHS))
-              + f"  | vs fastest FP32 ({row['fastest_fp32']}): "
-              + "  ".join(f"{path} {v:.2f}x" for path, v in row["speedup_vs_fastest_fp32"].items()), flush=True)
-        rows.append(row)
+              + f"  | vs fastest FP32 ({pair[0]['fastest_fp32']}): "
+              + "  ".join(f"{row['backend']} {row['speedup_vs_fastest_fp32']:.2f}x" for row in pair), flush=True)
+        rows += pair
         write_json_atomic(args.out, rows)
     print(f"wrote {args.out}")
 

@@ -168,6 +168,8 @@ def test_pt2e_int8_logits_close_to_fp32(tmp_path, preset: str, method: str) -> N
     for node in weights:
         qweight, scale = (getattr(int8, arg.target) for arg in node.args[:2])
         assert qweight.dtype == torch.int8 and torch.all(scale == scale[0]) and 0 < float(scale[0]) < 1
+    used = {node.target for node in int8.graph.nodes if node.op == "get_attr"}
+    assert all(name in used for name, _ in int8.named_parameters())  # no FP32 weight kept beside its INT8 copy
 
 
 def test_pt2e_export_int8_reports_quality(tmp_path) -> None:

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
                      train_seeds=args.train_seeds)
     for row in rows:
         print(f"{row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  W8A8 {row['w8a8']['mean']:8.2f}  "
+              f"INT8 (ORT) {row['int8']['mean']:8.2f}  "
               f"inf-norm {row['max_inf_norm']['mean']:8.1f}  kurtosis {row['avg_kurtosis']['mean']:8.1f}")
     print(f"report: {args.out / 'report.md'}")
     return 0

@@ -24,7 +24,10 @@ LABELS = "labels"
 
 def input_names(batch: Batch) -> list[str]:
     """The model inputs of a batch (everything but the labels), in a fixed order."""
-    return sorted(name for name in batch if name != LABELS)
+    names = sorted(name for name in batch if name != LABELS)
+    if not names:
+        raise ValueError("the batch has no model inputs (only labels)")
+    return names
 
 
 class LogitsOnly(nn.Module):

@@ -102,8 +102,6 @@ def export_program(model: nn.Module, example: Batch) -> ExportedProgram:
     """``torch.export`` of ``model``'s logits (eval mode, reference ops, materialised attention) with a dynamic
     batch axis."""
     names = input_names(example)
-    if not names:
-        raise ValueError("the example batch has no model inputs (only labels)")
     batch = Dim("batch")
     was_training = model.training
     model.eval()
@@ -124,7 +122,18 @@ def quantize_program(program: ExportedProgram, calibration: Iterable[Batch]) -> 
     with torch.no_grad():
         for batch in calibration:
             prepared(*(batch[name] for name in input_names(batch)))
-    return convert_pt2e(prepared)
+    return _drop_unused_parameters(convert_pt2e(prepared))
+
+
+def _drop_unused_parameters(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``convert_pt2e`` leaves each FP32 weight registered beside its folded INT8 copy; without this the saved INT8
+    program would hold both."""
+    used = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(module.named_parameters()):
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            delattr(module.get_submodule(owner), leaf)
+    return module
 
 
 class Compiled(nn.Module):
