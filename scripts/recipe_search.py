@@ -29,6 +29,9 @@ HOT_OPT = ["optim.lr=1e-2", "optim.weight_decay=0", "run.batch_size=16", "optim.
 PROBES: dict[str, tuple[str, list[str], str]] = {
     "opt-hot-constant": ("opt-cpu", [*HOT_OPT, "optim.final_lr_fraction=1.0", "run.steps=600"],
                          "pre-LN CLM, lr 1e-2 held constant, no weight decay/dropout"),
+    "opt-hot-12-layers": ("opt-cpu", ["run.steps=600", "run.batch_size=16", "optim.warmup_steps=60",
+                                      "model.overrides.num_hidden_layers=12"],
+                          "the opt-cpu recipe (lr 1e-2, linear decay) with 12 layers: more layers than the data needs"),
     "bert-no-dropout": ("bert-cpu", [*NO_DROPOUT["bert"], "run.steps=1000", "run.batch_size=16",
                                      "optim.warmup_steps=100", "run.eval_every=200", "run.eval_batches=8"], "post-LN MLM with [CLS]/[SEP], paper-like lr 1e-3"),
     "vit-hot": ("vit-cpu", ["optim.lr=3e-3", "optim.weight_decay=0", "run.steps=800", "optim.warmup_steps=80",
