@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EVIDENCE = ROOT / "docs" / "recipe-search"
 NO_DROPOUT = {"bert": ["model.overrides.hidden_dropout_prob=0.0", "model.overrides.attention_probs_dropout_prob=0.0"],
-              "opt": ["model.overrides.dropout=0.0"], "vit": []}
+              "opt": ["model.overrides.dropout=0.0"]}
 HOT_OPT = ["optim.lr=1e-2", "optim.weight_decay=0", "run.batch_size=16", "optim.warmup_steps=60", *NO_DROPOUT["opt"]]
 
 # name -> (preset, overrides, what it tests)

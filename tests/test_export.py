@@ -102,15 +102,21 @@ def _data_ready() -> bool:
     return (default_data_dir() / "tokenizers" / "wordpiece" / "tokenizer.json").exists()
 
 
-@pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
-def test_cli_writes_int8_json(tmp_path) -> None:
+def _vit_run(tmp_path, method: str):
+    """A run directory holding a tiny ViT with ``method`` (images need no tokenizer)."""
     import yaml
 
+    run = tmp_path / "run"
+    create_model("vit-tiny", spec_for_method(method)).save_pretrained(run / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {}}))
+    return run
+
+
+@pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
+def test_cli_writes_int8_json(tmp_path) -> None:
     from quantizable.cli.main import main
 
-    run = tmp_path / "run"
-    create_model("vit-tiny", spec_for_method("gated_attention")).save_pretrained(run / "model")
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {}}))
+    run = _vit_run(tmp_path, "gated_attention")
     out = tmp_path / "out"
     argv = ["export", str(run), "--int8", "--calib-batches", "2", "--eval-batches", "2", "--batch-size", "4",
             "--out", str(out)]
@@ -208,13 +214,9 @@ def test_pt2e_compiled_runs_int8_kernels(tmp_path) -> None:
 
 @pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
 def test_cli_pt2e_writes_int8_json(tmp_path) -> None:
-    import yaml
-
     from quantizable.cli.main import main
 
-    run = tmp_path / "run"
-    create_model("vit-tiny", spec_for_method("clipped_softmax")).save_pretrained(run / "model")
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {}}))
+    run = _vit_run(tmp_path, "clipped_softmax")
     out = tmp_path / "out"
     argv = ["export", str(run), "--int8", "--backend", "pt2e", "--no-compile", "--calib-batches", "2",
             "--eval-batches", "2", "--batch-size", "4", "--no-simulate", "--out", str(out)]

@@ -16,7 +16,6 @@ from typing import Any
 from quantizable.cli.errors import UserError
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, metavar="MODEL_OR_RUN",
                         help="run directory, Hugging Face checkpoint directory or .gguf file")

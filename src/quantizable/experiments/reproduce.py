@@ -14,6 +14,7 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,19 @@ def _batches(loader: Any, limit: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def _measurement_data(run_dir: Path, scale: Scale) -> tuple[Any, Any, list[dict[str, torch.Tensor]], Any]:
-    """``(model, tokenizer, evaluation batches, calibration batches of a seed)`` of a trained run: the same data
-    for the simulator, the analysis and real INT8."""
+@dataclass(frozen=True)
+class RunData:
+    """A trained run loaded once for all its measurements: the same model and batches for the simulator, the
+    analysis and real INT8 (the simulator removes its quantizers when done)."""
+
+    model: Any
+    tokenizer: Any
+    eval_batches: list[dict[str, torch.Tensor]]
+    calibration: Callable[[int], list[dict[str, torch.Tensor]]]  # calibration batches of a seed
+
+
+def load_run(run_dir: Path, scale: Scale) -> RunData:
+    """The model, tokenizer, evaluation batches and seeded calibration batches of a trained run."""
     from quantizable import data
     from quantizable.models import family_of_config, load_model
     from quantizable.training.trainer import task_data
@@ -105,17 +116,16 @@ def _measurement_data(run_dir: Path, scale: Scale) -> tuple[Any, Any, list[dict[
         loader = data.make_loader(sets.train, config.run.batch_size, sets.collate(0), shuffle=True, seed=seed)
         return _batches(loader, scale.calib_batches)
 
-    return model, tokenizer, eval_batches, calibration
+    return RunData(model, tokenizer, eval_batches, calibration)
 
 
-def measure(run_dir: Path, scale: Scale) -> dict[str, Any]:
+def measure(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
     """FP metric, outlier metrics and simulated W8A8 over the calibration seeds of one trained run."""
     from quantizable.analysis import analyze
     from quantizable.quantization import simulate_w8a8
 
-    model, tokenizer, eval_batches, calibration = _measurement_data(run_dir, scale)
-    quant = simulate_w8a8(model, calibration, eval_batches, seeds=scale.calib_seeds)
-    analysis = analyze(model, eval_batches[: scale.analysis_batches], tokenizer=tokenizer,
+    quant = simulate_w8a8(run.model, run.calibration, run.eval_batches, seeds=scale.calib_seeds)
+    analysis = analyze(run.model, run.eval_batches[: scale.analysis_batches], tokenizer=run.tokenizer,
                        out_dir=run_dir / "analysis")
     return {
         "metric": quant["metric"],
@@ -130,15 +140,14 @@ def measure(run_dir: Path, scale: Scale) -> dict[str, Any]:
     }
 
 
-def measure_int8(run_dir: Path, scale: Scale) -> dict[str, Any]:
+def measure_int8(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
     """Real INT8 (ONNX Runtime, static per tensor, one thread) of one trained run, calibrated on the first
     calibration seed's batches and scored on the same evaluation batches as ``measure``; ``DIR/int8.json`` of
     ``quantizable export`` under ``run_dir/int8``. ORT needs no compilation, which keeps it cheap."""
     from quantizable.export import export_int8
 
-    model, _, eval_batches, calibration = _measurement_data(run_dir, scale)
-    result = export_int8(model, calibration(scale.calib_seeds[0]), lambda: eval_batches, run_dir / "int8",
-                         repeats=5, simulate=False)
+    result = export_int8(run.model, run.calibration(scale.calib_seeds[0]), lambda: run.eval_batches,
+                         run_dir / "int8", repeats=5, simulate=False)
     write_json_atomic(run_dir / "int8" / "int8.json", result)
     return result
 
@@ -185,25 +194,26 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
     for index, (family, method, seed) in enumerate(jobs, 1):
         config = run_config(family, method, seed, scale, overrides)
         run_dir = out / "runs" / f"{family}-{method}-seed{seed}-{fingerprint(config, scale)}"
-        result_path = run_dir / "measure.json"
+        result_path, int8_path = run_dir / "measure.json", run_dir / "int8" / "int8.json"
         label = f"[{index}/{len(jobs)}] {family} {method} seed {seed}"
         if result_path.is_file():
             print(f"{label}: reusing {run_dir.name}", flush=True)
-        else:
-            if not (run_dir / "model" / "config.json").is_file():
-                resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-                print(f"{label}: training ({config.run.steps} steps{', resuming' if resume else ''})", flush=True)
-                if run_dir.exists() and not resume:
-                    import shutil
+        elif not (run_dir / "model" / "config.json").is_file():
+            resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+            print(f"{label}: training ({config.run.steps} steps{', resuming' if resume else ''})", flush=True)
+            if run_dir.exists() and not resume:
+                import shutil
 
-                    shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint
-                train(config, run_dir, resume=resume, progress=progress)
-            print(f"{label}: measuring FP, outliers and W8A8", flush=True)
-            write_json_atomic(result_path, measure(run_dir, scale))
-        int8_path = run_dir / "int8" / "int8.json"
-        if not int8_path.is_file():  # also for runs measured before the INT8 column existed
-            print(f"{label}: measuring real INT8 (ONNX Runtime)", flush=True)
-            measure_int8(run_dir, scale)
+                shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint
+            train(config, run_dir, resume=resume, progress=progress)
+        if not (result_path.is_file() and int8_path.is_file()):
+            run = load_run(run_dir, scale)  # once for both measurements
+            if not result_path.is_file():
+                print(f"{label}: measuring FP, outliers and W8A8", flush=True)
+                write_json_atomic(result_path, measure(run, run_dir, scale))
+            if not int8_path.is_file():  # also for runs measured before the INT8 column existed
+                print(f"{label}: measuring real INT8 (ONNX Runtime)", flush=True)
+                measure_int8(run, run_dir, scale)
         measured.setdefault((family, method), []).append(
             {**json.loads(result_path.read_text()), "int8": json.loads(int8_path.read_text()),
              "run_dir": str(run_dir), "seed": seed})
