@@ -288,7 +288,7 @@ def test_reproduce_reuses_finished_runs_and_separates_settings(tmp_path: Path, m
     monkeypatch.setitem(reproduce_module.SCALES, "tiny", scale)
     original_measure = reproduce_module.measure
 
-    def interrupted(run_dir, scale):
+    def interrupted(*args):
         raise KeyboardInterrupt  # killed after training, before the measurement was written
 
     monkeypatch.setattr(reproduce_module, "measure", interrupted)
