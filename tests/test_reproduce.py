@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from quantizable.experiments import reproduce
 
@@ -55,3 +56,26 @@ def test_bad_override_fails_before_any_training(tmp_path):
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ValueError, match="train_seeds"):
         reproduce(tmp_path, "tiny", ("opt",), progress=False, train_seeds=2)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_sequential_results(tmp_path, capsys):
+    args = ("tiny", ("opt", "vit"), ("vanilla", "clipped_softmax"))
+    parallel = reproduce(tmp_path / "parallel", *args, progress=False, workers=2)
+    assert "2 worker processes" in capsys.readouterr().out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker: the same kernels, so the same numbers
+    try:
+        sequential = reproduce(tmp_path / "sequential", *args, progress=False, workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["family"], r["method"]) for r in parallel] == [(r["family"], r["method"]) for r in sequential]
+    for a, b in zip(parallel, sequential):
+        for key in ("fp", "w8a8", "max_inf_norm", "avg_kurtosis"):
+            assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-6), (a["family"], a["method"], key)
+    assert json.loads((tmp_path / "parallel" / "summary.json").read_text())["workers"] == 2
+
+
+def test_workers_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="workers"):
+        reproduce(tmp_path, "tiny", ("opt",), progress=False, workers=0)

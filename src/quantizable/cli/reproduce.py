@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="training override for every run, as in `train --set` (e.g. optim.lr=1e-2)")
     parser.add_argument("--train-seeds", type=int, help="use only the first N training seeds of the scale")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="runs trained at once, each in its own process (default: one per CPU core on a "
+                             "CPU-only machine, one with a GPU)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (finished runs are reused)")
 
 
@@ -26,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     scale = args.scale or ("quick" if args.quick else "full")
     rows = reproduce(args.out, scale, tuple(f for f in args.families.split(",") if f),
                      tuple(m for m in args.methods.split(",") if m), overrides=tuple(args.overrides),
-                     train_seeds=args.train_seeds)
+                     train_seeds=args.train_seeds, workers=args.workers)
     for row in rows:
         print(f"{row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  W8A8 {row['w8a8']['mean']:8.2f}  "
               f"INT8 (ORT) {row['int8']['mean']:8.2f}  "

@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
+import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -158,6 +161,96 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+@dataclass(frozen=True)
+class Job:
+    """One (family, method, training seed) of a reproduction: train it if needed, then measure it."""
+
+    family: str
+    method: str
+    seed: int
+    out: Path
+    scale: Scale
+    overrides: tuple[str, ...]
+    label: str
+
+
+def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume, or reuse) one run and measure it once; returns its measurements.
+
+    Everything it produces lives in the run's hashed directory and is written atomically, so any number of
+    processes can work on different jobs of one reproduction, and a killed job continues where it stopped.
+    """
+    from quantizable.training import train
+
+    config = run_config(job.family, job.method, job.seed, job.scale, job.overrides)
+    run_dir = job.out / "runs" / f"{job.family}-{job.method}-seed{job.seed}-{fingerprint(config, job.scale)}"
+    result_path, int8_path = run_dir / "measure.json", run_dir / "int8" / "int8.json"
+    if result_path.is_file() and int8_path.is_file():
+        print(f"{job.label}: reusing {run_dir.name}", flush=True)
+    elif not (run_dir / "model" / "config.json").is_file():
+        resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+        print(f"{job.label}: training ({config.run.steps} steps{', resuming' if resume else ''})", flush=True)
+        if run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint
+        train(config, run_dir, resume=resume, progress=progress)
+    if not (result_path.is_file() and int8_path.is_file()):
+        run = load_run(run_dir, job.scale)  # once for both measurements
+        if not result_path.is_file():
+            print(f"{job.label}: measuring FP, outliers and W8A8", flush=True)
+            write_json_atomic(result_path, measure(run, run_dir, job.scale))
+        if not int8_path.is_file():  # also for runs measured before the INT8 column existed
+            print(f"{job.label}: measuring real INT8 (ONNX Runtime)", flush=True)
+            measure_int8(run, run_dir, job.scale)
+    return {**json.loads(result_path.read_text()), "int8": json.loads(int8_path.read_text()),
+            "run_dir": str(run_dir), "seed": job.seed}
+
+
+def resolve_workers(workers: int | None, jobs: int) -> int:
+    """``None`` means one worker per CPU core on a CPU-only machine (each trains with one thread: the small
+    presets scale better across processes than across threads) and one worker when a GPU is present."""
+    if workers is None:
+        workers = 1 if torch.cuda.is_available() else (os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return max(1, min(workers, jobs))
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> list[dict[str, Any]]:
+    """Results of ``run_job`` in job order: in this process, or in ``workers`` spawned processes that share the
+    CPU cores (their per-step bars would interleave, so the parent shows one bar over finished jobs instead)."""
+    if workers == 1:
+        results = []
+        for job in jobs:
+            results.append(run_job(job, progress))
+            print(f"    elapsed {time.time() - started:.0f} s", flush=True)
+        return results
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    print(f"running {len(jobs)} jobs in {workers} worker processes, {threads} thread(s) each", flush=True)
+    context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = [pool.submit(run_job, job, False) for job in jobs]
+        with tqdm(total=len(jobs), desc="reproduce", unit="run", disable=not progress) as bar:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()
+                bar.update(len(done))
+                bar.set_postfix_str(f"elapsed {time.time() - started:.0f} s")
+    return [future.result() for future in futures]
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values)}
@@ -165,14 +258,13 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = FAMILIES,
               methods: tuple[str, ...] = METHODS, progress: bool = True, overrides: tuple[str, ...] = (),
-              train_seeds: int | None = None) -> list[dict[str, Any]]:
+              train_seeds: int | None = None, workers: int | None = 1) -> list[dict[str, Any]]:
     """Train and measure every (family, method, seed); write ``results.json`` and ``report.md`` under ``out``.
 
     ``overrides`` (``key=value``, as ``train --set``) apply to every run on top of the scale: the recipe search
-    uses them; ``train_seeds`` keeps only the first so many training seeds of the scale.
+    uses them; ``train_seeds`` keeps only the first so many training seeds of the scale; ``workers`` runs that many
+    jobs at once in separate processes (``None``: one per CPU core, see ``resolve_workers``).
     """
-    from quantizable.training import train
-
     if scale_name not in SCALES:
         raise ValueError(f"unknown scale {scale_name!r}; known: {', '.join(SCALES)}")
     unknown = [f for f in families if f not in FAMILIES] + [m for m in methods if m not in METHODS]
@@ -188,36 +280,14 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
     for family in families:  # a bad override fails here, before any training starts
         run_config(family, methods[0] if methods else "vanilla", 0, scale, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(f, m, s) for f in families for m in methods for s in scale.train_seeds]
+    combos = [(family, method, seed) for family in families for method in methods for seed in scale.train_seeds]
+    jobs = [Job(family, method, seed, out, scale, overrides, f"[{index}/{len(combos)}] {family} {method} seed {seed}")
+            for index, (family, method, seed) in enumerate(combos, 1)]
+    workers = resolve_workers(workers, len(jobs))
     started = time.time()
     measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for index, (family, method, seed) in enumerate(jobs, 1):
-        config = run_config(family, method, seed, scale, overrides)
-        run_dir = out / "runs" / f"{family}-{method}-seed{seed}-{fingerprint(config, scale)}"
-        result_path, int8_path = run_dir / "measure.json", run_dir / "int8" / "int8.json"
-        label = f"[{index}/{len(jobs)}] {family} {method} seed {seed}"
-        if result_path.is_file():
-            print(f"{label}: reusing {run_dir.name}", flush=True)
-        elif not (run_dir / "model" / "config.json").is_file():
-            resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-            print(f"{label}: training ({config.run.steps} steps{', resuming' if resume else ''})", flush=True)
-            if run_dir.exists() and not resume:
-                import shutil
-
-                shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint
-            train(config, run_dir, resume=resume, progress=progress)
-        if not (result_path.is_file() and int8_path.is_file()):
-            run = load_run(run_dir, scale)  # once for both measurements
-            if not result_path.is_file():
-                print(f"{label}: measuring FP, outliers and W8A8", flush=True)
-                write_json_atomic(result_path, measure(run, run_dir, scale))
-            if not int8_path.is_file():  # also for runs measured before the INT8 column existed
-                print(f"{label}: measuring real INT8 (ONNX Runtime)", flush=True)
-                measure_int8(run, run_dir, scale)
-        measured.setdefault((family, method), []).append(
-            {**json.loads(result_path.read_text()), "int8": json.loads(int8_path.read_text()),
-             "run_dir": str(run_dir), "seed": seed})
-        print(f"    elapsed {time.time() - started:.0f} s", flush=True)
+    for job, result in zip(jobs, _run_all(jobs, workers, progress, started)):
+        measured.setdefault((job.family, job.method), []).append(result)
 
     rows = []
     for (family, method), runs in measured.items():
@@ -233,7 +303,7 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
             "train_seeds": [r["seed"] for r in runs], "calib_seeds": list(scale.calib_seeds),
             "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
         })
-    summary = {"scale": scale_name, "overrides": list(overrides), "elapsed_s": round(time.time() - started, 1),
+    summary = {"scale": scale_name, "overrides": list(overrides), "workers": workers, "elapsed_s": round(time.time() - started, 1),
                "rows": rows}
     write_json_atomic(out / "results.json", rows)
     write_json_atomic(out / "summary.json", summary)
