@@ -11,7 +11,6 @@ import argparse
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
 from quantizable.cli.errors import UserError
 
@@ -32,30 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory for metrics.json, report.md, PNGs")
 
 
-def _run_config(path: Path) -> dict[str, Any]:
-    config_file = path / "config.yaml"
-    if not (path.is_dir() and config_file.is_file()):
-        return {}
-    import yaml
-
-    return yaml.safe_load(config_file.read_text()) or {}
-
-
-def _load_tokenizer(path: Path, run_config: dict[str, Any]):
-    """The checkpoint's own tokenizer (files or GGUF), or the run's ``data.tokenizer``; else None."""
-    from quantizable.data import checkpoint_tokenizer, load_tokenizer
-
-    tokenizer = checkpoint_tokenizer(path)
-    name = (run_config.get("data") or {}).get("tokenizer")
-    return tokenizer if tokenizer is not None or not name else load_tokenizer(name)
-
-
 def _default_batches(tokenizer, seq_len: int, task: str, batch_size: int, n_batches: int,
-                     run_config: dict[str, Any]) -> Iterable:
+                     source: str | None) -> Iterable:
     """The validation split of the run's data source, or of the embedded default corpus / Fashion-MNIST."""
     from quantizable.data import image_dataset, make_loader, text_dataset
 
-    source = (run_config.get("data") or {}).get("source")
     if task == "image":
         return make_loader(image_dataset("validation", source=source), batch_size)
     if tokenizer is None:
@@ -70,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from quantizable.analysis import analyze
     from quantizable.analysis.text import text_batches
+    from quantizable.data import model_tokenizer, run_data_settings
     from quantizable.models import family_of_config, load_model
 
     for name in ("batches", "batch_size"):
@@ -80,17 +61,17 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and not args.data.is_file():
         raise UserError(f"--data {args.data}: no such text file")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    run_config = _run_config(args.model)
+    settings = run_data_settings(args.model)
     model = load_model(args.model)
     task = family_of_config(model.config).task
-    seq_len = args.seq_len or (run_config.get("data") or {}).get("seq_len") or 128
-    tokenizer = None if task == "image" else _load_tokenizer(args.model, run_config)
+    seq_len = args.seq_len or settings.get("seq_len") or 128
+    tokenizer = None if task == "image" else model_tokenizer(args.model)
     if args.data is not None:
         if tokenizer is None:
             raise UserError(f"{args.model} has no tokenizer to read --data with (image model or no tokenizer files)")
         batches = text_batches(args.data, tokenizer, seq_len, args.batch_size, args.batches)
     else:
-        loader = _default_batches(tokenizer, seq_len, task, args.batch_size, args.batches, run_config)
+        loader = _default_batches(tokenizer, seq_len, task, args.batch_size, args.batches, settings.get("source"))
         batches = islice(loader, args.batches)
     result = analyze(model, batches, tokenizer=tokenizer, out_dir=args.out, layer=args.layer, head=args.head)
     share = result["outliers"]["delimiter_share"]

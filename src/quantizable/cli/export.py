@@ -14,7 +14,7 @@ from itertools import islice
 from pathlib import Path
 
 from quantizable.cli.errors import UserError
-from quantizable.cli.quantize import EVAL_MASK_SEED, _datasets
+from quantizable.cli.quantize import EVAL_MASK_SEED
 from quantizable.io import write_json_atomic
 
 # quantizable.export.BACKENDS, not imported here: the parser is built for every verb and must stay light
@@ -59,14 +59,15 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from quantizable.data import make_loader
+    from quantizable.data import checkpoint_data, make_loader
     from quantizable.export import export_int8
     from quantizable.models import family_of_config, load_model
 
     _check(args)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model = load_model(args.model)
-    train, validation, collate = _datasets(args, model, family_of_config(model.config).task)
+    sets = checkpoint_data(args.model, model, family_of_config(model.config).task, args.seq_len)
+    train, validation, collate = sets.train, sets.validation, sets.collate
     available = len(train) // args.batch_size
     if args.calib_batches > available:
         raise UserError(f"--calib-batches {args.calib_batches} exceeds the {available} full batches of "

@@ -8,15 +8,13 @@ so both see identical masks). Writes ``DIR/results.json``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
 from quantizable.cli.errors import UserError
 from quantizable.io import write_json_atomic
 
-DEFAULT_TOKENIZER = {"mlm": "wordpiece", "clm": "bpe"}
 EVAL_MASK_SEED = 1234
 FLAGS = {"weight_bits": "--weights", "act_bits": "--acts", "act_estimator": "--estimator",
          "weight_estimator": "--weight-estimator"}
@@ -44,28 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory for results.json")
 
 
-def _datasets(args: argparse.Namespace, model: Any, task: str) -> tuple[Any, Any, Callable[[int], Any]]:
-    """``(train set, validation set, collate factory of a seed)`` for the model's task."""
-    from quantizable.cli.analyze import _load_tokenizer, _run_config
-    from quantizable.data import clm_collator, image_dataset, load_tokenizer, mlm_collator, text_dataset
-
-    run_config = _run_config(args.model)
-    data = run_config.get("data") or {}
-    source = data.get("source")
-    if task == "image":
-        return image_dataset("train", source), image_dataset("validation", source), lambda seed: None
-    tokenizer = _load_tokenizer(args.model, run_config) or load_tokenizer(DEFAULT_TOKENIZER[task])
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab}")
-    seq_len = args.seq_len or data.get("seq_len") or 128
-    train = text_dataset("train", tokenizer, seq_len, task, source=source)
-    validation = text_dataset("validation", tokenizer, seq_len, task, source=source)
-    if task == "mlm":
-        return train, validation, lambda seed: mlm_collator(tokenizer, seed=seed)
-    return train, validation, lambda seed: clm_collator()
-
-
 def _check(args: argparse.Namespace) -> None:
     for name in ("calib_batches", "seeds", "batch_size"):
         if getattr(args, name) < 1:
@@ -77,7 +53,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from quantizable.data import make_loader
+    from quantizable.data import checkpoint_data, make_loader
     from quantizable.models import family_of_config, load_model
     from quantizable.quantization import QuantConfig, simulate_w8a8
 
@@ -92,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model = load_model(args.model)
     task = family_of_config(model.config).task
-    train, validation, collate = _datasets(args, model, task)
+    sets = checkpoint_data(args.model, model, task, args.seq_len)
+    train, validation, collate = sets.train, sets.validation, sets.collate
     available = len(train) // args.batch_size
     if args.calib_batches > available:
         raise UserError(f"--calib-batches {args.calib_batches} exceeds the {available} full batches of "

