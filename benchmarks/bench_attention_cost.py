@@ -2,8 +2,8 @@
 
 One run measures, for small BERT / OPT / ViT models at two sequence lengths, a full training step (forward,
 backward, AdamW step) of: vanilla on SDPA, vanilla on transformers' eager attention, clipped softmax on the reference
-ops and on the fused fast path, and gated attention with each gate type. All variants of one (model, length) group
-share the same weights and batch, and their steps are interleaved round-robin (rotating the order every round), so
+ops and on the fused fast path (with its C row kernel, and with its ATen ops), and gated attention with each gate
+type. All variants of one (model, length) group share the same weights and batch, and their steps are interleaved round-robin (rotating the order every round), so
 slow phases of a shared machine hit all variants alike; the reported time is the median step. On CPU the clock
 is this process's CPU time (one torch thread), which other processes' load hardly changes; on CUDA wall time.
 
@@ -33,7 +33,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from transformers import PreTrainedModel
 
-from quantizable.attention import AttentionGate, AttentionSpec, spec_for_method
+from quantizable.attention import AttentionGate, AttentionSpec, spec_for_method, use_cpu_kernel
 from quantizable.attention.interface import fused_attention, quantizable_attention_forward
 from quantizable.models import apply_attention_spec, create_model
 
@@ -47,15 +47,19 @@ class Variant:
     spec: AttentionSpec
     attn_implementation: str | None = None  # None: keep the quantizable implementation
     fused: bool = True
+    kernel: bool = True  # the fast path's C row kernel (False: its ATen ops)
 
     def context(self) -> ContextManager:
-        return nullcontext() if self.fused else fused_attention(False)
+        if not self.fused:
+            return fused_attention(False)
+        return nullcontext() if self.kernel else use_cpu_kernel(False)
 
 
 VARIANTS = (
     Variant(BASELINE, spec_for_method("vanilla")),
     Variant("vanilla_eager", spec_for_method("vanilla"), attn_implementation="eager"),
     Variant("clipped_reference", spec_for_method("clipped_softmax"), fused=False),
+    Variant("clipped_fused_aten", spec_for_method("clipped_softmax"), kernel=False),
     Variant("clipped_fused", spec_for_method("clipped_softmax")),
     *(Variant(f"gated_{g}", spec_for_method("gated_attention", gate_type=g))
       for g in ("linear", "mlp", "all_heads_linear", "elementwise")),

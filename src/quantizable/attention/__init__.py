@@ -1,7 +1,9 @@
 """Attention variants: clipped softmax, gated attention and the attention function that hosts them."""
 
+from quantizable.attention.cpu_kernel import use_cpu_kernel
 from quantizable.attention.gates import AttentionGate
-from quantizable.attention.interface import ATTN_IMPLEMENTATION, TAP_NAMES, register_attention_implementation
+from quantizable.attention.interface import (ATTN_IMPLEMENTATION, TAP_NAMES, fused_attention,
+                                             register_attention_implementation)
 from quantizable.attention.softmax import clipped_softmax, gamma_from_alpha, softmax_plus_one
 from quantizable.attention.spec import GATE_TYPES, KINDS, AttentionSpec, spec_for_method
 
@@ -13,8 +15,10 @@ __all__ = [
     "AttentionGate",
     "AttentionSpec",
     "clipped_softmax",
+    "fused_attention",
     "gamma_from_alpha",
     "register_attention_implementation",
     "softmax_plus_one",
     "spec_for_method",
+    "use_cpu_kernel",
 ]

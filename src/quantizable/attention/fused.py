@@ -10,15 +10,20 @@ alive until backward. This node computes the same values and keeps only the soft
   ``hardtanh_backward`` kernel and through softmax with ``_softmax_backward_data``, and applies the scalar factors
   (scaling, ``zeta - gamma``, dropout's ``1 / (1 - p)``) to the small ``dO`` block rather than to ``(T, T)`` tensors.
 
-Forward values equal the reference's in float32 (the same ops in the same order per element); gradients agree to
-rounding. It covers the training setting: float/bool/no masks, causal masks and attention-probability dropout.
-Anything that must see the intermediate tensors (taps, ``output_attentions``) keeps using the reference path.
+On CPU in float32 the elementwise work of a block (scale, key-padding or causal mask, softmax, clip; in backward
+the clamp's and softmax's gradients) runs in the C row kernel of ``attention.cpu_kernel``, one sweep per row in L1
+cache, instead of ten-odd ATen passes; elsewhere, or without a C compiler, the ATen ops above do it. Values equal
+the reference's to float rounding (the ATen ops: exactly in forward). It covers the training setting: float/bool/no
+masks, causal masks and attention-probability dropout. Anything that must see the intermediate tensors (taps,
+``output_attentions``) keeps using the reference path.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import FunctionCtx
+
+from quantizable.attention.cpu_kernel import clipped_softmax_rows, clipped_softmax_rows_backward, kernel_applies
 
 
 def _clip(probs: torch.Tensor, gamma: float, zeta: float, out: torch.Tensor) -> torch.Tensor:
@@ -53,6 +58,22 @@ def _rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return mask if mask is None or mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., rows, :]
 
 
+def _key_bias(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """A mask that only depends on (batch, key) as the kernel's contiguous ``(B, T_k)`` additive bias, else None."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        return None
+    lowest = torch.finfo(torch.float32).min  # finite: the kernel is built for finite inputs
+    bias = torch.where(mask, 0.0, lowest) if mask.dtype == torch.bool else mask.float().clamp(min=lowest)
+    return bias.expand(batch, 1, 1, mask.shape[-1]).reshape(batch, mask.shape[-1]).contiguous()
+
+
+def _apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if mask is not None and mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores.add_(mask)
+
+
 class ClippedSoftmaxAttention(torch.autograd.Function):
     """``dropout(clip(softmax(mask(q @ k^T * scaling)))) @ v`` with only the softmax output saved.
 
@@ -71,8 +92,16 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
         gamma: float,
         zeta: float,
         dropout: float,
+        causal: bool,
     ) -> torch.Tensor:
         scores_shape = (*query.shape[:3], key.shape[2])
+        q_len, k_len = scores_shape[2:]
+        kernel = kernel_applies(query)
+        causal = causal and mask is None and q_len > 1
+        if causal and not (kernel and q_len <= k_len):  # the kernel takes causality as a flag, ATen as a mask
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+            causal = False
+        key_bias = _key_bias(mask, query.shape[0]) if kernel and mask is not None else None
         # The dropout mask is drawn for the whole tensor at once, as nn.functional.dropout would draw it.
         keep = query.new_empty(scores_shape).bernoulli_(1.0 - dropout).bool() if dropout > 0.0 else None
         key_t = key.transpose(2, 3)
@@ -80,14 +109,18 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
         blocks = _row_blocks(query, key)
         buffer = _workspace(query, key, blocks)
         for rows in blocks:
-            scores = torch.matmul(query[:, :, rows], key_t, out=_view(buffer, query, rows, key)).mul_(scaling)
-            block_mask = _rows(mask, rows)
-            if block_mask is not None and block_mask.dtype == torch.bool:
-                scores.masked_fill_(~block_mask, torch.finfo(scores.dtype).min)
-            elif block_mask is not None:
-                scores.add_(block_mask)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-            clipped = _clip(probs, gamma, zeta, out=scores)
+            scores = torch.matmul(query[:, :, rows], key_t, out=_view(buffer, query, rows, key))
+            if kernel:
+                scale = scaling
+                if mask is not None and key_bias is None:  # a general mask: applied by ATen, scaled first
+                    _apply_mask(scores.mul_(scaling), _rows(mask, rows))
+                    scale = 1.0
+                probs = clipped_softmax_rows(scores, scale, gamma, zeta, key_bias, causal, rows.start, k_len - q_len)
+                clipped = scores
+            else:
+                _apply_mask(scores.mul_(scaling), _rows(mask, rows))
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+                clipped = _clip(probs, gamma, zeta, out=scores)
             if keep is not None:
                 clipped.mul_(keep[:, :, rows]).div_(1.0 - dropout)
             outputs.append(torch.matmul(clipped, value))
@@ -98,13 +131,13 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
             dead_rows = ~mask.amax(dim=-1, keepdim=True)
             dead_rows = dead_rows if dead_rows.any() else None
         ctx.save_for_backward(query, key, value, keep, dead_rows, *saved_probs)
-        ctx.params = (scaling, gamma, zeta, dropout)
+        ctx.params = (scaling, gamma, zeta, dropout, kernel)
         return torch.cat(outputs, dim=2)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, keep, dead_rows, *saved_probs = ctx.saved_tensors
-        scaling, gamma, zeta, dropout = ctx.params
+        scaling, gamma, zeta, dropout, kernel = ctx.params
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
         grad_queries = []
         value_t = value.transpose(2, 3)
@@ -115,22 +148,29 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
         clipped_buffer, grad_buffer = _workspace(query, key, blocks), _workspace(query, key, blocks)
         for rows, probs in zip(blocks, saved_probs):
             block_grad = grad_output[:, :, rows]
-            clipped = _clip(probs, gamma, zeta, out=_view(clipped_buffer, query, rows, key))
+            clipped = _view(clipped_buffer, query, rows, key)
             grad_scores = torch.matmul(block_grad * factor, value_t, out=_view(grad_buffer, query, rows, key))
-            torch.ops.aten.hardtanh_backward.grad_input(grad_scores, clipped, 0.0, 1.0, grad_input=grad_scores)
-            if keep is not None:
-                block_keep = keep[:, :, rows]
-                grad_scores.mul_(block_keep)
-                clipped.mul_(block_keep).div_(1.0 - dropout)
-            grad_value.add_(torch.matmul(clipped.transpose(2, 3), block_grad))
-            grad_scores = torch.ops.aten._softmax_backward_data.out(
-                grad_scores, probs, -1, probs.dtype, grad_input=grad_scores
-            )
+            if kernel:
+                block_keep = None if keep is None else keep[:, :, rows].contiguous().view(torch.uint8)
+                clipped_softmax_rows_backward(grad_scores, probs, clipped, gamma, zeta, block_keep,
+                                              1.0 / (1.0 - dropout))
+                grad_value.add_(torch.matmul(clipped.transpose(2, 3), block_grad))
+            else:
+                _clip(probs, gamma, zeta, out=clipped)
+                torch.ops.aten.hardtanh_backward.grad_input(grad_scores, clipped, 0.0, 1.0, grad_input=grad_scores)
+                if keep is not None:
+                    block_keep = keep[:, :, rows]
+                    grad_scores.mul_(block_keep)
+                    clipped.mul_(block_keep).div_(1.0 - dropout)
+                grad_value.add_(torch.matmul(clipped.transpose(2, 3), block_grad))
+                grad_scores = torch.ops.aten._softmax_backward_data.out(
+                    grad_scores, probs, -1, probs.dtype, grad_input=grad_scores
+                )
             if dead_rows is not None:
                 grad_scores.masked_fill_(_rows(dead_rows, rows), 0.0)
             grad_queries.append(torch.matmul(grad_scores, key))
             grad_key.add_(torch.matmul(grad_scores.transpose(2, 3), query[:, :, rows]))
-        return torch.cat(grad_queries, dim=2), grad_key, grad_value, None, None, None, None, None
+        return torch.cat(grad_queries, dim=2), grad_key, grad_value, None, None, None, None, None, None
 
 
 def clipped_softmax_attention(
@@ -142,10 +182,12 @@ def clipped_softmax_attention(
     gamma: float,
     zeta: float,
     dropout: float = 0.0,
+    is_causal: bool = False,
 ) -> torch.Tensor:
     """Clipped-softmax attention ``(B, H, T, d_head)`` with the memory of one saved probability tensor.
 
     ``attention_mask`` is ``None``, a boolean keep-mask or an additive float mask broadcastable to the scores;
-    ``key``/``value`` must already have the query's number of heads. ``dropout`` is applied as given (pass 0 in eval).
+    ``is_causal`` (with no mask) masks keys after each query, aligned at the end as in SDPA; ``key``/``value``
+    must already have the query's number of heads. ``dropout`` is applied as given (pass 0 in eval).
     """
-    return ClippedSoftmaxAttention.apply(query, key, value, attention_mask, scaling, gamma, zeta, dropout)
+    return ClippedSoftmaxAttention.apply(query, key, value, attention_mask, scaling, gamma, zeta, dropout, is_causal)

@@ -80,16 +80,16 @@ def _materialised_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if attention_mask is None and is_causal and query.shape[2] > 1:
-        q_len, k_len = query.shape[2], key.shape[2]
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
     spec = _spec_of(module)
     if fast:
         p_drop = dropout if module.training else 0.0
         context = clipped_softmax_attention(
-            query, key, value, attention_mask, scaling, spec.resolved_gamma(), spec.zeta, p_drop
+            query, key, value, attention_mask, scaling, spec.resolved_gamma(), spec.zeta, p_drop, is_causal
         )
         return context, None
+    if attention_mask is None and is_causal and query.shape[2] > 1:
+        q_len, k_len = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
     scores = _tap(module, "scores", torch.matmul(query, key.transpose(2, 3)) * scaling)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:

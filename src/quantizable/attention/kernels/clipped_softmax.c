@@ -1,0 +1,82 @@
+/* Clipped softmax on rows of attention scores, fused into one sweep per row (forward) and one per row (backward).
+ *
+ * The ATen path of attention/fused.py spends most of its time in elementwise passes over (rows, T_k) blocks:
+ * scale, mask, softmax (itself three passes), multiply, add, clamp; backward another six. Here each row is read
+ * once into L1 and every elementwise step happens there. Plain C on contiguous float32 buffers, called through
+ * ctypes: no torch headers, so it builds in about a second on first use (see attention/cpu_kernel.py).
+ *
+ * A block holds B * H * R rows of length cols; a call handles rows [row_begin, row_end), so threads can split a
+ * block. Masks the kernel applies itself:
+ *   key_bias   (B, cols) additive, broadcast over heads and query rows (BERT-style padding), or NULL;
+ *   causal     query row i (row_start + its index in the block's R rows) sees columns j <= i + causal_offset.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+static inline float clampf(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+
+/* s: raw scores q.k (in: scores; out: clipped probabilities), p: out: softmax probabilities (saved for backward). */
+void clipped_softmax_forward(float *s, float *p, int64_t row_begin, int64_t row_end, int64_t cols, float scale,
+                             float gamma, float zeta, const float *key_bias, int64_t rows_per_batch, int64_t causal,
+                             int64_t rows_per_head, int64_t row_start, int64_t causal_offset) {
+    const float stretch = zeta - gamma;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        float *restrict x = s + r * cols, *restrict pr = p + r * cols;
+        const float *bias = key_bias ? key_bias + (r / rows_per_batch) * cols : 0;
+        int64_t limit = cols;
+        if (causal) {
+            int64_t visible = row_start + r % rows_per_head + causal_offset + 1;
+            limit = visible < cols ? visible : cols;
+        }
+        float m = -FLT_MAX;  /* finite: the kernel is built with -ffast-math */
+        if (bias) {
+#pragma omp simd reduction(max : m)
+            for (int64_t j = 0; j < limit; ++j) { x[j] = x[j] * scale + bias[j]; m = fmaxf(m, x[j]); }
+        } else {
+#pragma omp simd reduction(max : m)
+            for (int64_t j = 0; j < limit; ++j) { x[j] = x[j] * scale; m = fmaxf(m, x[j]); }
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < limit; ++j) { pr[j] = expf(x[j] - m); sum += pr[j]; }
+        const float inv = 1.0f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < limit; ++j) { pr[j] *= inv; x[j] = clampf(stretch * pr[j] + gamma); }
+        for (int64_t j = limit; j < cols; ++j) { pr[j] = 0.0f; x[j] = clampf(gamma); }
+    }
+}
+
+/* g: in: dO.V^T already multiplied by the scalar factors; out: d scores / scaling-free.
+ * p: saved probabilities; c: out: the clipped probabilities (times dropout's keep / (1 - rate)) for dV. */
+void clipped_softmax_backward(float *g, const float *p, float *c, int64_t row_begin, int64_t row_end, int64_t cols,
+                              float gamma, float zeta, const uint8_t *keep, float keep_scale) {
+    const float stretch = zeta - gamma;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        float *restrict gr = g + r * cols, *restrict cr = c + r * cols;
+        const float *restrict pr = p + r * cols;
+        float dot = 0.0f;
+        if (keep) {
+            const uint8_t *restrict kr = keep + r * cols;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < cols; ++j) {
+                const float y = stretch * pr[j] + gamma, kept = (float)kr[j];
+                const float grad = (y > 0.0f && y < 1.0f) ? gr[j] * kept : 0.0f;  /* clamp: gradient strictly inside */
+                gr[j] = grad;
+                cr[j] = clampf(y) * kept * keep_scale;
+                dot += grad * pr[j];
+            }
+        } else {
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < cols; ++j) {
+                const float y = stretch * pr[j] + gamma;
+                const float grad = (y > 0.0f && y < 1.0f) ? gr[j] : 0.0f;
+                gr[j] = grad;
+                cr[j] = clampf(y);
+                dot += grad * pr[j];
+            }
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) gr[j] = pr[j] * (gr[j] - dot);
+    }
+}
