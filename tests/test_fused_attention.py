@@ -52,6 +52,9 @@ def _masks() -> dict[str, dict]:
         "bool_keys": dict(attention_mask=keys),
         "additive_keys": dict(attention_mask=torch.zeros(B, 1, 1, T).masked_fill(~keys, float("-inf"))),
         "bool_causal": dict(attention_mask=torch.ones(T, T, dtype=torch.bool).tril()),
+        # what transformers materialises for a padded batch: kernel masks recognised in it
+        "materialised_keys": dict(attention_mask=keys.expand(B, 1, T, T).clone()),
+        "materialised_keys_causal": dict(attention_mask=keys & torch.ones(T, T, dtype=torch.bool).tril()),
     }
 
 
@@ -123,6 +126,14 @@ def test_fast_path_matches_reference_with_grouped_kv_heads(blocks, backend):
     _assert_same(out, ref_out, backend)
     for got, want in zip(grads, ref_grads):
         _assert_close(got, want, backend)
+
+
+def test_materialised_padding_masks_are_recognised():
+    keys = _masks()["bool_keys"]["attention_mask"]
+    for name, causal in (("materialised_keys", False), ("materialised_keys_causal", True)):
+        found, found_causal = fused._kernel_masks(_masks()[name]["attention_mask"], T, T)
+        assert torch.equal(found, keys) and found_causal == causal
+    assert fused._kernel_masks(_masks()["bool_padding"]["attention_mask"], T, T) == (None, False)  # a dead row
 
 
 def test_clipping_is_active_in_these_tests():

@@ -58,13 +58,34 @@ def _rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return mask if mask is None or mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., rows, :]
 
 
-def _key_bias(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """A mask that only depends on (batch, key) as the kernel's contiguous ``(B, T_k)`` additive bias, else None."""
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
-        return None
+def _key_bias(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """A ``(B or 1, 1, 1, T_k)`` mask as the kernel's contiguous ``(B, T_k)`` additive bias."""
     lowest = torch.finfo(torch.float32).min  # finite: the kernel is built for finite inputs
     bias = torch.where(mask, 0.0, lowest) if mask.dtype == torch.bool else mask.float().clamp(min=lowest)
     return bias.expand(batch, 1, 1, mask.shape[-1]).reshape(batch, mask.shape[-1]).contiguous()
+
+
+def _kernel_masks(mask: torch.Tensor, q_len: int, k_len: int) -> tuple[torch.Tensor | None, bool]:
+    """``(per-key mask, causal)`` that together equal ``mask``, or ``(None, False)`` when it is not of that form.
+
+    transformers hands attention a materialised ``(B, 1, T_q, T_k)`` boolean mask whenever a batch has padding:
+    padding alone repeats one row of keys for every query, padding plus causality is that row cut at the
+    diagonal. Recognising both (two boolean comparisons) lets the kernel apply them per row instead of ATen
+    writing the whole float score tensor twice.
+    """
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        return None, False
+    if mask.shape[2] == 1:
+        return mask, False
+    if mask.dtype != torch.bool or q_len > k_len:
+        return None, False
+    keys = mask[:, :, -1:, :]  # the last query sees every key it may see, causal or not
+    if torch.equal(mask, keys.expand_as(mask)):
+        return keys, False
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len)
+    if torch.equal(mask, keys & causal):
+        return keys, True
+    return None, False
 
 
 def _apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -101,7 +122,11 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
         if causal and not (kernel and q_len <= k_len):  # the kernel takes causality as a flag, ATen as a mask
             mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
             causal = False
-        key_bias = _key_bias(mask, query.shape[0]) if kernel and mask is not None else None
+        key_bias = None
+        if kernel and mask is not None:
+            keys, mask_causal = _kernel_masks(mask, q_len, k_len)
+            if keys is not None:
+                key_bias, causal = _key_bias(keys, query.shape[0]), mask_causal
         # The dropout mask is drawn for the whole tensor at once, as nn.functional.dropout would draw it.
         keep = query.new_empty(scores_shape).bernoulli_(1.0 - dropout).bool() if dropout > 0.0 else None
         key_t = key.transpose(2, 3)

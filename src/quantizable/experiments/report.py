@@ -10,6 +10,7 @@ from typing import Any
 from quantizable.io import write_text_atomic
 
 METHOD_NAMES = {"vanilla": "Vanilla", "clipped_softmax": "Clipped softmax", "gated_attention": "Gated attention"}
+FAMILY_NAMES = {"bert": "BERT", "opt": "OPT", "vit": "ViT"}
 
 
 def _pm(stat: dict[str, float], digits: int = 2) -> str:
@@ -37,7 +38,7 @@ def plot_per_layer(rows: list[dict[str, Any]], family: str, path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel("mean ‖block output‖∞")
     ax.set_yscale("log")
-    ax.set_title(f"{family.upper()}: outliers per layer")
+    ax.set_title(f"{FAMILY_NAMES[family]}: outliers per layer")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -84,7 +85,7 @@ def plot_training_curves(rows: list[dict[str, Any]], family: str, path: Path) ->
         ax.set_ylabel(name)
         ax.set_yscale("log")
     axes[0].legend()
-    fig.suptitle(f"{family.upper()}: outliers during training (fixed validation batch)")
+    fig.suptitle(f"{FAMILY_NAMES[family]}: outliers during training (fixed validation batch)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -111,13 +112,13 @@ def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: t
     for row in rows:
         unit = "%" if row["metric"] == "perplexity" else " pts"
         lines.append(
-            f"| {row['family'].upper()} | {METHOD_NAMES[row['method']]} | {_pm(row['fp'])} | "
+            f"| {FAMILY_NAMES[row['family']]} | {METHOD_NAMES[row['method']]} | {_pm(row['fp'])} | "
             f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['avg_kurtosis'], 1)} | {_pm(row['w8a8'])} | "
             f"{_degradation(row):+.2f}{unit} | {_pm(row['int8'])} | {_degradation(row, 'int8'):+.2f}{unit} |"
         )
     for family in dict.fromkeys(row["family"] for row in rows):
         plot = plot_per_layer(rows, family, out / f"per_layer_{family}.png")
-        lines += ["", f"## {family.upper()}", "", f"![per-layer inf-norm]({plot.name})"]
+        lines += ["", f"## {FAMILY_NAMES[family]}", "", f"![per-layer inf-norm]({plot.name})"]
         curves = plot_training_curves(rows, family, out / f"training_{family}.png")
         if curves:
             lines += ["", f"![outliers during training]({curves.name})"]

@@ -14,6 +14,11 @@
 #include <math.h>
 #include <stdint.h>
 
+/* exp(-87) = 1.6e-38 is about the smallest float exp() that is not subnormal; probabilities below PROB_FLOOR
+ * (which no float32 sum of a row can register) are written as exact zeros, as masked keys must be */
+#define EXP_FLOOR (-87.0f)
+#define PROB_FLOOR (1e-30f)
+
 static inline float clampf(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 
 /* s: raw scores q.k (in: scores; out: clipped probabilities), p: out: softmax probabilities (saved for backward). */
@@ -39,10 +44,19 @@ void clipped_softmax_forward(float *s, float *p, int64_t row_begin, int64_t row_
         }
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < limit; ++j) { pr[j] = expf(x[j] - m); sum += pr[j]; }
+        for (int64_t j = 0; j < limit; ++j) {
+            /* masked keys sit near -FLT_MAX: expf's vector form leaves its fast path for inputs that only
+               underflow, so they are raised to EXP_FLOOR here and flushed to 0 below */
+            pr[j] = expf(fmaxf(x[j] - m, EXP_FLOOR));
+            sum += pr[j];
+        }
         const float inv = 1.0f / sum;
 #pragma omp simd
-        for (int64_t j = 0; j < limit; ++j) { pr[j] *= inv; x[j] = clampf(stretch * pr[j] + gamma); }
+        for (int64_t j = 0; j < limit; ++j) {
+            const float prob = pr[j] * inv;
+            pr[j] = prob > PROB_FLOOR ? prob : 0.0f;
+            x[j] = clampf(stretch * pr[j] + gamma);
+        }
         for (int64_t j = limit; j < cols; ++j) { pr[j] = 0.0f; x[j] = clampf(gamma); }
     }
 }
