@@ -6,6 +6,8 @@ ops and on the fused fast path (with its C row kernel, and with its ATen ops), a
 type. All variants of one (model, length) group share the same weights and batch, and their steps are interleaved round-robin (rotating the order every round), so
 slow phases of a shared machine hit all variants alike; the reported time is the median step. On CPU the clock
 is this process's CPU time (one torch thread), which other processes' load hardly changes; on CUDA wall time.
+As in the trainer, glibc keeps freed memory (``--allocator default`` to measure without), so that steps do not
+pay page faults for buffers the previous step freed.
 
 Memory: on CUDA the peak allocated during one step above the allocation before it. On CPU the peak resident set
 of one step above the resident set before it (glibc's free memory is trimmed first and Linux's high-water mark is
@@ -36,6 +38,7 @@ from transformers import PreTrainedModel
 from quantizable.attention import AttentionGate, AttentionSpec, spec_for_method, use_cpu_kernel
 from quantizable.attention.interface import fused_attention, quantizable_attention_forward
 from quantizable.models import apply_attention_spec, create_model
+from quantizable.training.allocator import keep_freed_memory
 
 RESULTS = Path(__file__).parent / "results" / "attention_cost.json"
 BASELINE = "vanilla_sdpa"
@@ -267,9 +270,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per batch: batch = max(1, tokens // T)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allocator", choices=("kept", "default"), default="kept",
+                        help="kept (default): glibc keeps freed memory, as the trainer sets it "
+                             "(quantizable.training.allocator); default: glibc's own setting")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = args.allocator == "kept" and keep_freed_memory()
     device = torch.device(args.device)
     lengths = (128,) if args.quick else (128, 512)
     steps = args.steps or (3 if args.quick else 5)
@@ -286,6 +293,7 @@ def main() -> None:
     print("## training step (forward + backward + AdamW)\n" + markdown_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": str(device), "threads": args.threads, "steps": steps, "quick": args.quick,
+            "kept_freed_memory": kept,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "wall_s": round(time.perf_counter() - start, 1)}
     args.out.write_text(json.dumps({"meta": meta, "attention_core": core, "training_step": rows}, indent=1) + "\n")

@@ -2,15 +2,18 @@
 
 Each preset trains ``--steps`` optimizer steps on the default data with evaluation, checkpoints and outlier
 statistics switched off (only the training loop is timed, data loading included). One run per preset, one thread.
+``--allocator both`` first trains every preset with glibc's own malloc setting (``QUANTIZABLE_KEEP_FREED_MEMORY=0``,
+before anything changed it), then with the trainer's default that keeps freed memory, and reports the ratio.
 
     python benchmarks/bench_training_throughput.py              # ~20 steps per preset
-    python benchmarks/bench_training_throughput.py --json out.json
+    python benchmarks/bench_training_throughput.py --allocator both --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -41,18 +44,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--attention", nargs="+", default=["vanilla"],
                         choices=["vanilla", "clipped_softmax", "gated_attention"])
+    parser.add_argument("--allocator", choices=("kept", "default", "both"), default="kept",
+                        help="glibc malloc: kept (the trainer's default), default (glibc's own) or both")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [measure(preset, args.steps, attention) for preset in PRESETS for attention in args.attention]
+    rows = []
+    for allocator in ("default", "kept") if args.allocator == "both" else (args.allocator,):
+        os.environ["QUANTIZABLE_KEEP_FREED_MEMORY"] = "1" if allocator == "kept" else "0"
+        rows += [{**measure(preset, args.steps, attention), "allocator": allocator}
+                 for preset in PRESETS for attention in args.attention]
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
           f"{args.steps} steps per preset")
-    print("| preset | model | attention | batch x T | throughput | seconds |")
-    print("|---|---|---|---|---|---|")
+    print("| preset | model | attention | allocator | batch x T | throughput | seconds | vs default |")
+    print("|---|---|---|---|---|---|---|---|")
+    default = {(r["preset"], r["attention"]): r["per_second"] for r in rows if r["allocator"] == "default"}
     for r in rows:
         shape = f"{r['batch']} x {r['seq_len']}" if r["unit"] == "tokens" else f"{r['batch']} images"
-        print(f"| {r['preset']} | {r['model']} | {r['attention']} | {shape} | {r['per_second']:,.0f} {r['unit']}/s "
-              f"| {r['seconds']:.1f} |")
+        base = default.get((r["preset"], r["attention"]))
+        ratio = f"{r['per_second'] / base:.2f}x" if base else ""
+        print(f"| {r['preset']} | {r['model']} | {r['attention']} | {r['allocator']} | {shape} "
+              f"| {r['per_second']:,.0f} {r['unit']}/s | {r['seconds']:.1f} | {ratio} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -111,7 +111,8 @@ def test_config_overrides_and_round_trip(tmp_path: Path) -> None:
     config.save(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == config
     assert TrainConfig.from_dict(config.to_dict()) == config
-    for name in ("bert-cpu", "opt-cpu", "vit-cpu", "bert-base", "bert-6l", "vit-s16", "llama-finetune-cpu"):
+    for name in ("bert-cpu", "opt-cpu", "vit-cpu", "bert-base", "bert-6l", "vit-s16", "llama-finetune-cpu",
+                 "bert-finetune-cpu"):
         load_config(name)
 
 
@@ -205,3 +206,21 @@ def test_cli_stop_and_resume_from_the_run_dir(tmp_path: Path, capsys) -> None:
     assert cli_main(["train", "--resume", *common]) == 0  # config read back from RUN_DIR/config.yaml
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == 4
     assert load_model(tmp_path).config.num_hidden_layers == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_cpu_training_keeps_freed_memory(monkeypatch) -> None:
+    from quantizable.training.allocator import keep_freed_memory
+
+    def resident_mib() -> float:
+        line = next(row for row in Path("/proc/self/status").read_text().splitlines() if row.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    monkeypatch.setenv("QUANTIZABLE_KEEP_FREED_MEMORY", "0")
+    assert not keep_freed_memory()
+    monkeypatch.delenv("QUANTIZABLE_KEEP_FREED_MEMORY")
+    assert keep_freed_memory()
+    block = torch.ones(16 * 2**20)  # 64 MiB, touched: glibc would have mapped it and unmapped it on free
+    held = resident_mib()
+    del block
+    assert resident_mib() > held - 32  # freed, but kept by the process for the next step's buffers

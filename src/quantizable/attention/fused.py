@@ -36,9 +36,16 @@ BLOCK_ELEMENTS = 2**18
 
 
 def _row_blocks(query: torch.Tensor, key: torch.Tensor) -> list[slice]:
+    """Equal blocks of query rows (a short last block would cost a full set of calls for a few rows)."""
     batch, heads, q_len, _ = query.shape
-    rows = max(1, BLOCK_ELEMENTS // (batch * heads * key.shape[2]))
+    most = max(1, BLOCK_ELEMENTS // (batch * heads * key.shape[2]))
+    count = -(-q_len // most)
+    rows = -(-q_len // count)
     return [slice(start, min(start + rows, q_len)) for start in range(0, q_len, rows)]
+
+
+def _join(blocks: list[torch.Tensor]) -> torch.Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
 
 def _workspace(query: torch.Tensor, key: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
@@ -129,6 +136,8 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
                 key_bias, causal = _key_bias(keys, query.shape[0]), mask_causal
         # The dropout mask is drawn for the whole tensor at once, as nn.functional.dropout would draw it.
         keep = query.new_empty(scores_shape).bernoulli_(1.0 - dropout).bool() if dropout > 0.0 else None
+        # contiguous once, here, rather than inside every block's matmul (and again in backward)
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         key_t = key.transpose(2, 3)
         outputs, saved_probs = [], []
         blocks = _row_blocks(query, key)
@@ -157,7 +166,7 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
             dead_rows = dead_rows if dead_rows.any() else None
         ctx.save_for_backward(query, key, value, keep, dead_rows, *saved_probs)
         ctx.params = (scaling, gamma, zeta, dropout, kernel)
-        return torch.cat(outputs, dim=2)
+        return _join(outputs)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -171,6 +180,7 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
         factor = scaling * (zeta - gamma) / (1.0 - dropout)
         blocks = _row_blocks(query, key)
         clipped_buffer, grad_buffer = _workspace(query, key, blocks), _workspace(query, key, blocks)
+        grad_output = grad_output.contiguous()
         for rows, probs in zip(blocks, saved_probs):
             block_grad = grad_output[:, :, rows]
             clipped = _view(clipped_buffer, query, rows, key)
@@ -195,7 +205,7 @@ class ClippedSoftmaxAttention(torch.autograd.Function):
                 grad_scores.masked_fill_(_rows(dead_rows, rows), 0.0)
             grad_queries.append(torch.matmul(grad_scores, key))
             grad_key.add_(torch.matmul(grad_scores.transpose(2, 3), query[:, :, rows]))
-        return torch.cat(grad_queries, dim=2), grad_key, grad_value, None, None, None, None, None, None
+        return _join(grad_queries), grad_key, grad_value, None, None, None, None, None, None
 
 
 def clipped_softmax_attention(

@@ -30,6 +30,7 @@ from quantizable.analysis.recording import recording
 from quantizable.evaluation import evaluate
 from quantizable.models import (FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config,
                                 load_model)
+from quantizable.training.allocator import keep_freed_memory
 from quantizable.training.config import TrainConfig
 from quantizable.training.optim import make_optimizer, make_scheduler
 
@@ -317,6 +318,8 @@ def train(
         project_dir=str(run_dir),
         cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch start CPU (gloo) process groups
     )
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # no page faults on the buffers every step frees and allocates again
     set_seed(run.seed)
     model, tokenizer = build_model(config, init_from)
     task = family_of_config(model.config).task
