@@ -15,8 +15,8 @@ import os
 import shutil
 import subprocess
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
