@@ -174,6 +174,21 @@ class Job:
     label: str
 
 
+def job_run(job: Job) -> tuple[TrainConfig, Path]:
+    """The training configuration of a job and its run directory (named by a hash of all its settings)."""
+    config = run_config(job.family, job.method, job.seed, job.scale, job.overrides)
+    return config, job.out / "runs" / f"{job.family}-{job.method}-seed{job.seed}-{fingerprint(config, job.scale)}"
+
+
+def trained_steps(run_dir: Path) -> int:
+    """Optimizer steps a run has logged so far (its ``metrics.jsonl``), for progress across worker processes."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_bytes().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
     """Train (or resume, or reuse) one run and measure it once; returns its measurements.
 
@@ -182,8 +197,7 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
     """
     from quantizable.training import train
 
-    config = run_config(job.family, job.method, job.seed, job.scale, job.overrides)
-    run_dir = job.out / "runs" / f"{job.family}-{job.method}-seed{job.seed}-{fingerprint(config, job.scale)}"
+    config, run_dir = job_run(job)
     result_path, int8_path = run_dir / "measure.json", run_dir / "int8" / "int8.json"
     if result_path.is_file() and int8_path.is_file():
         print(f"{job.label}: reusing {run_dir.name}", flush=True)
@@ -221,7 +235,7 @@ def _init_worker(threads: int) -> None:
 
 def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> list[dict[str, Any]]:
     """Results of ``run_job`` in job order: in this process, or in ``workers`` spawned processes that share the
-    CPU cores (their per-step bars would interleave, so the parent shows one bar over finished jobs instead)."""
+    CPU cores."""
     if workers == 1:
         results = []
         for job in jobs:
@@ -235,19 +249,25 @@ def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> l
     threads = max(1, (os.cpu_count() or 1) // workers)
     print(f"running {len(jobs)} jobs in {workers} worker processes, {threads} thread(s) each", flush=True)
     context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
+    runs = [job_run(job) for job in jobs]
+    total = sum(config.run.steps for config, _ in runs)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
         futures = [pool.submit(run_job, job, False) for job in jobs]
-        with tqdm(total=len(jobs), desc="reproduce", unit="run", disable=not progress) as bar:
+        # the workers' own bars would interleave: one bar over the training steps of all jobs, read from the
+        # metrics every run logs, and the count of finished jobs
+        with tqdm(total=total, desc="reproduce", unit="step", disable=not progress) as bar:
             pending = set(futures)
             while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    if future.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise future.exception()
-                bar.update(len(done))
-                bar.set_postfix_str(f"elapsed {time.time() - started:.0f} s")
+                _, pending = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
+                failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+                if failed is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise failed.exception()
+                bar.n = sum(config.run.steps if future.done() else min(trained_steps(run_dir), config.run.steps)
+                            for future, (config, run_dir) in zip(futures, runs))
+                bar.set_postfix_str(f"{len(futures) - len(pending)}/{len(jobs)} runs done")
+                bar.refresh()
     return [future.result() for future in futures]
 
 
