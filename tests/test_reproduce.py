@@ -1,6 +1,7 @@
 """The reproduction pipeline end to end in its tiny form: train, measure, report, and reuse on re-run."""
 
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -79,3 +80,18 @@ def test_worker_processes_give_the_sequential_results(tmp_path, capsys):
 def test_workers_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         reproduce(tmp_path, "tiny", ("opt",), progress=False, workers=0)
+
+
+@pytest.mark.slow
+def test_a_failed_job_stops_the_workers_without_running_the_queue(tmp_path):
+    from quantizable.experiments.reproduce import SCALES, Job, job_run
+
+    jobs = [Job(f, m, 0, tmp_path, SCALES["tiny"], (), "") for f in ("opt", "vit")
+            for m in ("vanilla", "clipped_softmax", "gated_attention")]
+    first, last = job_run(jobs[0])[1], job_run(jobs[-1])[1]
+    first.parent.mkdir(parents=True)
+    first.write_text("not a run directory")  # the first job fails as soon as it starts
+    with pytest.raises(NotADirectoryError):
+        reproduce(tmp_path, "tiny", ("opt", "vit"), progress=False, workers=2)
+    assert not last.exists()  # the queue was dropped, not worked through
+    assert not multiprocessing.active_children()  # and no worker outlives the failure

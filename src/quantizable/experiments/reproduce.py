@@ -251,8 +251,9 @@ def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> l
     context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
     runs = [job_run(job) for job in jobs]
     total = sum(config.run.steps for config, _ in runs)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(run_job, job, False) for job in jobs]
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
+    futures = [pool.submit(run_job, job, False) for job in jobs]
+    try:
         # the workers' own bars would interleave: one bar over the training steps of all jobs, read from the
         # metrics every run logs, and the count of finished jobs
         with tqdm(total=total, desc="reproduce", unit="step", disable=not progress) as bar:
@@ -261,13 +262,22 @@ def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> l
                 _, pending = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
                 failed = next((f for f in futures if f.done() and f.exception() is not None), None)
                 if failed is not None:
-                    for other in pending:
-                        other.cancel()
                     raise failed.exception()
                 bar.n = sum(config.run.steps if future.done() else min(trained_steps(run_dir), config.run.steps)
                             for future, (config, run_dir) in zip(futures, runs))
                 bar.set_postfix_str(f"{len(futures) - len(pending)}/{len(jobs)} runs done")
                 bar.refresh()
+    except BaseException:
+        # Ctrl-C or a failed job: stop now rather than after the queued jobs; every run resumes from its last
+        # checkpoint (or reuses its finished measurements) when reproduce is run again
+        pool.shutdown(wait=False, cancel_futures=True)
+        children = multiprocessing.active_children()
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.join(timeout=30)
+        raise
+    pool.shutdown()
     return [future.result() for future in futures]
 
 
