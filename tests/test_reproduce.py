@@ -94,4 +94,5 @@ def test_a_failed_job_stops_the_workers_without_running_the_queue(tmp_path):
     with pytest.raises(NotADirectoryError):
         reproduce(tmp_path, "tiny", ("opt", "vit"), progress=False, workers=2)
     assert not last.exists()  # the queue was dropped, not worked through
-    assert not multiprocessing.active_children()  # and no worker outlives the failure
+    left = multiprocessing.active_children()
+    assert not left, [(c.name, c.pid, c.exitcode, c.is_alive()) for c in left]  # no worker outlives the failure

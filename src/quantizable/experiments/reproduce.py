@@ -229,6 +229,17 @@ def resolve_workers(workers: int | None, jobs: int) -> int:
     return max(1, min(workers, jobs))
 
 
+def _stop_children(keep: set[Any], patience_s: float = 30.0) -> None:
+    """Terminate the worker processes this process started (all children but ``keep``), also any the executor
+    starts while the others stop."""
+    deadline = time.monotonic() + patience_s
+    while (children := set(multiprocessing.active_children()) - keep) and time.monotonic() < deadline:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.join(timeout=1)
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -251,6 +262,7 @@ def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> l
     context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
     runs = [job_run(job) for job in jobs]
     total = sum(config.run.steps for config, _ in runs)
+    others = set(multiprocessing.active_children())  # children that are not ours to stop
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
     futures = [pool.submit(run_job, job, False) for job in jobs]
     try:
@@ -271,11 +283,9 @@ def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> l
         # Ctrl-C or a failed job: stop now rather than after the queued jobs; every run resumes from its last
         # checkpoint (or reuses its finished measurements) when reproduce is run again
         pool.shutdown(wait=False, cancel_futures=True)
-        children = multiprocessing.active_children()
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.join(timeout=30)
+        _stop_children(others)
+        pool.shutdown(wait=True)
+        _stop_children(others)
         raise
     pool.shutdown()
     return [future.result() for future in futures]
