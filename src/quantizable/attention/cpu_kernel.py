@@ -15,12 +15,13 @@ import os
 import shutil
 import subprocess
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from quantizable.attention.switch import Switch
 
 SOURCE = Path(__file__).parent / "kernels" / "clipped_softmax.c"
 # -march=native: the library is built on the machine that runs it; -ffast-math vectorises expf (glibc's libmvec)
@@ -56,23 +57,13 @@ def _build(compiler: str) -> Path:
     return library
 
 
-_ENABLED = True
-
-
-@contextmanager
-def use_cpu_kernel(enabled: bool) -> Iterator[None]:
-    """Use (default) or bypass the C kernel inside the block, e.g. to compare it with the ATen ops."""
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, enabled
-    try:
-        yield
-    finally:
-        _ENABLED = previous
+use_cpu_kernel = Switch("Use (default) or bypass the C kernel, e.g. to compare it with the ATen ops.")
 
 
 def kernel_applies(tensor: torch.Tensor) -> bool:
     """Whether clipped-softmax attention on ``tensor`` runs in the kernel: float32 on CPU, kernel enabled and built."""
-    return _ENABLED and tensor.device.type == "cpu" and tensor.dtype == torch.float32 and load_kernel() is not None
+    on_cpu_fp32 = tensor.device.type == "cpu" and tensor.dtype == torch.float32
+    return use_cpu_kernel.enabled and on_cpu_fp32 and load_kernel() is not None
 
 
 @functools.cache

@@ -15,8 +15,7 @@ there lets us change only the part between the projections and the output projec
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,24 +26,16 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from quantizable.attention.fused import clipped_softmax_attention
 from quantizable.attention.softmax import clipped_softmax, softmax_plus_one
 from quantizable.attention.spec import AttentionSpec
+from quantizable.attention.switch import Switch
 
 ATTN_IMPLEMENTATION = "quantizable"
 TAP_NAMES = ("scores", "probs", "context")
 
 Tap = Callable[[torch.Tensor], torch.Tensor]
 
-_FUSED = True
-
-
-@contextmanager
-def fused_attention(enabled: bool) -> Iterator[None]:
-    """Use (default) or bypass the clipped-softmax fast path inside the block, e.g. to compare it with the reference."""
-    global _FUSED
-    previous, _FUSED = _FUSED, enabled
-    try:
-        yield
-    finally:
-        _FUSED = previous
+fused_attention = Switch(
+    "Use (default) or bypass the clipped-softmax fast path inside the block, e.g. to compare it with the reference."
+)
 
 
 def _spec_of(module: nn.Module) -> AttentionSpec:
@@ -120,7 +111,7 @@ def quantizable_attention_forward(
     causal = bool(getattr(module, "is_causal", False)) if is_causal is None else is_causal
     observed = "scores" in taps or "probs" in taps or bool(kwargs.get("output_attentions"))
     if spec.needs_probabilities or observed:
-        fast = _FUSED and spec.kind == "clipped_softmax" and not observed
+        fast = fused_attention.enabled and spec.kind == "clipped_softmax" and not observed
         context, probs = _materialised_attention(
             module, query, key, value, attention_mask, scaling, dropout, causal, fast
         )

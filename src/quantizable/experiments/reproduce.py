@@ -343,7 +343,8 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
             "train_seeds": [r["seed"] for r in runs], "calib_seeds": list(scale.calib_seeds),
             "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
         })
-    summary = {"scale": scale_name, "overrides": list(overrides), "workers": workers, "elapsed_s": round(time.time() - started, 1),
+    summary = {"scale": scale_name, "overrides": list(overrides), "workers": workers,
+               "elapsed_s": round(time.time() - started, 1),
                "rows": rows}
     write_json_atomic(out / "results.json", rows)
     write_json_atomic(out / "summary.json", summary)
