@@ -269,6 +269,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per batch: batch = max(1, tokens // T)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
+    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=PRESETS, help="models to measure")
+    parser.add_argument("--lengths", nargs="+", type=int, default=None, help="sequence lengths (default 128 512)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--allocator", choices=("kept", "default"), default="kept",
                         help="kept (default): glibc keeps freed memory, as the trainer sets it "
@@ -278,7 +280,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     kept = args.allocator == "kept" and keep_freed_memory()
     device = torch.device(args.device)
-    lengths = (128,) if args.quick else (128, 512)
+    lengths = args.lengths or ((128,) if args.quick else (128, 512))
     steps = args.steps or (3 if args.quick else 5)
     start = time.perf_counter()
     core = []
@@ -286,7 +288,7 @@ def main() -> None:
         core += measure_attention_core(seq_len, max(1, args.tokens // seq_len), 10 * steps, device)
     print("## attention function alone (forward + backward)\n" + core_table(core) + "\n", flush=True)
     rows = []
-    for preset in PRESETS:
+    for preset in args.presets:
         for seq_len in lengths:
             rows += measure_group(preset, seq_len, max(1, args.tokens // seq_len), steps, warmup=1, device=device)
             print(f"# {preset} T={seq_len} done ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -84,7 +84,7 @@ def load_kernel() -> ctypes.CDLL | None:
     library.clipped_softmax_forward.argtypes = [_pointer_t, _pointer_t, _i64, _i64, _i64, _f32, _f32, _f32,
                                                 _pointer_t, _i64, _i64, _i64, _i64, _i64]
     library.clipped_softmax_backward.argtypes = [_pointer_t, _pointer_t, _pointer_t, _i64, _i64, _i64, _f32, _f32,
-                                                 _pointer_t, _f32]
+                                                 _f32, _pointer_t, _f32]
     library.clipped_softmax_forward.restype = library.clipped_softmax_backward.restype = None
     return library
 
@@ -129,13 +129,14 @@ def clipped_softmax_rows(scores: torch.Tensor, scale: float, gamma: float, zeta:
 
 
 def clipped_softmax_rows_backward(grad: torch.Tensor, probs: torch.Tensor, clipped: torch.Tensor, gamma: float,
-                                  zeta: float, keep: torch.Tensor | None = None, keep_scale: float = 1.0) -> None:
-    """In place on contiguous float32 blocks: ``grad`` (``dO @ V^T`` times the scalar factors) becomes the scores'
-    gradient before scaling; ``clipped`` receives the clipped probabilities (times ``keep * keep_scale`` under
+                                  zeta: float, grad_scale: float = 1.0, keep: torch.Tensor | None = None,
+                                  keep_scale: float = 1.0) -> None:
+    """In place on contiguous float32 blocks: ``grad`` (``dO @ V^T``) becomes the scores' gradient, with the
+    scalar factors ``grad_scale`` applied; ``clipped`` receives the clipped probabilities (times ``keep * keep_scale`` under
     dropout, ``keep`` a contiguous uint8 mask) that ``dV`` needs."""
     library = load_kernel()
     cols = grad.shape[-1]
     g, p, c, k = _pointer(grad), _pointer(probs), _pointer(clipped), _pointer(keep)
-    _over_rows(lambda begin, end: library.clipped_softmax_backward(g, p, c, begin, end, cols, gamma, zeta, k,
-                                                                   keep_scale),
+    _over_rows(lambda begin, end: library.clipped_softmax_backward(g, p, c, begin, end, cols, gamma, zeta,
+                                                                   grad_scale, k, keep_scale),
                grad.numel() // cols, cols)

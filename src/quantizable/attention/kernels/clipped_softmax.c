@@ -21,6 +21,25 @@
 
 static inline float clampf(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 
+/* exp(x) for x in [EXP_FLOOR, 0], inline so that whole rows vectorise without a call per vector (libmvec's expf
+ * took most of the forward time). exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 with ln 2 split in two
+ * for an exact product; exp(r) on |r| <= ln 2 / 2 by Cephes' degree-6 polynomial (about 1 ulp); 2^n built in the
+ * exponent bits (n >= -126: a normal float). */
+static inline float exp_nonpositive(float x) {
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float y = 1.9875691500e-4f;
+    y = fmaf(y, r, 1.3981999507e-3f);
+    y = fmaf(y, r, 8.3334519073e-3f);
+    y = fmaf(y, r, 4.1665795894e-2f);
+    y = fmaf(y, r, 1.6666665459e-1f);
+    y = fmaf(y, r, 5.0000001201e-1f);
+    y = fmaf(y * r, r, r) + 1.0f;
+    union { int32_t i; float f; } two_n = { .i = ((int32_t)n + 127) << 23 };
+    return y * two_n.f;
+}
+
 /* s: raw scores q.k (in: scores; out: clipped probabilities), p: out: softmax probabilities (saved for backward). */
 void clipped_softmax_forward(float *s, float *p, int64_t row_begin, int64_t row_end, int64_t cols, float scale,
                              float gamma, float zeta, const float *key_bias, int64_t rows_per_batch, int64_t causal,
@@ -45,9 +64,8 @@ void clipped_softmax_forward(float *s, float *p, int64_t row_begin, int64_t row_
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < limit; ++j) {
-            /* masked keys sit near -FLT_MAX: expf's vector form leaves its fast path for inputs that only
-               underflow, so they are raised to EXP_FLOOR here and flushed to 0 below */
-            pr[j] = expf(fmaxf(x[j] - m, EXP_FLOOR));
+            /* masked keys sit near -FLT_MAX: they are raised to EXP_FLOOR here and flushed to 0 below */
+            pr[j] = exp_nonpositive(fmaxf(x[j] - m, EXP_FLOOR));
             sum += pr[j];
         }
         const float inv = 1.0f / sum;
@@ -61,10 +79,10 @@ void clipped_softmax_forward(float *s, float *p, int64_t row_begin, int64_t row_
     }
 }
 
-/* g: in: dO.V^T already multiplied by the scalar factors; out: d scores / scaling-free.
+/* g: in: dO.V^T; out: d scores times grad_scale (the scalar factors: scaling, zeta - gamma, 1 / (1 - dropout)).
  * p: saved probabilities; c: out: the clipped probabilities (times dropout's keep / (1 - rate)) for dV. */
 void clipped_softmax_backward(float *g, const float *p, float *c, int64_t row_begin, int64_t row_end, int64_t cols,
-                              float gamma, float zeta, const uint8_t *keep, float keep_scale) {
+                              float gamma, float zeta, float grad_scale, const uint8_t *keep, float keep_scale) {
     const float stretch = zeta - gamma;
     for (int64_t r = row_begin; r < row_end; ++r) {
         float *restrict gr = g + r * cols, *restrict cr = c + r * cols;
@@ -75,7 +93,8 @@ void clipped_softmax_backward(float *g, const float *p, float *c, int64_t row_be
 #pragma omp simd reduction(+ : dot)
             for (int64_t j = 0; j < cols; ++j) {
                 const float y = stretch * pr[j] + gamma, kept = (float)kr[j];
-                const float grad = (y > 0.0f && y < 1.0f) ? gr[j] * kept : 0.0f;  /* clamp: gradient strictly inside */
+                /* clamp: gradient strictly inside (0, 1) */
+                const float grad = (y > 0.0f && y < 1.0f) ? gr[j] * grad_scale * kept : 0.0f;
                 gr[j] = grad;
                 cr[j] = clampf(y) * kept * keep_scale;
                 dot += grad * pr[j];
@@ -84,7 +103,7 @@ void clipped_softmax_backward(float *g, const float *p, float *c, int64_t row_be
 #pragma omp simd reduction(+ : dot)
             for (int64_t j = 0; j < cols; ++j) {
                 const float y = stretch * pr[j] + gamma;
-                const float grad = (y > 0.0f && y < 1.0f) ? gr[j] : 0.0f;
+                const float grad = (y > 0.0f && y < 1.0f) ? gr[j] * grad_scale : 0.0f;
                 gr[j] = grad;
                 cr[j] = clampf(y);
                 dot += grad * pr[j];
