@@ -164,6 +164,7 @@ def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
 def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int,
                   device: torch.device) -> list[dict[str, Any]]:
     models, inputs, tokens = build_group(preset, seq_len, batch)
+    layers = models[BASELINE].config.num_hidden_layers
     inputs = {k: v.to(device) for k, v in inputs.items()}
     steps_of = {}
     for variant in VARIANTS:
@@ -182,7 +183,7 @@ def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int
     rows = []
     for name in names:
         rows.append({
-            "model": preset, "seq_len": tokens, "batch": batch, "variant": name,
+            "model": preset, "seq_len": tokens, "length": seq_len, "layers": layers, "batch": batch, "variant": name,
             "step_ms": 1000 * statistics.median(times[name]),
             "step_ms_all": [round(1000 * t, 2) for t in times[name]],
             "peak_step_bytes": peak_step_memory(steps_of[name], device),
@@ -263,6 +264,20 @@ def core_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def implied_step_overheads(core: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """Each variant's extra attention time (attention-alone timings) times layers, over the SDPA step time: a
+    second estimate of the step overhead, steadier than the step ratios on a shared machine."""
+    core_ms = {(r["seq_len"], r["variant"]): r["ms"] for r in core}
+    variants = [v.name for v in VARIANTS if v.name != BASELINE]
+    lines = ["| model | T | " + " | ".join(variants) + " |", "|---|---:|" + "---:|" * len(variants)]
+    for base in (r for r in rows if r["variant"] == BASELINE and (r["length"], BASELINE) in core_ms):
+        extra = [(core_ms[base["length"], v] - core_ms[base["length"], BASELINE]) * base["layers"] / base["step_ms"]
+                 for v in variants]
+        lines.append(f"| {base['model']} | {base['seq_len']} | " + " | ".join(f"{100 * e:+.1f}%" for e in extra)
+                     + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T=128 only and fewer steps (~1 min on CPU)")
@@ -293,6 +308,7 @@ def main() -> None:
             rows += measure_group(preset, seq_len, max(1, args.tokens // seq_len), steps, warmup=1, device=device)
             print(f"# {preset} T={seq_len} done ({time.perf_counter() - start:.0f} s)", flush=True)
     print("## training step (forward + backward + AdamW)\n" + markdown_table(rows))
+    print("\n## step overhead implied by the attention-alone timings\n" + implied_step_overheads(core, rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": str(device), "threads": args.threads, "steps": steps, "quick": args.quick,
             "kept_freed_memory": kept,
