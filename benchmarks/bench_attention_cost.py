@@ -39,6 +39,8 @@ from quantizable.attention import AttentionGate, AttentionSpec, spec_for_method,
 from quantizable.attention.interface import fused_attention, quantizable_attention_forward
 from quantizable.models import apply_attention_spec, create_model
 from quantizable.training.allocator import keep_freed_memory
+from quantizable.training.config import OptimConfig
+from quantizable.training.optim import make_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "attention_cost.json"
 BASELINE = "vanilla_sdpa"
@@ -101,7 +103,7 @@ def build_group(
 
 
 def make_step(model: PreTrainedModel, inputs: dict[str, torch.Tensor], variant: Variant) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, OptimConfig())  # the trainer's (fused) AdamW
 
     def step() -> None:
         with variant.context():

@@ -1,5 +1,6 @@
-"""The clipped-softmax fast path (attention.fused) equals the reference ops, in values and gradients, both with the
-C row kernel (attention.cpu_kernel; to float rounding) and with its ATen ops (forward bit for bit)."""
+"""The fast paths equal the reference ops, in values and gradients: clipped softmax's single node (attention.fused)
+and the fused linear gate (attention.gates), both with the C row kernels (attention.cpu_kernel; to float rounding)
+and, for clipped softmax, with its ATen ops (forward bit for bit)."""
 
 import os
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantizable.attention import AttentionSpec
+from quantizable.attention import AttentionGate, AttentionSpec
 from quantizable.attention import cpu_kernel, fused
 from quantizable.attention.fused import clipped_softmax_attention
 from quantizable.attention.interface import fused_attention, quantizable_attention_forward
@@ -197,9 +198,33 @@ NO_ATTENTION_DROPOUT = {
 }
 
 
+@pytest.mark.parametrize("dim", [16, 12])  # a head size the kernel specialises, and one it does not
+def test_fused_linear_gate_matches_the_aten_gate(dim, backend):
+    heads = 5
+    spec = AttentionSpec(kind="gated_attention", gate_type="linear")
+    gate = AttentionGate(spec, heads * dim, heads, dim, init_std=1.0)  # wide logits: some gates saturate
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, heads * dim, generator=g).requires_grad_()
+    # the attention output as the clipped path hands it over: a transposed (non-contiguous) view
+    output = torch.randn(3, heads, 7, dim, generator=g).transpose(1, 2).requires_grad_()
+    upstream = torch.randn(3, 7, heads, dim, generator=g)
+    inputs = (output, x, gate.weight, gate.bias)
+    with fused_attention(False):
+        want = gate.gated(output, x)
+    got = gate.gated(output, x)
+    fused_node = type(got.grad_fn).__name__ == "FusedLinearGateBackward"
+    assert fused_node == (backend != "aten" and cpu_kernel.load_kernel() is not None)
+    _assert_same(got, want, backend)
+    for got_grad, want_grad in zip(torch.autograd.grad(got, inputs, upstream),
+                                   torch.autograd.grad(want, inputs, upstream)):
+        _assert_close(got_grad, want_grad, backend)
+
+
 @pytest.mark.parametrize("preset", list(NO_ATTENTION_DROPOUT))
-def test_training_step_gradients_match_in_every_family(preset, backend):
-    spec = AttentionSpec(kind="clipped_softmax", gamma=-0.05)
+@pytest.mark.parametrize("spec", [AttentionSpec(kind="clipped_softmax", gamma=-0.05),
+                                  AttentionSpec(kind="gated_attention", gate_type="linear")],
+                         ids=["clipped_softmax", "linear_gate"])
+def test_training_step_gradients_match_in_every_family(preset, spec, backend):
     model = create_model(preset, spec, **NO_ATTENTION_DROPOUT[preset]).train()
     batch = tiny_batch(preset)
     if "attention_mask" in batch:
@@ -214,7 +239,7 @@ def test_training_step_gradients_match_in_every_family(preset, backend):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    assert attention_modules(model)[0].attention_spec.kind == "clipped_softmax"
+    assert attention_modules(model)[0].attention_spec.kind == spec.kind
     ref_loss, ref_grads = loss_and_grads(False)
     loss, grads = loss_and_grads(True)
     _assert_same(loss, ref_loss, backend)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from quantizable.cli.main import main as cli_main
 from quantizable.models import load_model
 from quantizable.training import TrainConfig, load_config, train
-from quantizable.training.optim import lr_factor, parameter_groups
+from quantizable.training.optim import lr_factor, make_optimizer, parameter_groups
 from quantizable.training.trainer import weight_digest
 
 torch.set_num_threads(1)
@@ -136,6 +136,26 @@ def test_optimizer_groups_and_schedule() -> None:
     assert lr_factor(110, 110, config.optim) == pytest.approx(0.1)
     config.optim.schedule = "cosine"
     assert lr_factor(60, 110, config.optim) == pytest.approx(0.55)
+
+
+def test_optimizer_is_fused_adamw_with_the_loop_versions_updates() -> None:
+    from quantizable.models import create_model
+
+    config = load_config("opt-tiny")
+    models = [create_model("opt-tiny") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0], config.optim)
+    loop = torch.optim.AdamW(parameter_groups(models[1], config.optim), lr=config.optim.lr,
+                             betas=tuple(config.optim.betas), eps=config.optim.eps, foreach=False)
+    assert fused.defaults["fused"]
+    for step in range(3):
+        for model in models:
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        fused.step()
+        loop.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_gate_lr_scale_gives_only_the_gates_a_larger_learning_rate() -> None:

@@ -8,7 +8,7 @@ there lets us change only the part between the projections and the output projec
   takes the single-node fast path of ``attention.fused`` unless taps need the intermediates or
   ``fused_attention(False)`` selects the reference ops;
 * an optional per-head gate on the attention output, computed from the module's input hidden state, which a
-  forward pre-hook passes down as the keyword ``attn_gate_input``;
+  forward pre-hook passes down as the keyword ``attn_gate_input`` (the linear gate is one fused node on CPU);
 * named *taps* (``scores``, ``probs``, ``context``) where quantizers and analysis hooks observe or replace the
   internal tensors; a module with taps on ``scores``/``probs`` takes the materialised path.
 """
@@ -26,16 +26,12 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from quantizable.attention.fused import clipped_softmax_attention
 from quantizable.attention.softmax import clipped_softmax, softmax_plus_one
 from quantizable.attention.spec import AttentionSpec
-from quantizable.attention.switch import Switch
+from quantizable.attention.switch import fused_attention
 
 ATTN_IMPLEMENTATION = "quantizable"
 TAP_NAMES = ("scores", "probs", "context")
 
 Tap = Callable[[torch.Tensor], torch.Tensor]
-
-fused_attention = Switch(
-    "Use (default) or bypass the clipped-softmax fast path inside the block, e.g. to compare it with the reference."
-)
 
 
 def _spec_of(module: nn.Module) -> AttentionSpec:
@@ -124,7 +120,7 @@ def quantizable_attention_forward(
     if gate is not None:
         if attn_gate_input is None:
             raise RuntimeError("gated attention module was called without its gate input hook installed")
-        output = output * gate(attn_gate_input).to(output.dtype)
+        output = gate.gated(output, attn_gate_input)
     return _tap(module, "context", output.contiguous()), probs
 
 

@@ -19,3 +19,9 @@ class Switch:
             yield
         finally:
             self.enabled = previous
+
+
+fused_attention = Switch(
+    "Use (default) or bypass the fast paths inside the block (clipped softmax's single node, the fused linear "
+    "gate), e.g. to compare them with the reference ops or to trace plain torch ops for export."
+)

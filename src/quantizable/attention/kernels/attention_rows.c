@@ -1,11 +1,12 @@
-/* Clipped softmax on rows of attention scores, fused into one sweep per row (forward) and one per row (backward).
+/* CPU row kernels of the attention variants: clipped softmax on rows of attention scores and the linear attention
+ * gate on rows of attention output, each fused into one sweep per row in forward and one in backward.
  *
- * The ATen path of attention/fused.py spends most of its time in elementwise passes over (rows, T_k) blocks:
+ * Clipped softmax: the ATen path of attention/fused.py spends most of its time in elementwise passes over (rows, T_k) blocks:
  * scale, mask, softmax (itself three passes), multiply, add, clamp; backward another six. Here each row is read
  * once into L1 and every elementwise step happens there. Plain C on contiguous float32 buffers, called through
  * ctypes: no torch headers, so it builds in about a second on first use (see attention/cpu_kernel.py).
  *
- * A block holds B * H * R rows of length cols; a call handles rows [row_begin, row_end), so threads can split a
+ * A block of scores holds B * H * R rows of length cols; a call handles rows [row_begin, row_end), so threads can split a
  * block. Masks the kernel applies itself:
  *   key_bias   (B, cols) additive, broadcast over heads and query rows (BERT-style padding), or NULL;
  *   causal     query row i (row_start + its index in the block's R rows) sees columns j <= i + causal_offset.
@@ -111,5 +112,95 @@ void clipped_softmax_backward(float *g, const float *p, float *c, int64_t row_be
         }
 #pragma omp simd
         for (int64_t j = 0; j < cols; ++j) gr[j] = pr[j] * (gr[j] - dot);
+    }
+}
+
+/* Linear attention gate, per token t and head h: pi = sigmoid(b[h] + x[t, h, :] . w[h, :]), y[t, h, :] =
+ * o[t, h, :] * pi. On ATen that is ten-odd small dispatched ops per layer, which at ViT-small size cost a tenth of
+ * the attention itself. x, o, y: (tokens, heads * dim) rows; pi: (tokens, heads); heads <= MAX_HEADS. */
+#define MAX_HEADS 256
+
+static inline float sigmoidf(float z) {
+    const float e = exp_nonpositive(fmaxf(-fabsf(z), EXP_FLOOR));  /* exp(-|z|): no overflow */
+    return z >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+
+/* One token's row; always inlined, so that the dispatch below compiles it for constant head sizes. */
+static inline __attribute__((always_inline)) void gate_forward_token(
+        const float *restrict orow, const float *restrict xr, const float *restrict w, const float *restrict b,
+        float *restrict yr, float *restrict pr, int64_t heads, int64_t dim) {
+    float logit[MAX_HEADS];
+    for (int64_t h = 0; h < heads; ++h) {
+        float sum = b[h];
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < dim; ++i) sum += xr[h * dim + i] * w[h * dim + i];
+        logit[h] = sum;
+    }
+#pragma omp simd
+    for (int64_t h = 0; h < heads; ++h) pr[h] = sigmoidf(logit[h]);
+    for (int64_t h = 0; h < heads; ++h) {
+        const float p = pr[h];
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) yr[h * dim + i] = orow[h * dim + i] * p;
+    }
+}
+
+void linear_gate_forward(const float *o, const float *x, const float *w, const float *b, float *y, float *pi,
+                         int64_t token_begin, int64_t token_end, int64_t heads, int64_t dim) {
+    for (int64_t t = token_begin; t < token_end; ++t) {
+        const int64_t row = t * heads * dim;
+        switch (dim) {  /* the common head sizes as compile-time constants: loops unrolled, no remainder code */
+            case 16: gate_forward_token(o + row, x + row, w, b, y + row, pi + t * heads, heads, 16); break;
+            case 32: gate_forward_token(o + row, x + row, w, b, y + row, pi + t * heads, heads, 32); break;
+            case 64: gate_forward_token(o + row, x + row, w, b, y + row, pi + t * heads, heads, 64); break;
+            case 128: gate_forward_token(o + row, x + row, w, b, y + row, pi + t * heads, heads, 128); break;
+            default: gate_forward_token(o + row, x + row, w, b, y + row, pi + t * heads, heads, dim);
+        }
+    }
+}
+
+/* gy: the gated output's gradient. Writes go and gx for the tokens in range and adds this range's sums over
+ * tokens to gw (heads * dim) and gb (heads), which belong to the calling thread alone. */
+static inline __attribute__((always_inline)) void gate_backward_token(
+        const float *restrict gyr, const float *restrict orow, const float *restrict xr, const float *restrict w,
+        const float *restrict pr, float *restrict gor, float *restrict gxr, float *restrict gw,
+        float *restrict gb, int64_t heads, int64_t dim) {
+    float grad_logit[MAX_HEADS];
+    for (int64_t h = 0; h < heads; ++h) {
+        const float p = pr[h];
+        float grad_pi = 0.0f;
+#pragma omp simd reduction(+ : grad_pi)
+        for (int64_t i = 0; i < dim; ++i) {
+            grad_pi += gyr[h * dim + i] * orow[h * dim + i];
+            gor[h * dim + i] = gyr[h * dim + i] * p;
+        }
+        grad_logit[h] = grad_pi * p * (1.0f - p);
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+        const float g = grad_logit[h];
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) {
+            gxr[h * dim + i] = g * w[h * dim + i];
+            gw[h * dim + i] += g * xr[h * dim + i];
+        }
+        gb[h] += g;
+    }
+}
+
+void linear_gate_backward(const float *gy, const float *o, const float *x, const float *w, const float *pi,
+                          float *go, float *gx, float *gw, float *gb, int64_t token_begin, int64_t token_end,
+                          int64_t heads, int64_t dim) {
+    for (int64_t t = token_begin; t < token_end; ++t) {
+        const int64_t row = t * heads * dim;
+#define GATE_BACKWARD_TOKEN(D) \
+    gate_backward_token(gy + row, o + row, x + row, w, pi + t * heads, go + row, gx + row, gw, gb, heads, D)
+        switch (dim) {
+            case 16: GATE_BACKWARD_TOKEN(16); break;
+            case 32: GATE_BACKWARD_TOKEN(32); break;
+            case 64: GATE_BACKWARD_TOKEN(64); break;
+            case 128: GATE_BACKWARD_TOKEN(128); break;
+            default: GATE_BACKWARD_TOKEN(dim);
+        }
+#undef GATE_BACKWARD_TOKEN
     }
 }
