@@ -163,8 +163,10 @@ def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
     return (_proc_status_kib("VmHWM") - before) * 1024
 
 
-def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int,
-                  device: torch.device) -> list[dict[str, Any]]:
+def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int, device: torch.device,
+                  seconds: float = 0.0) -> list[dict[str, Any]]:
+    """Step time and memory of every variant; at least ``steps`` timed rounds, more until the baseline's timed
+    steps add up to ``seconds`` (so that fast models get as many samples for the median as they need)."""
     models, inputs, tokens = build_group(preset, seq_len, batch)
     layers = models[BASELINE].config.num_hidden_layers
     inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -173,7 +175,8 @@ def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int
         steps_of[variant.name] = make_step(models[variant.name].to(device), inputs, variant)
     times: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
     names = [v.name for v in VARIANTS]
-    for round_ in range(warmup + steps):
+    round_ = 0
+    while round_ < warmup + steps or sum(times[BASELINE]) < seconds:
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             _sync(device)
@@ -182,12 +185,13 @@ def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int
             _sync(device)
             if round_ >= warmup:
                 times[name].append(_clock(device) - start)
+        round_ += 1
     rows = []
     for name in names:
         rows.append({
             "model": preset, "seq_len": tokens, "length": seq_len, "layers": layers, "batch": batch, "variant": name,
             "step_ms": 1000 * statistics.median(times[name]),
-            "step_ms_all": [round(1000 * t, 2) for t in times[name]],
+            "steps": len(times[name]), "step_ms_all": [round(1000 * t, 2) for t in times[name]],
             "peak_step_bytes": peak_step_memory(steps_of[name], device),
             "saved_for_backward_bytes": saved_for_backward_bytes(steps_of[name]),
         })
@@ -286,6 +290,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per batch: batch = max(1, tokens // T)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
+    parser.add_argument("--seconds", type=float, default=0.0,
+                        help="more steps until vanilla SDPA's timed steps of a group add up to this many seconds")
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=PRESETS, help="models to measure")
     parser.add_argument("--lengths", nargs="+", type=int, default=None, help="sequence lengths (default 128 512)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -307,12 +313,15 @@ def main() -> None:
     rows = []
     for preset in args.presets:
         for seq_len in lengths:
-            rows += measure_group(preset, seq_len, max(1, args.tokens // seq_len), steps, warmup=1, device=device)
-            print(f"# {preset} T={seq_len} done ({time.perf_counter() - start:.0f} s)", flush=True)
+            rows += measure_group(preset, seq_len, max(1, args.tokens // seq_len), steps, warmup=1, device=device,
+                                  seconds=args.seconds)
+            print(f"# {preset} T={seq_len} done: {rows[-1]['steps']} timed steps per variant "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
     print("## training step (forward + backward + AdamW)\n" + markdown_table(rows))
     print("\n## step overhead implied by the attention-alone timings\n" + implied_step_overheads(core, rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(device), "threads": args.threads, "steps": steps, "quick": args.quick,
+    meta = {"device": str(device), "threads": args.threads, "steps": steps, "seconds": args.seconds,
+            "quick": args.quick,
             "kept_freed_memory": kept,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "wall_s": round(time.perf_counter() - start, 1)}

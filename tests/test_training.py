@@ -156,6 +156,8 @@ def test_optimizer_is_fused_adamw_with_the_loop_versions_updates() -> None:
         loop.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    config.optim.fused = False
+    assert not make_optimizer(models[0], config.optim).defaults["fused"]
 
 
 def test_gate_lr_scale_gives_only_the_gates_a_larger_learning_rate() -> None:

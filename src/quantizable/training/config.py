@@ -75,6 +75,7 @@ class OptimConfig:
     grad_accum: int = 1
     decay_layernorm_gamma: bool = False
     gate_lr_scale: float = 1.0
+    fused: bool = True  # fused AdamW where every parameter allows it (false: torch's default implementation)
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
