@@ -42,7 +42,7 @@ def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
 def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``parameter_groups``; with ``config.fused`` the fused implementation (one kernel over all
     parameters) wherever every parameter is a float tensor on CPU or CUDA. On CPU torch otherwise picks its
-    per-parameter loop, which took 4x as long (vit-small: 2.96 vs 0.67 ms per step, a tenth of the step)."""
+    per-parameter loop, which took 4x as long (bert-small: 15.0 vs 3.7 ms per optimizer step)."""
     groups = parameter_groups(model, config)
     fused = config.fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                  for g in groups for p in g["params"])
