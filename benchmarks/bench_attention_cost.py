@@ -3,19 +3,21 @@
 One run measures, for small BERT / OPT / ViT models at two sequence lengths, a full training step (forward,
 backward, AdamW step) of: vanilla on SDPA, vanilla on transformers' eager attention, clipped softmax on the reference
 ops and on the fused fast path (with its C row kernel, and with its ATen ops), and gated attention with each gate
-type. All variants of one (model, length) group share the same weights and batch, and their steps are interleaved round-robin (rotating the order every round), so
-slow phases of a shared machine hit all variants alike; the reported time is the median step. On CPU the clock
-is this process's CPU time (one torch thread), which other processes' load hardly changes; on CUDA wall time.
-As in the trainer, glibc keeps freed memory (``--allocator default`` to measure without), so that steps do not
-pay page faults for buffers the previous step freed.
+type. All variants of one (model, length) group share the same weights and batch, and their steps are interleaved
+round-robin (rotating the order every round), so slow phases of a shared machine hit all variants alike; the
+reported time is the median step (``--seconds`` adds rounds until the baseline's steps add up to that much). On
+CPU the clock is this process's CPU time (one torch thread), which other processes' load hardly changes; on CUDA
+wall time. As in the trainer, glibc keeps freed memory (``--allocator default`` to measure without), so that steps
+do not pay page faults for buffers the previous step freed, and AdamW is the trainer's fused one.
 
 Memory: on CUDA the peak allocated during one step above the allocation before it. On CPU the peak resident set
 of one step above the resident set before it (glibc's free memory is trimmed first and Linux's high-water mark is
 reset through /proc/self/clear_refs), plus the bytes autograd saves for backward (deterministic, shared storages
 counted once). Attention-probability dropout is set to 0 so that SDPA can use its fused kernel.
 
-    python benchmarks/bench_attention_cost.py            # ~5 min on 1 CPU thread
-    python benchmarks/bench_attention_cost.py --quick    # ~1 min: T=128 only, fewer steps
+    python benchmarks/bench_attention_cost.py                        # ~4 min on 1 CPU thread
+    python benchmarks/bench_attention_cost.py --steps 24 --seconds 6 # ~8 min: the run in docs/performance.md
+    python benchmarks/bench_attention_cost.py --quick                # ~1 min: T=128 only, fewer steps
 """
 
 from __future__ import annotations

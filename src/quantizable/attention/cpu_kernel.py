@@ -27,7 +27,7 @@ import torch
 from quantizable.attention.switch import Switch
 
 SOURCE = Path(__file__).parent / "kernels" / "attention_rows.c"
-# -march=native: the library is built on the machine that runs it; -ffast-math vectorises expf (glibc's libmvec)
+# -march=native: the library is built on the machine that runs it; -ffast-math lets the row reductions vectorise
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC")
 # Below this many scores per block one thread does the rows: handing work to other threads costs more.
 PARALLEL_MIN_ELEMENTS = 2**16
@@ -146,8 +146,8 @@ def clipped_softmax_rows_backward(grad: torch.Tensor, probs: torch.Tensor, clipp
                                   zeta: float, grad_scale: float = 1.0, keep: torch.Tensor | None = None,
                                   keep_scale: float = 1.0) -> None:
     """In place on contiguous float32 blocks: ``grad`` (``dO @ V^T``) becomes the scores' gradient, with the
-    scalar factors ``grad_scale`` applied; ``clipped`` receives the clipped probabilities (times ``keep * keep_scale`` under
-    dropout, ``keep`` a contiguous uint8 mask) that ``dV`` needs."""
+    scalar factors ``grad_scale`` applied; ``clipped`` receives the clipped probabilities (times
+    ``keep * keep_scale`` under dropout, ``keep`` a contiguous uint8 mask) that ``dV`` needs."""
     library = load_kernel()
     cols = grad.shape[-1]
     g, p, c, k = _pointer(grad), _pointer(probs), _pointer(clipped), _pointer(keep)
@@ -156,7 +156,7 @@ def clipped_softmax_rows_backward(grad: torch.Tensor, probs: torch.Tensor, clipp
                _row_ranges(grad.numel() // cols, cols))
 
 
-# heads * dim of a token's row in the kernel's stack arrays (MAX_HEADS in attention_rows.c)
+# the most heads the gate kernel's per-token arrays hold (MAX_HEADS in attention_rows.c)
 MAX_GATE_HEADS = 256
 
 

@@ -1,13 +1,12 @@
 /* CPU row kernels of the attention variants: clipped softmax on rows of attention scores and the linear attention
- * gate on rows of attention output, each fused into one sweep per row in forward and one in backward.
+ * gate on rows of attention output, each fused into one sweep per row in forward and one in backward. Plain C on
+ * contiguous float32 buffers, called through ctypes: no torch headers, so it builds in about a second on first use
+ * (see attention/cpu_kernel.py).
  *
- * Clipped softmax: the ATen path of attention/fused.py spends most of its time in elementwise passes over (rows, T_k) blocks:
- * scale, mask, softmax (itself three passes), multiply, add, clamp; backward another six. Here each row is read
- * once into L1 and every elementwise step happens there. Plain C on contiguous float32 buffers, called through
- * ctypes: no torch headers, so it builds in about a second on first use (see attention/cpu_kernel.py).
- *
- * A block of scores holds B * H * R rows of length cols; a call handles rows [row_begin, row_end), so threads can split a
- * block. Masks the kernel applies itself:
+ * Clipped softmax: the ATen path of attention/fused.py spends most of its time in elementwise passes over
+ * (rows, T_k) blocks: scale, mask, softmax (itself three passes), multiply, add, clamp; backward another six. Here
+ * each row is read once into L1 and every elementwise step happens there. A block of scores holds B * H * R rows of
+ * length cols; a call handles rows [row_begin, row_end), so threads can split a block. Masks the kernel applies:
  *   key_bias   (B, cols) additive, broadcast over heads and query rows (BERT-style padding), or NULL;
  *   causal     query row i (row_start + its index in the block's R rows) sees columns j <= i + causal_offset.
  */
