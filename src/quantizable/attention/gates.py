@@ -1,7 +1,8 @@
 """Attention gates: ``pi = sigmoid(G(x))`` scales each head's output so a head can switch itself off.
 
 x is the attention module's input hidden state (after the pre-attention LayerNorm in pre-LN models). All gate
-types keep their weights as plain parameters batched over heads, so one einsum evaluates every head's gate.
+types keep their weights as plain parameters batched over heads, so a few batched ops evaluate every head's gate;
+the linear gate (the default) is one fused node with the multiplication by the output on CPU (``FusedLinearGate``).
 """
 
 from __future__ import annotations
