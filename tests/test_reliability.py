@@ -7,6 +7,7 @@ import ast
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -170,6 +171,14 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path, m
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_2"]
     assert _checkpoint_is_intact(run_dir / "checkpoints" / "step_2")
     assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
+
+
+def test_checkpoints_of_tied_models_do_not_warn(tmp_path: Path, caplog) -> None:
+    """accelerate's notice that it left out the tied lm_head is not shown (resuming re-ties it: kill test above)."""
+    with caplog.at_level(logging.WARNING):
+        train(load_config("opt-tiny", ["run.steps=2", "run.checkpoint_every=1"]), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step_2").is_dir()
+    assert not [r for r in caplog.records if "shared tensor" in r.getMessage()]
 
 
 # 4. nothing in src/ unpickles files

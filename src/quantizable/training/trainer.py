@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -254,6 +255,14 @@ def _verified_state(path: Path) -> dict[str, Any]:
     return state
 
 
+class _TiedWeightsNotice(logging.Filter):
+    """accelerate warns at every checkpoint that it left out the tied copy of the embeddings (OPT's ``lm_head``,
+    BERT's MLM decoder); loading ties them again, which the kill-and-resume test checks bit for bit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
 def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, Any]) -> None:
     """``save_state`` into a temporary directory, then rename; older checkpoints go once the new one exists, so a
     crash at any point leaves the last complete checkpoint in place."""
@@ -262,7 +271,12 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, A
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary), safe_serialization=True)
+    accelerate_log, notice = logging.getLogger("accelerate.utils.other"), _TiedWeightsNotice()
+    accelerate_log.addFilter(notice)
+    try:
+        accelerator.save_state(str(temporary), safe_serialization=True)
+    finally:
+        accelerate_log.removeFilter(notice)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / STATE_FILE).write_text(json.dumps({**state, "files": _file_digests(temporary)}))
