@@ -185,5 +185,5 @@ def linear_gate_rows_backward(grad: torch.Tensor, output: torch.Tensor, x: torch
     pointers = [_pointer(t) for t in (grad, output, x, weight, pi, grad_output, grad_x)]
     _over_rows(lambda index, begin, end: library.linear_gate_backward(
         *pointers, _pointer(sums[index]), _pointer(sums[index, heads * dim:]), begin, end, heads, dim), ranges)
-    total = sums.sum(0) if len(ranges) > 1 else sums[0]
+    total = sums.sum(0)
     return grad_output, grad_x, total[: heads * dim].view(heads, dim), total[heads * dim:]

@@ -344,8 +344,7 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = F
             "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
         })
     summary = {"scale": scale_name, "overrides": list(overrides), "workers": workers,
-               "elapsed_s": round(time.time() - started, 1),
-               "rows": rows}
+               "elapsed_s": round(time.time() - started, 1), "rows": rows}
     write_json_atomic(out / "results.json", rows)
     write_json_atomic(out / "summary.json", summary)
     from quantizable.experiments.report import write_report
