@@ -113,7 +113,8 @@ def test_stock_model_is_restored_after_analysis(tokenizer) -> None:
 def test_attention_figures_written(tmp_path, tokenizer) -> None:
     model = create_model("vit-tiny")
     result = analyze(model, _batches("vit-tiny", None), out_dir=tmp_path, layer=0, head=2)
-    assert result["figures"] == ["outliers.png", "attention_layer0_head2.png", "vit_patches.png"]
+    assert result["figures"] == ["outliers.png", "attention_layer0_head2.png", "vit_patches.png", "sink_share.png",
+                                 "mechanism_ratios.png"]
     assert all((tmp_path / name).stat().st_size > 1000 for name in result["figures"])
 
 
@@ -156,7 +157,10 @@ def test_cli_writes_metrics(tmp_path, saved_model) -> None:
     assert isinstance(metrics["max_inf_norm"], float) and isinstance(metrics["avg_kurtosis"], float)
     assert metrics["sequences"] == 4 and len(metrics["per_layer"]) == 2 * 5
     assert set(metrics["outliers"]) >= {"dims", "tokens", "delimiter_share"}
-    assert metrics["figures"] == ["outliers.png", f"attention_layer1_head{metrics['figure_head']}.png"]
+    assert metrics["figures"] == ["outliers.png", f"attention_layer1_head{metrics['figure_head']}.png",
+                                  "sink_share.png", "mechanism_ratios.png"]
+    assert len(metrics["sink_share_per_head"]) == 2 and len(metrics["sink_share_per_head"][0]) == 4
+    assert metrics["gate_closed_share_per_head"] is None and metrics["clipped_zero_share_per_head"] is None
     assert all((out / name).is_file() for name in ["report.md", *metrics["figures"]])
 
 

@@ -11,9 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantizable.analysis.mechanism import MechanismStats
 from quantizable.analysis.metrics import OUTLIER_STD, OutlierCounts, RunningStats, most_common, outlier_mask
 from quantizable.analysis.recording import recording
+from quantizable.analysis.report import FigureData
 from quantizable.models.families import attention_geometry, family_of_config
+from quantizable.models.modeling import attention_modules
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 FIGURE_SEQUENCES = 3  # sequences of the first batch kept for the attention figures
@@ -51,40 +54,67 @@ class _Collector:
     """Receives the hooked tensors of one batch at a time and accumulates everything ``analyze`` reports."""
 
     labels: _TokenLabels
+    mechanism: MechanismStats
+    causal: bool
+    clipped_layers: set[int]
     stats: dict[tuple[int, str], RunningStats] = field(default_factory=dict)
     outliers: OutlierCounts = field(default_factory=OutlierCounts)
-    probs: dict[int, torch.Tensor] = field(default_factory=dict)
-    value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
-    first_outliers: dict[int, torch.Tensor] = field(default_factory=dict)
+    figure: FigureData = field(default_factory=FigureData)
     batch: dict[str, torch.Tensor] = field(default_factory=dict)
+    valid: torch.Tensor | None = None  # (B, T) non-padding tokens of the current batch
+    token_labels: list[list[str]] = field(default_factory=list)
+    delimiters: torch.Tensor | None = None  # (B, T); None for text without a tokenizer
     first_batch: bool = True
 
+    def start_batch(self, inputs: dict[str, torch.Tensor], first: bool) -> None:
+        self.batch, self.first_batch = inputs, first
+        self.valid, self.delimiters, self.token_labels = None, None, []
+        ids = inputs.get("input_ids")
+        if ids is None:  # images: the token count is known from the first recorded tensor (_image_tokens)
+            return
+        described = [[self.labels.label(int(t)) for t in row] for row in ids.tolist()]
+        self.token_labels = [[name for name, _ in row] for row in described]
+        delimiters = torch.tensor([[delim for _, delim in row] for row in described], dtype=torch.bool)
+        self.delimiters = delimiters if self.labels.tokenizer is not None else None
+        mask = inputs.get("attention_mask")
+        self.valid = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
+
+    def _image_tokens(self, length: int) -> None:
+        """Token 0 is [CLS], then patches in raster order; [CLS] is the only sink and delimiter of an image."""
+        batch_size = self.batch["pixel_values"].shape[0]
+        self.token_labels = [["[CLS]"] + [f"patch {p}" for p in range(length - 1)]] * batch_size
+        self.valid = torch.ones(batch_size, length, dtype=torch.bool)
+        self.delimiters = self.valid & (torch.arange(length) == 0)
+
     def record(self, layer: int, name: str, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self.valid is None:
+            self._image_tokens(x.shape[-1] if name == "probs" else x.shape[1])
+        if name == "probs":
+            self.mechanism.add_attention(layer, x, self.valid, self.delimiters, self.causal,
+                                         layer in self.clipped_layers)
+        elif name == "value_norm":
+            self.mechanism.add_value_norms(layer, x, self.valid)
+        elif name == "gate":
+            self.mechanism.add_gates(layer, x, self.valid)
+            return
         if name in ("probs", "value_norm"):
-            store = self.probs if name == "probs" else self.value_norms
-            store[layer] = x[:FIGURE_SEQUENCES].detach().float().cpu()
+            if self.first_batch:
+                store = self.figure.probs if name == "probs" else self.figure.value_norms
+                store[layer] = x[:FIGURE_SEQUENCES].float().cpu()
             return
         batch_size = next(iter(self.batch.values())).shape[0]
         if x.dim() == 2:  # OPT flattens (B, T, d) to (B*T, d) around its FFN
             x = x.view(batch_size, -1, x.shape[-1])
         mask = self.batch.get("attention_mask")
         self.stats.setdefault((layer, name), RunningStats()).update(x, mask)
+        if name == MAIN_TENSOR:
+            self.mechanism.add_hidden(layer, x, self.valid)
         if name == OUTLIER_TENSOR:
             found = outlier_mask(x, mask)
-            labels, delimiters = self._token_labels(x.shape[0], x.shape[1])
-            self.outliers.add(layer, found, labels, delimiters)
+            self.outliers.add(layer, found, self.token_labels, self.delimiters if "input_ids" in self.batch else None)
             if self.first_batch:
-                self.first_outliers[layer] = found[0].sum(-1).cpu()
-
-    def _token_labels(self, batch_size: int, length: int) -> tuple[list[list[str]], torch.Tensor | None]:
-        ids = self.batch.get("input_ids")
-        if ids is None:  # images: token 0 is [CLS], then patches in raster order
-            names = ["[CLS]"] + [f"patch {p}" for p in range(length - 1)]
-            return [names] * batch_size, None
-        described = [[self.labels.label(int(t)) for t in row] for row in ids.tolist()]
-        labels = [[name for name, _ in row] for row in described]
-        delimiters = torch.tensor([[delim for _, delim in row] for row in described], dtype=torch.bool)
-        return labels, (delimiters if self.labels.tokenizer is not None else None)
+                self.figure.first_outliers[layer] = found[0].sum(-1).cpu()
 
 
 def _check_choice(value: int | None, limit: int, what: str) -> None:
@@ -130,7 +160,9 @@ def analyze(
 
     Returns (and with ``out_dir`` writes as ``metrics.json``, ``report.md`` and PNG figures) the paper's
     ``max_inf_norm`` and ``avg_kurtosis`` of block outputs, a per-layer table of every recorded tensor, and where
-    the FFN-output outliers (> 6 std) sit: hidden dims, positions, tokens, delimiter share. ``layer``/``head``
+    the FFN-output outliers (> 6 std) sit: hidden dims, positions, tokens, delimiter share; and the no-op
+    mechanism over all batches (``analysis.mechanism``): attention share on the first token and on delimiters per
+    layer and head, value drain, first-token residual peak, gate and clipped-softmax zero statistics. ``layer``/``head``
     (zero-based) choose the attention figure; by default the layer with most outliers and the head holding its
     top outlier dimension. See docs/analysis.md for the exact definitions.
     """
@@ -142,16 +174,19 @@ def analyze(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    collector = _Collector(_TokenLabels(tokenizer))
-    first_inputs: dict[str, torch.Tensor] = {}
+    clipped = {i for i, m in enumerate(attention_modules(model))
+               if getattr(m, "attention_spec", None) is not None and m.attention_spec.kind == "clipped_softmax"}
+    collector = _Collector(_TokenLabels(tokenizer), MechanismStats(n_layers), family.task == "clm", clipped)
     try:
         for index, batch in enumerate(batches):
             inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-            collector.batch, collector.first_batch = inputs, index == 0
+            collector.start_batch(inputs, index == 0)
             if index == 0:
-                first_inputs = {k: v[:FIGURE_SEQUENCES].cpu() for k, v in inputs.items()}
-            with recording(model, collector.record, with_attention=index == 0):
+                collector.figure.inputs = {k: v[:FIGURE_SEQUENCES].cpu() for k, v in inputs.items()}
+            with recording(model, collector.record, with_attention=True):
                 model(**inputs)
+            if index == 0:
+                collector.figure.token_names = collector.token_labels[:FIGURE_SEQUENCES]
     finally:
         model.train(was_training)
     if not collector.stats:
@@ -179,13 +214,14 @@ def analyze(
             "tokens": most_common(counts.tokens),
             "layers": most_common(counts.layers),
             "delimiter_share": (counts.delimiter / counts.total
-                                if counts.total and tokenizer is not None and "input_ids" in first_inputs else None),
+                                if counts.total and tokenizer is not None and "input_ids" in collector.figure.inputs else None),
         },
+        **collector.mechanism.summary(),
         "figure_layer": layer,
         "figure_head": head,
     }
     if out_dir is not None:
         from quantizable.analysis.report import write_outputs
 
-        result["figures"] = write_outputs(result, collector, first_inputs, Path(out_dir), model.config)
+        result["figures"] = write_outputs(result, collector.figure, Path(out_dir), model.config)
     return result

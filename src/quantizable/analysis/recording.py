@@ -86,8 +86,10 @@ def recording(model: nn.Module, record: Record, with_attention: bool = False) ->
 
     ``attn_out`` (attention output projection), ``ffn_out`` (FFN output projection), ``ln_in.<norm>`` (the residual
     sum entering each LayerNorm/RMSNorm of the block), ``block_out`` (the block's output hidden state) and, with
-    ``with_attention``, ``probs`` (``(B, H, T, T)`` attention probabilities) and ``value_norm`` (``(B, T, H_kv)``
-    L2 norms of each head's value vectors). Hooks, taps and the attention implementation are restored on exit.
+    ``with_attention``, ``probs`` (``(B, H, T, T)`` attention probabilities), ``value_norm`` (``(B, T, H_kv)``
+    L2 norms of each head's value vectors) and, for gated attention, ``gate`` (``(B, T, H, 1)`` or
+    ``(B, T, H, d_head)`` gate probabilities, evaluated once more from the attention module's input by a pre-hook).
+    Hooks, taps and the attention implementation are restored on exit.
     """
     blocks = transformer_blocks(model)
     handles = []
@@ -105,6 +107,11 @@ def recording(model: nn.Module, record: Record, with_attention: bool = False) ->
             record(layer, "probs", probs)
             return probs
         return tap
+
+    def gate_hook(layer: int):
+        def hook(module, args, kwargs):
+            record(layer, "gate", module.attn_gate(args[0] if args else kwargs["hidden_states"]))
+        return hook
 
     def value_hook(layer: int, head_dim: int):
         def hook(module, args, output):
@@ -126,6 +133,8 @@ def recording(model: nn.Module, record: Record, with_attention: bool = False) ->
             handles.append(block.module.register_forward_hook(output_hook(i, "block_out")))
             if with_attention:
                 handles.append(block.value[1].register_forward_hook(value_hook(i, head_dim)))
+                if getattr(block.attention, "attn_gate", None) is not None:
+                    handles.append(block.attention.register_forward_pre_hook(gate_hook(i), with_kwargs=True))
                 taps = getattr(block.attention, "attention_taps", None)
                 saved_taps.append((block.attention, taps))
                 block.attention.attention_taps = {**(taps or {}), "probs": probs_tap(i)}

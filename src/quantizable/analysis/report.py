@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from quantizable.io import write_json_atomic, write_text_atomic
 
-if TYPE_CHECKING:
-    from quantizable.analysis.analyze import _Collector
-
 MAX_TICK_LABELS = 48  # token names on heatmap axes only for short sequences
+MAX_ANNOTATED_CELLS = 400  # per-head heat maps print their numbers up to this many cells
+
+
+@dataclass
+class FigureData:
+    """What the per-sequence figures show: tensors of the first few sequences of the first batch, per layer."""
+
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # model inputs of those sequences
+    token_names: list[list[str]] = field(default_factory=list)  # [sequence][position] readable token
+    probs: dict[int, torch.Tensor] = field(default_factory=dict)  # (S, H, T, T) attention probabilities
+    value_norms: dict[int, torch.Tensor] = field(default_factory=dict)  # (S, T, H_kv) value-vector norms
+    first_outliers: dict[int, torch.Tensor] = field(default_factory=dict)  # (T,) ffn_out outliers of sequence 0
 
 
 def _pyplot():
@@ -56,21 +66,13 @@ def outlier_histograms(result: dict[str, Any], hidden_size: int, path: Path) -> 
     return path
 
 
-def _token_names(collector: _Collector, first_inputs: dict[str, torch.Tensor], seq: int, length: int) -> list[str]:
-    ids = first_inputs.get("input_ids")
-    if ids is None:
-        return ["[CLS]"] + [str(p) for p in range(length - 1)]
-    return [collector.labels.label(int(t))[0] for t in ids[seq, :length]]
-
-
-def attention_heatmaps(collector: _Collector, first_inputs: dict[str, torch.Tensor], layer: int, head: int,
-                       n_heads: int, path: Path) -> Path:
+def attention_heatmaps(data: FigureData, layer: int, head: int, n_heads: int, path: Path) -> Path:
     """Paper Fig. 2: attention probabilities, value norms ``||v_j||`` and their product ``p_ij ||v_j||``."""
     plt = _pyplot()
-    probs = collector.probs[layer][:, head]  # (S, T, T)
-    value_norms = collector.value_norms[layer]  # (S, T, H_kv)
+    probs = data.probs[layer][:, head]  # (S, T, T)
+    value_norms = data.value_norms[layer]  # (S, T, H_kv)
     kv_head = head // (n_heads // value_norms.shape[-1])
-    mask = first_inputs.get("attention_mask")
+    mask = data.inputs.get("attention_mask")
     rows = probs.shape[0]
     fig, axes = plt.subplots(rows, 3, figsize=(15, 4.6 * rows), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 0.12, 1]})
@@ -79,7 +81,7 @@ def attention_heatmaps(collector: _Collector, first_inputs: dict[str, torch.Tens
         p = probs[s, :length, :length]
         v = value_norms[s, :length, kv_head]
         panels = ((p, "attention probabilities"), (v[:, None], "||v||"), (p * v[None, :], "probabilities x ||v||"))
-        names = _token_names(collector, first_inputs, s, length)
+        names = data.token_names[s][:length]
         for ax, (matrix, title) in zip(axes[s], panels):
             image = ax.imshow(matrix.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
             fig.colorbar(image, ax=ax, fraction=0.046 if matrix.shape[1] > 1 else 0.5)
@@ -96,17 +98,16 @@ def attention_heatmaps(collector: _Collector, first_inputs: dict[str, torch.Tens
     return path
 
 
-def vit_patch_grids(collector: _Collector, first_inputs: dict[str, torch.Tensor], layer: int, head: int,
-                    path: Path) -> Path:
+def vit_patch_grids(data: FigureData, layer: int, head: int, path: Path) -> Path:
     """Paper Fig. 3: the image, outliers per patch in layer ``layer`` and the attention each patch receives in
     head ``head`` of the next layer (column sums of its probability matrix), and that matrix."""
     plt = _pyplot()
-    attention_layer = min(layer + 1, max(collector.probs))
-    outliers = collector.first_outliers[layer][1:].float()
-    probs = collector.probs[attention_layer][0, head]
+    attention_layer = min(layer + 1, max(data.probs))
+    outliers = data.first_outliers[layer][1:].float()
+    probs = data.probs[attention_layer][0, head]
     received = probs.sum(0)[1:]
     side = math.isqrt(outliers.numel())
-    image = first_inputs["pixel_values"][0]
+    image = data.inputs["pixel_values"][0]
     image = (image - image.min()) / (image.max() - image.min() + 1e-12)
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     axes[0].imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray")
@@ -126,6 +127,113 @@ def vit_patch_grids(collector: _Collector, first_inputs: dict[str, torch.Tensor]
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _head_panels(result: dict[str, Any]) -> list[tuple[str, list[list[float]]]]:
+    panels = [("attention share on the first token", result["sink_share_per_head"])]
+    optional = (("delimiter_share_per_head", "attention share on delimiters"),
+                ("gate_closed_share_per_head", "share of gates closed (< 0.1)"),
+                ("clipped_zero_share_per_head", "share of exact zeros (clipped softmax)"))
+    panels += [(title, result[key]) for key, title in optional if result.get(key) is not None]
+    return panels
+
+
+def sink_heatmaps(result: dict[str, Any], path: Path) -> Path:
+    """Heat maps layer x head (after Guo et al. 2024, Fig. 1): the mean attention share valid queries (without
+    the first row) put on the first token and on delimiters, and the gate / exact-zero shares where they apply."""
+    plt = _pyplot()
+    panels = _head_panels(result)
+    n_layers, n_heads = len(panels[0][1]), len(panels[0][1][0])
+    width = max(3.2, 0.42 * n_heads + 1.6)
+    height = max(2.6, 0.26 * n_layers + 1.4)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    for ax, (title, table) in zip(axes[0], panels):
+        values = torch.tensor(table)
+        image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        if values.numel() <= MAX_ANNOTATED_CELLS:
+            for (row, col), value in zip(torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_heads)).tolist(),
+                                         values.flatten().tolist()):
+                ax.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
+                        color="black" if value > 0.6 else "white")
+        ax.set(title=title, xlabel="head", ylabel="layer")
+        ax.set_xticks(range(n_heads))
+        ax.set_yticks(range(n_layers))
+        ax.tick_params(labelsize=7)
+        ax.title.set_fontsize(9)
+    dormant = result["dormant_share"]
+    fig.suptitle(f"{result['model']}: where attention goes (numbers in %; {100 * dormant:.0f}% of heads put >= 50% "
+                 f"on the first token)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def mechanism_ratios(result: dict[str, Any], path: Path) -> Path:
+    """Per layer (after Guo et al. 2024, Fig. 3): the first token's value-vector norm and residual-stream norm and
+    max |x| over the median token's (log scale; 1 = an ordinary token), and the mean attention share on it."""
+    plt = _pyplot()
+    layers = list(range(len(result["sink_share_per_layer"])))
+    fig, (ratios, shares) = plt.subplots(1, 2, figsize=(12, 3.8))
+    lines = (("value_drain_per_layer", "value norm ||v|| (mean of per-head ratios)", "tab:blue"),
+             ("residual_peak_per_layer", "residual-stream L2 norm", "tab:red"),
+             ("residual_peak_max_abs_per_layer", "residual-stream max |x|", "tab:orange"))
+    for key, label, color in lines:
+        ratios.plot(layers, result[key], marker="o", markersize=3, label=label, color=color)
+    ratios.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    ratios.set_yscale("log")
+    ratios.set(title="first token over the median token", xlabel="layer (block output)", ylabel="ratio (log)")
+    ratios.legend(fontsize=8)
+    shares.plot(layers, result["sink_share_per_layer"], marker="o", markersize=3, label="first token")
+    if result.get("delimiter_share_per_layer") is not None:
+        shares.plot(layers, result["delimiter_share_per_layer"], marker="o", markersize=3, label="delimiters")
+    shares.set(title="mean attention share (over heads)", xlabel="layer", ylabel="share", ylim=(0, 1))
+    shares.legend(fontsize=8)
+    fig.suptitle(f"{result['model']}: value drain and first-token residual peak", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _mechanism_markdown(result: dict[str, Any]) -> list[str]:
+    """The no-op mechanism: model numbers, then one row per layer (per-head means where the metric is per head)."""
+    columns = [("first-token share", [f"{100 * v:.1f}%" for v in result["sink_share_per_layer"]])]
+    per_head = (("delimiter share", "delimiter_share_per_head"), ("gates closed", "gate_closed_share_per_head"),
+                ("gate mean", "gate_mean_per_head"), ("exact zeros", "clipped_zero_share_per_head"))
+    for title, key in per_head:
+        if result.get(key) is not None:
+            columns.append((title, [f"{100 * sum(row) / len(row):.1f}%" for row in result[key]]))
+    columns += [("value drain", [f"{v:.3g}" for v in result["value_drain_per_layer"]]),
+                ("residual peak (norm)", [f"{v:.3g}" for v in result["residual_peak_per_layer"]]),
+                ("residual peak (max abs)", [f"{v:.3g}" for v in result["residual_peak_max_abs_per_layer"]])]
+    return [
+        "## No-op mechanism",
+        "",
+        "Attention shares are means over the valid queries except the first row; ratios are the first token's over "
+        "the median token's (docs/analysis.md).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| sink share (max over layers of the mean first-token share) | {_percent(result['sink_share'])} |",
+        f"| dormant heads (>= 50% on the first token) | {_percent(result['dormant_share'])} |",
+        f"| dormant heads (>= 50% on the first token or delimiters) | "
+        f"{_percent(result['dormant_share_with_delimiters'])} |",
+        f"| value drain (max / min over layers) | {result['value_drain']:.3g} / {result['value_drain_min']:.3g} |",
+        f"| residual peak, L2 norm (max over layers) | {result['residual_peak']:.3g} |",
+        f"| residual peak, max abs (max over layers) | {result['residual_peak_max_abs']:.3g} |",
+        "",
+        "| layer | " + " | ".join(title for title, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+        *(f"| {layer} | " + " | ".join(values[layer] for _, values in columns) + " |"
+          for layer in range(len(result["sink_share_per_layer"]))),
+        "",
+    ]
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -150,6 +258,9 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         "Top outlier tokens: " + (", ".join(f"`{t}` ({c})" for t, c in outliers["tokens"][:8]) or "none"),
         "",
+        *_mechanism_markdown(result),
+        "## Per layer and tensor",
+        "",
         "| layer | tensor | mean inf-norm | max inf-norm | mean kurtosis |",
         "|---|---|---|---|---|",
         *(f"| {r['layer']} | {r['tensor']} | {r['mean_inf_norm']:.2f} | {r['max_inf_norm']:.2f} | "
@@ -161,17 +272,18 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: dict[str, Any], collector: _Collector, first_inputs: dict[str, torch.Tensor],
-                  out_dir: Path, config) -> list[str]:
+def write_outputs(result: dict[str, Any], data: FigureData, out_dir: Path, config) -> list[str]:
     """Write the figures, ``metrics.json`` and ``report.md`` into ``out_dir``; returns the figure file names."""
     out_dir.mkdir(parents=True, exist_ok=True)
     layer, head = result["figure_layer"], result["figure_head"]
     figures = [outlier_histograms(result, config.hidden_size, out_dir / "outliers.png")]
-    if collector.probs:
-        figures.append(attention_heatmaps(collector, first_inputs, layer, head, config.num_attention_heads,
+    if data.probs:
+        figures.append(attention_heatmaps(data, layer, head, config.num_attention_heads,
                                           out_dir / f"attention_layer{layer}_head{head}.png"))
-    if "pixel_values" in first_inputs and collector.first_outliers:
-        figures.append(vit_patch_grids(collector, first_inputs, layer, head, out_dir / "vit_patches.png"))
+    if "pixel_values" in data.inputs and data.first_outliers:
+        figures.append(vit_patch_grids(data, layer, head, out_dir / "vit_patches.png"))
+    figures.append(sink_heatmaps(result, out_dir / "sink_share.png"))
+    figures.append(mechanism_ratios(result, out_dir / "mechanism_ratios.png"))
     names = [f.name for f in figures]
     result = {**result, "figures": names}
     write_json_atomic(out_dir / "metrics.json", result)
