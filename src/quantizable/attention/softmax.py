@@ -6,7 +6,14 @@ head that wants to "do nothing" keeps pushing its scores apart and grows activat
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs, else the input's own dtype (float64 stays float64 for gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def validate_clip_params(gamma: float, zeta: float) -> None:
@@ -53,3 +60,40 @@ def softmax_plus_one(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     shift = torch.clamp(x32.amax(dim=dim, keepdim=True), min=0.0)
     e = torch.exp(x32 - shift)
     return (e / (torch.exp(-shift) + e.sum(dim=dim, keepdim=True))).to(x.dtype)
+
+
+def sigmoid_attention(x: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+    """``sigmoid(x + b)`` elementwise, no normalisation, ``b = -log T`` (Ramapuram et al. 2024).
+
+    Each weight is independent of the others in its row, so a head does nothing by giving every key a low score;
+    the bias makes a row's weights start near ``1/T`` like softmax's. T is ``seq_len`` (the authors' code uses the
+    configured maximum length) or, when ``None``, the key length of ``x``'s rows, counted with a tensor op so that
+    exported graphs keep it dynamic. Masked (``finfo.min``) entries give exactly 0. In float32 (or float64).
+    """
+    x32 = x.to(accumulation_dtype(x))
+    if seq_len is None:
+        log_t = torch.log(torch.ones_like(x32[..., :1, :]).sum(-1, keepdim=True))
+    else:
+        log_t = math.log(seq_len)
+    return torch.sigmoid(x32 - log_t).to(x.dtype)
+
+
+def softpick(x: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-8, dim: int = -1) -> torch.Tensor:
+    """``relu(exp(x_i) - 1) / sum_j |exp(x_j) - 1|`` (Zuhri et al. 2025, "rectified softmax").
+
+    A key with ``x <= 0`` gets exactly zero weight, and a row whose keys all score ``<= 0`` is all zero: the head
+    does nothing without extreme logits. Computed as in the paper's code, multiplied through by ``exp(-m)`` with
+    ``m`` the row max: ``relu(exp(x - m) - exp(-m)) / (sum |exp(x - m) - exp(-m)| + eps)``, so the epsilon acts as
+    ``eps * exp(m)`` on the unshifted form. ``valid`` (broadcastable bool, True = attend) removes masked keys from
+    numerator and denominator; an all-masked row is 0. In float32 (or float64), cast back.
+    """
+    x32 = x.to(accumulation_dtype(x))
+    if valid is not None:
+        x32 = x32.masked_fill(~valid, float("-inf"))
+    shift = x32.amax(dim=dim, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # an all-masked row
+    e = torch.exp(x32 - shift) - torch.exp(-shift)
+    numerator, magnitude = torch.relu(e), e.abs()
+    if valid is not None:
+        numerator, magnitude = numerator.masked_fill(~valid, 0.0), magnitude.masked_fill(~valid, 0.0)
+    return (numerator / (magnitude.sum(dim=dim, keepdim=True) + eps)).to(x.dtype)

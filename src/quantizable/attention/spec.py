@@ -8,8 +8,14 @@ from typing import Any
 
 from quantizable.attention.softmax import gamma_from_alpha, validate_clip_params
 
-KINDS = ("vanilla", "clipped_softmax", "gated_attention", "softmax_plus_one")
+# Every no-op mechanism, in the order reports list them; docs/mechanisms.md has one row per kind.
+KINDS = ("vanilla", "clipped_softmax", "gated_attention", "softmax_plus_one", "sink_token", "key_bias", "sigmoid",
+         "softpick", "value_gate")
 GATE_TYPES = ("linear", "mlp", "all_heads_linear", "elementwise")
+# Kinds whose attention is not a softmax over the tokens: they materialise their probabilities (no SDPA kernel).
+MATERIALISED_KINDS = ("clipped_softmax", "softmax_plus_one", "sigmoid", "softpick")
+# Kinds that add one learnable key (and value) column that every query can attend to.
+EXTRA_KEY_KINDS = ("sink_token", "key_bias")
 
 
 @dataclass(frozen=True)
@@ -17,11 +23,16 @@ class AttentionSpec:
     """How attention normalises and gates its output.
 
     kind: ``vanilla`` (softmax on SDPA), ``clipped_softmax`` (paper 4.1), ``gated_attention`` (paper 4.2, on SDPA),
-        or ``softmax_plus_one`` (a comparison mechanism, not in the paper).
+        or a comparison mechanism from later papers (docs/mechanisms.md): ``softmax_plus_one``, ``sink_token``
+        (learnable key/value per layer, on SDPA), ``key_bias`` (learnable key with zero value, on SDPA),
+        ``sigmoid`` (unnormalised ``sigmoid(x - log T)``), ``softpick`` (rectified softmax) or ``value_gate``
+        (each value vector scaled by a sigmoid of itself, on SDPA).
     gamma / zeta: clipped softmax stretch; give ``alpha`` and ``seq_len`` instead for ``gamma = -alpha / seq_len``
         where ``seq_len`` is the configured training length T.
+    seq_len: also sigmoid attention's T in its bias ``b = -log T``; ``None`` there means the key length of the row.
     gate_type / pi_init / n_hid: gated attention; the last gate bias starts at ``logit(pi_init)``, so the initial
-        gate probability is about ``pi_init``.
+        gate probability is about ``pi_init``. ``value_gate`` uses ``pi_init`` the same way.
+    eps: softpick's denominator epsilon (the paper's code: 1e-8), which keeps an all-masked row at zero.
     """
 
     kind: str = "vanilla"
@@ -32,6 +43,7 @@ class AttentionSpec:
     gate_type: str = "linear"
     pi_init: float = 0.5
     n_hid: int = 4
+    eps: float = 1e-8
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -42,6 +54,10 @@ class AttentionSpec:
             if self.gamma is not None and self.alpha is not None:
                 raise ValueError("give either gamma or alpha for clipped_softmax, not both")
             validate_clip_params(self.resolved_gamma(), self.zeta)
+        if self.seq_len is not None and (int(self.seq_len) != self.seq_len or self.seq_len < 1):
+            raise ValueError(f"seq_len (T) must be a positive integer, got {self.seq_len}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0 (softpick's denominator epsilon), got {self.eps}")
         if self.gate_type not in GATE_TYPES:
             raise ValueError(f"gate_type must be one of {', '.join(GATE_TYPES)}, got {self.gate_type!r}")
         if not 0.0 < self.pi_init < 1.0:
@@ -56,7 +72,12 @@ class AttentionSpec:
     @property
     def needs_probabilities(self) -> bool:
         """Whether the attention probabilities must be materialised (no fused SDPA kernel computes them)."""
-        return self.kind in ("clipped_softmax", "softmax_plus_one")
+        return self.kind in MATERIALISED_KINDS
+
+    @property
+    def extra_key(self) -> bool:
+        """Whether attention gets one more, learnable key column (``sink_token``, ``key_bias``)."""
+        return self.kind in EXTRA_KEY_KINDS
 
     def resolved_gamma(self) -> float:
         if self.kind != "clipped_softmax":
@@ -88,16 +109,19 @@ class AttentionSpec:
         if self.kind == "gated_attention":
             extra = f", n_hid={self.n_hid}" if self.gate_type == "mlp" else ""
             return f"gated attention ({self.gate_type}, pi_init={self.pi_init:g}{extra})"
+        if self.kind == "sigmoid":
+            return f"sigmoid attention (b = -log {self.seq_len or 'T_key'})"
+        if self.kind == "value_gate":
+            return f"value-state gate (pi_init={self.pi_init:g})"
         return self.kind.replace("_", " ")
 
 
 def spec_for_method(method: str, **overrides: Any) -> AttentionSpec:
     """The paper's default settings for each method name used in reports."""
     defaults: dict[str, dict[str, Any]] = {
-        "vanilla": {},
+        **{kind: {} for kind in KINDS},
         "clipped_softmax": {"gamma": -0.025},
         "gated_attention": {"gate_type": "linear", "pi_init": 0.25},
-        "softmax_plus_one": {},
     }
     if method not in defaults:
         raise ValueError(f"method must be one of {', '.join(defaults)}, got {method!r}")

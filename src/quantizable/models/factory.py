@@ -10,7 +10,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from quantizable.attention.spec import AttentionSpec
 from quantizable.models.families import attention_geometry, family_of_config, get_family
-from quantizable.models.modeling import QUANTIZABLE_CLASSES, register_auto_classes
+from quantizable.models.modeling import ADDED_MODULES, QUANTIZABLE_CLASSES, register_auto_classes
 
 # Named architectures (family, config overrides). Paper-scale presets follow the paper's appendix C;
 # "tiny" ones are for tests, "small" ones for CPU training.
@@ -66,8 +66,9 @@ _CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version"
 def apply_attention_spec(model: PreTrainedModel, spec: AttentionSpec) -> PreTrainedModel:
     """A quantizable copy of ``model`` (any supported family) with ``spec`` applied.
 
-    Every pretrained weight is kept bit-identical; only new gate parameters are initialised (with the family's
-    init and ``logit(pi_init)`` biases). Returns a new model on the same device and dtype; ``model`` is untouched.
+    Every pretrained weight is kept bit-identical; only the spec's new parameters (gates, sink keys/values, value
+    gates) are initialised (with the family's init and ``logit(pi_init)`` biases). Returns a new model on the same
+    device and dtype; ``model`` is untouched.
     """
     family = get_family(family_of_config(model.config).name)
     register_auto_classes()
@@ -77,9 +78,9 @@ def apply_attention_spec(model: PreTrainedModel, spec: AttentionSpec) -> PreTrai
     reference = next(model.parameters())
     new_model = model_class(config).to(device=reference.device, dtype=reference.dtype)
     missing, unexpected = new_model.load_state_dict(model.state_dict(), strict=False)
-    not_gates = [k for k in [*missing, *unexpected] if ".attn_gate." not in k]
-    if not_gates:
-        raise ValueError(f"state dict mismatch beyond gate parameters: {not_gates[:5]}")
+    not_added = [k for k in [*missing, *unexpected] if not any(f".{name}." in k for name in ADDED_MODULES)]
+    if not_added:
+        raise ValueError(f"state dict mismatch beyond the spec's added parameters: {not_added[:5]}")
     new_model.train(model.training)
     return new_model
 

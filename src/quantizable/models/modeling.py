@@ -1,9 +1,10 @@
 """Quantizable variants of the Hugging Face families: the same modules plus an attention spec.
 
 Each ``Quantizable*`` class is the stock transformers class with one mixin: after the stock ``__init__`` it
-installs the spec stored in ``config.attention_spec`` (gates on the attention modules, the ``quantizable``
-attention implementation, the optional ViT patch-embedding LayerNorm). The configs get their own ``model_type``
-so that, once ``quantizable`` is imported, ``AutoModelFor*.from_pretrained(run_dir)`` rebuilds them exactly.
+installs the spec stored in ``config.attention_spec`` (gates, sink keys/values or value gates on the attention
+modules, the ``quantizable`` attention implementation, the optional ViT patch-embedding LayerNorm). The configs get
+their own ``model_type`` so that, once ``quantizable`` is imported, ``AutoModelFor*.from_pretrained(run_dir)``
+rebuilds them exactly.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ from transformers import (
 
 from quantizable.attention.gates import AttentionGate
 from quantizable.attention.interface import ATTN_IMPLEMENTATION, pass_gate_input, register_attention_implementation
+from quantizable.attention.no_op import AttentionSink, ValueGate
 from quantizable.attention.spec import AttentionSpec
 from quantizable.models.families import attention_geometry, family_of_config, init_std
+
+# Attribute names of the modules a spec adds to each attention module (all new parameters live under them).
+ADDED_MODULES = ("attn_gate", "attn_sink", "attn_value_gate")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -56,11 +61,17 @@ class QuantizableMixin:
     def _install_attention_spec(self) -> None:
         spec = self.attention_spec
         hidden, heads, head_dim = attention_geometry(self.config)
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or heads
+        std = init_std(self.config)
         for module in attention_modules(self):
             module.attention_spec = spec
             if spec.gated:
-                module.attn_gate = AttentionGate(spec, hidden, heads, head_dim, init_std(self.config))
+                module.attn_gate = AttentionGate(spec, hidden, heads, head_dim, std)
                 module.register_forward_pre_hook(pass_gate_input, with_kwargs=True)
+            if spec.extra_key:
+                module.attn_sink = AttentionSink(spec, kv_heads, head_dim, std)
+            if spec.kind == "value_gate":
+                module.attn_value_gate = ValueGate(spec, kv_heads, head_dim, std)
         if getattr(self.config, "patch_layernorm", False):
             patch_embeddings = self.vit.embeddings.patch_embeddings
             patch_embeddings.patch_layernorm = nn.LayerNorm(hidden, eps=self.config.layer_norm_eps)
@@ -68,7 +79,7 @@ class QuantizableMixin:
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, AttentionGate):
+        if isinstance(module, (AttentionGate, AttentionSink, ValueGate)):
             module.reset_parameters(init_std(self.config))
 
 
