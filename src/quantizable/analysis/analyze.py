@@ -90,15 +90,15 @@ class _Collector:
         x = x.detach()
         if self.valid is None:
             self._image_tokens(x.shape[-1] if name == "probs" else x.shape[1])
-        if name == "probs":
-            self.mechanism.add_attention(layer, x, self.valid, self.delimiters, self.causal,
-                                         layer in self.clipped_layers)
-        elif name == "value_norm":
-            self.mechanism.add_value_norms(layer, x, self.valid)
-        elif name == "gate":
+        if name == "gate":
             self.mechanism.add_gates(layer, x, self.valid)
             return
         if name in ("probs", "value_norm"):
+            if name == "probs":
+                self.mechanism.add_attention(layer, x, self.valid, self.delimiters, self.causal,
+                                             layer in self.clipped_layers)
+            else:
+                self.mechanism.add_value_norms(layer, x, self.valid)
             if self.first_batch:
                 store = self.figure.probs if name == "probs" else self.figure.value_norms
                 store[layer] = x[:FIGURE_SEQUENCES].float().cpu()
@@ -213,8 +213,8 @@ def analyze(
             "positions": most_common(counts.positions),
             "tokens": most_common(counts.tokens),
             "layers": most_common(counts.layers),
-            "delimiter_share": (counts.delimiter / counts.total
-                                if counts.total and tokenizer is not None and "input_ids" in collector.figure.inputs else None),
+            "delimiter_share": (counts.delimiter / counts.total if counts.total and collector.delimiters is not None
+                                and "input_ids" in collector.batch else None),
         },
         **collector.mechanism.summary(),
         "figure_layer": layer,

@@ -144,7 +144,7 @@ def sink_heatmaps(result: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     panels = _head_panels(result)
     n_layers, n_heads = len(panels[0][1]), len(panels[0][1][0])
-    width = max(3.2, 0.42 * n_heads + 1.6)
+    width = max(4.0, 0.42 * n_heads + 1.6)
     height = max(2.6, 0.26 * n_layers + 1.4)
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
     for ax, (title, table) in zip(axes[0], panels):
@@ -162,8 +162,8 @@ def sink_heatmaps(result: dict[str, Any], path: Path) -> Path:
         ax.tick_params(labelsize=7)
         ax.title.set_fontsize(9)
     dormant = result["dormant_share"]
-    fig.suptitle(f"{result['model']}: where attention goes (numbers in %; {100 * dormant:.0f}% of heads put >= 50% "
-                 f"on the first token)", fontsize=10)
+    fig.suptitle(f"{result['model']}: where attention goes (numbers in %)\n"
+                 f"{100 * dormant:.0f}% of heads put >= 50% on the first token", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -204,11 +204,12 @@ def _percent(value: float | None) -> str:
 def _mechanism_markdown(result: dict[str, Any]) -> list[str]:
     """The no-op mechanism: model numbers, then one row per layer (per-head means where the metric is per head)."""
     columns = [("first-token share", [f"{100 * v:.1f}%" for v in result["sink_share_per_layer"]])]
-    per_head = (("delimiter share", "delimiter_share_per_head"), ("gates closed", "gate_closed_share_per_head"),
-                ("gate mean", "gate_mean_per_head"), ("exact zeros", "clipped_zero_share_per_head"))
-    for title, key in per_head:
+    per_head = (("delimiter share", "delimiter_share_per_head", "{:.1%}"),
+                ("gates closed", "gate_closed_share_per_head", "{:.1%}"), ("gate mean", "gate_mean_per_head", "{:.3f}"),
+                ("exact zeros", "clipped_zero_share_per_head", "{:.1%}"))
+    for title, key, style in per_head:
         if result.get(key) is not None:
-            columns.append((title, [f"{100 * sum(row) / len(row):.1f}%" for row in result[key]]))
+            columns.append((title, [style.format(sum(row) / len(row)) for row in result[key]]))
     columns += [("value drain", [f"{v:.3g}" for v in result["value_drain_per_layer"]]),
                 ("residual peak (norm)", [f"{v:.3g}" for v in result["residual_peak_per_layer"]]),
                 ("residual peak (max abs)", [f"{v:.3g}" for v in result["residual_peak_max_abs_per_layer"]])]
