@@ -293,8 +293,10 @@ def test_real_process_error_has_no_traceback_unless_debug(tmp_path: Path, refere
 def test_reproduce_reuses_finished_runs_and_separates_settings(tmp_path: Path, monkeypatch, capsys) -> None:
     reproduce_module = importlib.import_module("quantizable.experiments.reproduce")
 
-    scale = reproduce_module.Scale("tiny", ("run.steps=4", "run.checkpoint_every=2"), (0,), (0,), 1, 1, 1)
+    scale = reproduce_module.Scale("tiny", "tiny", (0,), (0,), 1, 1, 1)
     monkeypatch.setitem(reproduce_module.SCALES, "tiny", scale)
+    tiny_overrides = reproduce_module.TASKS["pretrain"].overrides
+    monkeypatch.setitem(tiny_overrides, "tiny", ("run.steps=4", "run.checkpoint_every=2"))
     original_measure = reproduce_module.measure
 
     def interrupted(*args):
@@ -319,9 +321,7 @@ def test_reproduce_reuses_finished_runs_and_separates_settings(tmp_path: Path, m
     reproduce_module.reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
     assert "reusing" in capsys.readouterr().out and (first_run / "measure.json").read_text() == measured
 
-    monkeypatch.setitem(reproduce_module.SCALES, "tiny", scale.__class__(
-        scale.preset_suffix, ("run.steps=3", "run.checkpoint_every=2"), *[getattr(scale, f) for f in (
-            "train_seeds", "calib_seeds", "calib_batches", "eval_batches", "analysis_batches")]))
+    monkeypatch.setitem(tiny_overrides, "tiny", ("run.steps=3", "run.checkpoint_every=2"))
     changed = reproduce_module.reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and first_run in runs  # a new directory for the new settings, the old one untouched

@@ -1,4 +1,5 @@
-"""``quantizable reproduce``: the paper's comparison table at the scale of this machine."""
+"""``quantizable reproduce``: the no-op mechanism on Bigram-Backcopy and the paper's comparison table, at the scale
+of this machine."""
 
 from __future__ import annotations
 
@@ -6,11 +7,18 @@ import argparse
 from pathlib import Path
 
 
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(name for name in text.split(",") if name)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short trainings (minutes): the quick-start job")
     parser.add_argument("--scale", choices=("full", "quick", "tiny"), help="full (default), quick, or tiny (CI smoke)")
-    parser.add_argument("--families", default="bert,opt,vit", help="comma-separated: bert,opt,vit")
-    parser.add_argument("--methods", default="vanilla,clipped_softmax,gated_attention", help="comma-separated methods")
+    parser.add_argument("--task", "--tasks", dest="tasks", default="backcopy,pretrain",
+                        help="comma-separated: backcopy (the synthetic no-op task), pretrain (table 2); default both")
+    parser.add_argument("--families", help="comma-separated subset of each task's families (bert,opt,vit)")
+    parser.add_argument("--methods", default="vanilla,clipped_softmax,gated_attention",
+                        help="comma-separated attention kinds")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="training override for every run, as in `train --set` (e.g. optim.lr=1e-2)")
     parser.add_argument("--train-seeds", type=int, help="use only the first N training seeds of the scale")
@@ -27,12 +35,12 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scale = args.scale or ("quick" if args.quick else "full")
-    rows = reproduce(args.out, scale, tuple(f for f in args.families.split(",") if f),
-                     tuple(m for m in args.methods.split(",") if m), overrides=tuple(args.overrides),
-                     train_seeds=args.train_seeds, workers=args.workers)
+    rows = reproduce(args.out, scale, _names(args.families), _names(args.methods) or (),
+                     overrides=tuple(args.overrides), train_seeds=args.train_seeds, workers=args.workers,
+                     tasks=_names(args.tasks) or ())
     for row in rows:
-        print(f"{row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  W8A8 {row['w8a8']['mean']:8.2f}  "
-              f"INT8 (ORT) {row['int8']['mean']:8.2f}  "
+        print(f"{row['task']:8s} {row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  "
+              f"W8A8 {row['w8a8']['mean']:8.2f}  INT8 (ORT) {row['int8']['mean']:8.2f}  "
               f"inf-norm {row['max_inf_norm']['mean']:8.1f}  kurtosis {row['avg_kurtosis']['mean']:8.1f}")
     print(f"report: {args.out / 'report.md'}")
     return 0

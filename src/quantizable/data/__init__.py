@@ -7,9 +7,9 @@ from quantizable.data.common import default_data_dir, make_loader, split_documen
 from quantizable.data.images import image_dataset
 from quantizable.data.prepare import prepare_default_data, read_manifest
 from quantizable.data.text import (TextBlocks, checkpoint_tokenizer, clm_collator, load_documents, load_tokenizer, mlm_collator,
-                                   text_dataset)
+                                   source_tokenizer, text_dataset)
 
 __all__ = [
     "DEFAULT_TOKENIZER", "CheckpointData", "checkpoint_data", "model_tokenizer", "run_data_settings", "TextBlocks", "checkpoint_tokenizer", "clm_collator", "default_data_dir", "image_dataset", "load_documents", "load_tokenizer",
-    "make_loader", "mlm_collator", "prepare_default_data", "read_manifest", "split_documents", "text_dataset",
+    "make_loader", "mlm_collator", "prepare_default_data", "read_manifest", "source_tokenizer", "split_documents", "text_dataset",
 ]

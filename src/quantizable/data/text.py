@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from quantizable.data.backcopy import backcopy_dataset, backcopy_tokenizer, is_backcopy
 from quantizable.data.common import (NOT_PREPARED, check_split, load_hf_dataset, looks_like_path, resolve_root,
                                      split_documents)
 
@@ -37,6 +38,13 @@ HF_SOURCES: dict[str, tuple[str, str | None, dict[str, str]]] = {
 }
 BOOKCORPUS_SENTENCES_PER_DOCUMENT = 100
 CACHE_FORMAT = 1  # bump when the layout of the token stream changes, so old caches are not reused
+
+
+def source_tokenizer(source: str | os.PathLike | None, kind: str, root: str | Path | None = None):
+    """The tokenizer a training run on ``source`` uses: the synthetic source's own, else the project's ``kind``."""
+    if is_backcopy(source):
+        return backcopy_tokenizer(source, root)
+    return load_tokenizer(kind, root)
 
 
 def load_tokenizer(kind: str, root: str | Path | None = None):
@@ -270,7 +278,12 @@ class TextBlocks(Dataset):
 
 def text_dataset(split: str, tokenizer: Any, seq_len: int, task: str, source: str | os.PathLike | None = None,
                  root: str | Path | None = None, max_tokens: int | None = None) -> TextBlocks:
-    """Blocks of ``seq_len`` ids for ``task`` ``mlm`` ([CLS] ... [SEP]) or ``clm`` (<s> ...) from ``source``."""
+    """Blocks of ``seq_len`` ids for ``task`` ``mlm`` ([CLS] ... [SEP]) or ``clm`` (<s> ...) from ``source``
+    (the synthetic ``backcopy`` source makes its own sequences and ignores ``tokenizer``)."""
+    if is_backcopy(source):
+        if task != "clm":
+            raise ValueError(f"data.source={source} is a causal-LM task; use an OPT or Llama preset, not {task}")
+        return backcopy_dataset(split, seq_len, source, root)
     tokens = cached_token_stream(split, tokenizer, task, source, root, max_tokens)
     prefix, separator = _special_ids(tokenizer, task)
     return TextBlocks(tokens, seq_len, prefix, separator if task == "mlm" else None)

@@ -1,4 +1,5 @@
-"""``report.md`` of a reproduction: the paper's table 2 layout, per-layer plots, the vanilla run's outlier figures."""
+"""``report.md`` of a reproduction: the backcopy task's no-op mechanism first, then the paper's table 2 layout, the
+quantization sensitivity curves and what needs paper scale."""
 
 from __future__ import annotations
 
@@ -9,36 +10,62 @@ from typing import Any
 
 from quantizable.io import write_text_atomic
 
-METHOD_NAMES = {"vanilla": "Vanilla", "clipped_softmax": "Clipped softmax", "gated_attention": "Gated attention"}
-FAMILY_NAMES = {"bert": "BERT", "opt": "OPT", "vit": "ViT"}
+METHOD_NAMES = {"vanilla": "Vanilla", "clipped_softmax": "Clipped softmax", "gated_attention": "Gated attention",
+                "softmax_plus_one": "Softmax + 1"}
+FAMILY_NAMES = {"bert": "BERT", "opt": "OPT", "vit": "ViT", "llama": "Llama"}
+TASK_NAMES = {"backcopy": "Bigram-Backcopy", "pretrain": "pre-training"}
+CURVE_METRICS = {  # metrics.jsonl key -> axis label, for the curves over training steps
+    "sink_share": "attention on the first token (max layer)",
+    "max_inf_norm": "max ‖block output‖∞",
+    "avg_kurtosis": "avg. kurtosis",
+    "residual_peak": "first-token residual norm / median",
+}
 
 
-def _pm(stat: dict[str, float], digits: int = 2) -> str:
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def _pm(stat: dict[str, float] | None, digits: int = 2) -> str:
+    return "–" if stat is None else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def degradation(fp: float, quantized: float, metric: str) -> float:
+    """Quantization loss: relative perplexity increase (%) or absolute accuracy drop (points)."""
+    return 100.0 * (quantized - fp) / fp if metric == "perplexity" else fp - quantized
 
 
 def _degradation(row: dict[str, Any], key: str = "w8a8") -> float:
-    """Quantization loss (``key``: simulated ``w8a8`` or real ``int8``): relative perplexity increase (%) or
-    absolute accuracy drop (points)."""
-    fp, q = row["fp"]["mean"], row[key]["mean"]
-    return 100.0 * (q - fp) / fp if row["metric"] == "perplexity" else fp - q
+    return degradation(row["fp"]["mean"], row[key]["mean"], row["metric"])
 
 
-def plot_per_layer(rows: list[dict[str, Any]], family: str, path: Path) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _group(rows: list[dict[str, Any]], task: str, family: str) -> list[dict[str, Any]]:
+    return [row for row in rows if row.get("task", "pretrain") == task and row["family"] == family]
+
+
+def _title(task: str, family: str) -> str:
+    return f"{FAMILY_NAMES.get(family, family)} ({TASK_NAMES.get(task, task)})"
+
+
+def plot_per_layer(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for row in rows:
-        if row["family"] == family:
-            layers = range(1, len(row["per_layer_inf_norm"]) + 1)
-            ax.plot(layers, row["per_layer_inf_norm"], marker="o", label=METHOD_NAMES[row["method"]])
+        layers = range(1, len(row["per_layer_inf_norm"]) + 1)
+        ax.plot(layers, row["per_layer_inf_norm"], marker="o", label=method_name(row["method"]))
     ax.set_xlabel("layer")
     ax.set_ylabel("mean ‖block output‖∞")
     ax.set_yscale("log")
-    ax.set_title(f"{FAMILY_NAMES[family]}: outliers per layer")
+    ax.set_title(f"{title}: outliers per layer")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -46,8 +73,8 @@ def plot_per_layer(rows: list[dict[str, Any]], family: str, path: Path) -> Path:
     return path
 
 
-def outlier_curve(run_dir: str | Path) -> list[tuple[int, float, float]]:
-    """(step, max inf-norm, avg kurtosis) logged during training (``run.outlier_every``), from ``metrics.jsonl``."""
+def metric_curve(run_dir: str | Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric logged during training (``run.outlier_every``), from ``metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
     points = []
     for line in path.read_text().splitlines() if path.is_file() else []:
@@ -55,48 +82,124 @@ def outlier_curve(run_dir: str | Path) -> list[tuple[int, float, float]]:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line torn by an interruption
             continue
-        if "max_inf_norm" in record:
-            points.append((record["step"], record["max_inf_norm"], record["avg_kurtosis"]))
+        if record.get(key) is not None:
+            points.append((record["step"], record[key]))
     return points
 
 
-def plot_training_curves(rows: list[dict[str, Any]], family: str, path: Path) -> Path | None:
-    """Max inf-norm and kurtosis over training steps, one line per method and training seed."""
-    curves = [(row, outlier_curve(run)) for row in rows if row["family"] == family for run in row["runs"]]
-    curves = [(row, points) for row, points in curves if points]
-    if not curves:
+def plot_training_curves(rows: list[dict[str, Any]], title: str, path: Path,
+                         metrics: tuple[str, ...] = ("max_inf_norm", "avg_kurtosis")) -> Path | None:
+    """Metrics over training steps (fixed validation batch), one line per method and training seed."""
+    metrics = tuple(m for m in metrics if any(metric_curve(run, m) for row in rows for run in row["runs"]))
+    if not metrics:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.2), squeeze=False)
     colors: dict[str, str] = {}
-    for row, points in curves:
-        new = row["method"] not in colors
+    for row in rows:
         color = colors.setdefault(row["method"], f"C{len(colors)}")
-        label = METHOD_NAMES[row["method"]] if new else None
-        steps = [p[0] for p in points]
-        axes[0].plot(steps, [p[1] for p in points], color=color, marker=".", label=label)
-        axes[1].plot(steps, [p[2] for p in points], color=color, marker=".")
-    for ax, name in zip(axes, ("max ‖block output‖∞", "avg. kurtosis")):
+        for index, run in enumerate(row["runs"]):
+            for ax, metric in zip(axes[0], metrics):
+                points = metric_curve(run, metric)
+                ax.plot([p[0] for p in points], [p[1] for p in points], color=color, marker=".",
+                        alpha=1.0 if index == 0 else 0.5,
+                        label=method_name(row["method"]) if index == 0 else None)
+    for ax, metric in zip(axes[0], metrics):
         ax.set_xlabel("training step")
-        ax.set_ylabel(name)
-        ax.set_yscale("log")
-    axes[0].legend()
-    fig.suptitle(f"{FAMILY_NAMES[family]}: outliers during training (fixed validation batch)")
+        ax.set_ylabel(CURVE_METRICS.get(metric, metric))
+        if metric != "sink_share":
+            ax.set_yscale("log")
+    axes[0][0].legend()
+    fig.suptitle(f"{title}: during training (fixed validation batch; faint: second seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: tuple[str, ...] = ()) -> Path:
+def plot_sensitivity(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """Quantization loss vs bits per method: activation bits at 8-bit weights, weight bits at 8-bit activations."""
+    from quantizable.experiments.reproduce import BIT_WIDTHS, bit_widths
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    panels = ((axes[0], "activation bits (weights 8)", lambda w, a: (w == 8, a)),
+              (axes[1], "weight bits (activations 8)", lambda w, a: (a == 8, w)))
+    for ax, label, select in panels:
+        for index, row in enumerate(rows):
+            points = []
+            for name in BIT_WIDTHS:
+                keep, bits = select(*bit_widths(name))
+                if keep:
+                    points.append((bits, degradation(row["fp"]["mean"], row["bits_sweep"][name], row["metric"])))
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{index}",
+                    label=method_name(row["method"]))
+        ax.set_xlabel(label)
+        ax.invert_xaxis()
+        ax.set_xticks(sorted({p for name in BIT_WIDTHS for p in bit_widths(name)}))
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+    unit = "%" if rows[0]["metric"] == "perplexity" else "points"
+    axes[0].set_ylabel(f"loss vs FP ({'perplexity +' if unit == '%' else 'accuracy -'}{unit})")
+    axes[0].legend()
+    fig.suptitle(f"{title}: simulated quantization sensitivity (static per-tensor ranges)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _figures(out: Path, row: dict[str, Any], pattern: str) -> list[str]:
+    return [f"![{f.stem}]({os.path.relpath(f, out)})" for f in sorted(Path(row["analysis_dir"]).glob(pattern))]
+
+
+def _backcopy_section(out: Path, rows: list[dict[str, Any]], family: str) -> list[str]:
+    title = _title("backcopy", family)
     lines = [
-        f"# Reproduction of the paper's table 2 (scale: {scale})",
+        f"## {title}: the no-op mechanism",
         "",
-        *([f"Training overrides on top of the scale: `{' '.join(overrides)}`", ""] if overrides else []),
+        "A head must copy the token before a trigger (the 3 most frequent characters) and has nothing to do",
+        "elsewhere, where a bigram model of the corpus's characters decides the next token (Guo et al. 2024).",
+        "Copy accuracy is on the positions after a trigger; bigram excess is the model's cross-entropy on the other",
+        "positions minus the exact bigram entropy (nats; 0 = perfect). Sink share: the largest, over layers, mean",
+        "attention that queries after the first put on the first token (BOS); dormant: heads with >= 50% there;",
+        "value drain: the BOS value vector's norm over the median token's; residual peak: the BOS residual-stream",
+        "norm over the median token's (largest over layers). Mean ± std over training seeds; W8A8 over training x",
+        "calibration seeds.",
+        "",
+        "| Method | FP ppl | copy acc. FP | copy acc. W8A8 | bigram excess | sink share | dormant | value drain | "
+        "residual peak | max inf. norm | W8A8 ppl | W8A8 loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        scores = row.get("scores") or {}
+        copy, excess = scores.get("copy_accuracy", {}), scores.get("bigram_excess", {})
+        lines.append(
+            f"| {method_name(row['method'])} | {_pm(row['fp'])} | {_pm(copy.get('fp'), 3)} | "
+            f"{_pm(copy.get('w8a8'), 3)} | {_pm(excess.get('fp'), 3)} | {_pm(row.get('sink_share'))} | "
+            f"{_pm(row.get('dormant_share'))} | {_pm(row.get('value_drain'))} | {_pm(row.get('residual_peak'))} | "
+            f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['w8a8'])} | {_degradation(row):+.2f}% |")
+    floor = next((r["scores"]["perplexity_floor"]["fp"]["mean"] for r in rows if "perplexity_floor" in
+                  (r.get("scores") or {})), None)
+    if floor is not None:
+        lines += ["", f"The bigram positions alone cannot go below perplexity {floor:.2f} (exp of the bigram entropy);"
+                      " copy positions can reach 1."]
+    curves = plot_training_curves(rows, title, out / f"training_backcopy_{family}.png",
+                                  ("sink_share", "residual_peak", "max_inf_norm"))
+    if curves:
+        lines += ["", f"![mechanism during training]({curves.name})"]
+    for row in rows:
+        figures = _figures(out, row, "*sink*.png") + _figures(out, row, "*mechanism*.png")
+        if figures:
+            lines += ["", f"{method_name(row['method'])} (first training seed):", "", *figures]
+    return lines
+
+
+def _pretrain_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## The paper's table 2 at this scale",
+        "",
         "Metric: perplexity (lower is better) for BERT (masked LM) and OPT (causal LM), top-1 accuracy in % for ViT.",
         "FP is the floating-point model; W8A8 is the simulated post-training quantization (8-bit per-tensor weights,",
         "8-bit static per-tensor activations everywhere, running min-max ranges); mean ± std over training seeds",
@@ -106,26 +209,83 @@ def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: t
         "calibrated on the first calibration seed's batches, scored on the same validation batches (mean ± std over",
         "training seeds); its loss is relative to FP like W8A8's.",
         "",
-        "| Family | Method | FP | Max inf. norm | Avg. kurtosis | W8A8 | W8A8 loss | INT8 (ORT) | INT8 loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Family | Method | FP | Max inf. norm | Avg. kurtosis | Sink share | W8A8 | W8A8 loss | INT8 (ORT) | "
+        "INT8 loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         unit = "%" if row["metric"] == "perplexity" else " pts"
         lines.append(
-            f"| {FAMILY_NAMES[row['family']]} | {METHOD_NAMES[row['method']]} | {_pm(row['fp'])} | "
-            f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['avg_kurtosis'], 1)} | {_pm(row['w8a8'])} | "
-            f"{_degradation(row):+.2f}{unit} | {_pm(row['int8'])} | {_degradation(row, 'int8'):+.2f}{unit} |"
-        )
+            f"| {FAMILY_NAMES.get(row['family'], row['family'])} | {method_name(row['method'])} | {_pm(row['fp'])} | "
+            f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['avg_kurtosis'], 1)} | {_pm(row.get('sink_share'))} | "
+            f"{_pm(row['w8a8'])} | {_degradation(row):+.2f}{unit} | {_pm(row['int8'])} | "
+            f"{_degradation(row, 'int8'):+.2f}{unit} |")
     for family in dict.fromkeys(row["family"] for row in rows):
-        plot = plot_per_layer(rows, family, out / f"per_layer_{family}.png")
-        lines += ["", f"## {FAMILY_NAMES[family]}", "", f"![per-layer inf-norm]({plot.name})"]
-        curves = plot_training_curves(rows, family, out / f"training_{family}.png")
+        group = [row for row in rows if row["family"] == family]
+        title = FAMILY_NAMES.get(family, family)
+        plot = plot_per_layer(group, title, out / f"per_layer_{family}.png")
+        lines += ["", f"### {title}", "", f"![per-layer inf-norm]({plot.name})"]
+        curves = plot_training_curves(group, title, out / f"training_{family}.png")
         if curves:
             lines += ["", f"![outliers during training]({curves.name})"]
-        vanilla = next((r for r in rows if r["family"] == family and r["method"] == "vanilla"), None)
+        vanilla = next((r for r in group if r["method"] == "vanilla"), None)
         if vanilla:
-            figures = sorted(Path(vanilla["analysis_dir"]).glob("*.png"))
+            figures = _figures(out, vanilla, "*.png")
             if figures:
-                lines += ["", "Outlier figures of the vanilla run (first training seed):", ""]
-                lines += [f"![{f.stem}]({os.path.relpath(f, out)})" for f in figures]
+                lines += ["", "Figures of the vanilla run (first training seed):", "", *figures]
+    return lines
+
+
+def _sensitivity_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
+    from quantizable.experiments.reproduce import BIT_WIDTHS
+
+    lines = [
+        "## Quantization sensitivity",
+        "",
+        "Simulated quantization at fewer bits, same static per-tensor setup as W8A8 (mean over training x",
+        "calibration seeds). A method whose activations have smaller outliers should degrade later as bits shrink.",
+        "",
+        "| Task | Family | Method | FP | " + " | ".join(BIT_WIDTHS) + " |",
+        "|---|---|---|---|" + "---|" * len(BIT_WIDTHS),
+    ]
+    for row in rows:
+        lines.append(f"| {TASK_NAMES.get(row.get('task', 'pretrain'))} | {FAMILY_NAMES.get(row['family'])} | "
+                     f"{method_name(row['method'])} | {row['fp']['mean']:.2f} | "
+                     + " | ".join(f"{row['bits_sweep'][name]:.2f}" for name in BIT_WIDTHS) + " |")
+    groups = dict.fromkeys((row.get("task", "pretrain"), row["family"]) for row in rows)
+    for task, family in groups:
+        plot = plot_sensitivity(_group(rows, task, family), _title(task, family),
+                                out / f"sensitivity_{task}_{family}.png")
+        lines += ["", f"![sensitivity {task} {family}]({plot.name})"]
+    return lines
+
+
+PAPER_SCALE = [
+    "## What needs paper scale",
+    "",
+    "The outliers that break 8-bit per-tensor quantization in the paper (max inf-norm in the hundreds, W8A8",
+    "perplexity far above FP) grow in >= 60M-parameter models over >= 50k steps of large batches. No pre-training",
+    "that fits a laptop CPU grows them: {recipe_search} lists every recipe tried",
+    "and what it measured. What this report can show at this scale is the mechanism behind them (the no-op heads",
+    "above, their first-token sink and small BOS value), how the methods change it, and how quantization",
+    "sensitivity differs as bits shrink. For the outliers themselves, run `reproduce` at `--scale full` with the",
+    "paper's presets on GPUs, or analyse a real checkpoint (`quantizable analyze`, docs/analysis.md).",
+]
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: tuple[str, ...] = ()) -> Path:
+    lines = [
+        f"# Reproduction (scale: {scale})",
+        "",
+        *([f"Training overrides on top of the scale: `{' '.join(overrides)}`", ""] if overrides else []),
+    ]
+    backcopy = [row for row in rows if row.get("task") == "backcopy"]
+    for family in dict.fromkeys(row["family"] for row in backcopy):
+        lines += [*_backcopy_section(out, _group(rows, "backcopy", family), family), ""]
+    pretrain = [row for row in rows if row.get("task", "pretrain") == "pretrain"]
+    if pretrain:
+        lines += [*_pretrain_section(out, pretrain), ""]
+    docs = Path(__file__).resolve().parents[3] / "docs" / "recipe-search.md"  # the source checkout's docs
+    link = f"[docs/recipe-search.md]({os.path.relpath(docs, out)})" if docs.is_file() else "docs/recipe-search.md"
+    lines += [*_sensitivity_section(out, rows), "", *(line.format(recipe_search=link) for line in PAPER_SCALE)]
     return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

@@ -24,29 +24,68 @@ from typing import Any
 
 import torch
 
+from quantizable.attention.spec import KINDS
+from quantizable.data.backcopy import backcopy_scores, is_backcopy
 from quantizable.io import write_json_atomic
 from quantizable.training.config import TrainConfig, load_config
 
-METHODS = ("vanilla", "clipped_softmax", "gated_attention")
-FAMILIES = ("bert", "opt", "vit")
+METHODS = ("vanilla", "clipped_softmax", "gated_attention")  # the paper's trio; any attention kind is accepted
+BIT_WIDTHS = ("W8A8", "W8A6", "W8A4", "W6A8", "W4A8")  # the sensitivity curve: activation bits, then weight bits
+MEASURE_VERSION = 2  # bump when measure() gains fields, so older measure.json files are measured again
 
 # The paper's settings per family and method (BERT table 5, OPT table 6, ViT table 7).
-ATTENTION: dict[str, dict[str, dict[str, Any]]] = {
-    "bert": {"vanilla": {}, "clipped_softmax": {"gamma": -0.025},
-             "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
-    "opt": {"vanilla": {}, "clipped_softmax": {"alpha": 12},
-            "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
-    "vit": {"vanilla": {}, "clipped_softmax": {"gamma": -0.003},
-            "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
+PAPER_ATTENTION: dict[str, dict[str, dict[str, Any]]] = {
+    "bert": {"clipped_softmax": {"gamma": -0.025}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
+    "opt": {"clipped_softmax": {"alpha": 12}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
+    "vit": {"clipped_softmax": {"gamma": -0.003}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
 }
 
 
 @dataclass(frozen=True)
-class Scale:
-    """How big a reproduction is: training preset suffix and overrides, seeds, calibration and evaluation sizes."""
+class Task:
+    """What a reproduction trains: its families, their training preset, what each scale changes and the
+    attention settings per family and method (methods not listed use the kind's defaults)."""
 
+    name: str
+    families: tuple[str, ...]
+    preset: str  # "{family}" and "{suffix}" (the scale's preset suffix) are filled in
+    overrides: dict[str, tuple[str, ...]]  # per scale name
+    attention: dict[str, dict[str, dict[str, Any]]]
+
+    def method_settings(self, family: str, method: str) -> dict[str, Any]:
+        return {"kind": method, **self.attention.get(family, {}).get(method, {})}
+
+
+TASKS: dict[str, Task] = {
+    # Bigram-Backcopy (quantizable.data.backcopy): the no-op head in its purest form, learnt in a few hundred steps.
+    # Clipped softmax with alpha = 4 (the paper's recommended 2..4, gamma = -4/64): a uniform row is all zeros.
+    "backcopy": Task("backcopy", ("opt",), "{family}-backcopy", {
+        "full": ("run.steps=3000", "run.checkpoint_every=500", "run.outlier_every=100"),
+        "quick": ("run.steps=600", "run.checkpoint_every=200", "run.outlier_every=50"),
+        "tiny": ("run.steps=12", "run.checkpoint_every=6", "run.outlier_every=6",
+                 "data.source=backcopy:train=256,validation=64"),
+    }, {"opt": {"clipped_softmax": {"alpha": 4}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}}}),
+    # The paper's table 2 on the embedded corpus and Fashion-MNIST (the CPU preset recipes).
+    "pretrain": Task("pretrain", ("bert", "opt", "vit"), "{family}-{suffix}", {
+        # shortened so 18 trainings fit in about an hour on 2 cores
+        "full": ("run.steps=600", "run.batch_size=16", "optim.warmup_steps=60", "run.eval_every=0",
+                 "run.checkpoint_every=200", "run.outlier_every=100"),
+        # the quick-start job: long enough that every model has learnt something (docs/reproduce.md, floors)
+        "quick": ("run.steps=100", "run.batch_size=8", "data.seq_len=64", "optim.warmup_steps=10",
+                  "run.eval_every=0", "run.checkpoint_every=50", "run.outlier_every=0"),
+        "tiny": ("run.steps=12", "run.checkpoint_every=6"),
+    }, PAPER_ATTENTION),
+}
+FAMILIES = tuple(dict.fromkeys(f for task in TASKS.values() for f in task.families))
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a reproduction is: training preset suffix, seeds, calibration and evaluation sizes (what each task
+    trains at a scale is in ``Task.overrides``)."""
+
+    name: str
     preset_suffix: str
-    overrides: tuple[str, ...]
     train_seeds: tuple[int, ...]
     calib_seeds: tuple[int, ...]
     calib_batches: int
@@ -55,23 +94,19 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    # the CPU preset recipes, shortened so 18 trainings fit in about an hour on 2 cores
-    "full": Scale("cpu", ("run.steps=600", "run.batch_size=16", "optim.warmup_steps=60", "run.eval_every=0",
-                          "run.checkpoint_every=200", "run.outlier_every=100"), (0, 1), (0, 1, 2), 16, 16, 8),
-    # the quick-start job: about ten minutes on 2 cores, too short for outliers to grow
-    "quick": Scale("cpu", ("run.steps=100", "run.batch_size=8", "data.seq_len=64", "optim.warmup_steps=10",
-                           "run.eval_every=0", "run.checkpoint_every=50", "run.outlier_every=0"),
-                   (0, 1), (0, 1, 2), 4, 4, 2),
-    # the CI smoke form: tiny models, a handful of steps
-    "tiny": Scale("tiny", ("run.steps=12", "run.checkpoint_every=6"), (0,), (0,), 2, 2, 2),
+    "full": Scale("full", "cpu", (0, 1), (0, 1, 2), 16, 16, 8),
+    "quick": Scale("quick", "cpu", (0, 1), (0, 1, 2), 4, 4, 2),  # the quick-start job, under ten minutes
+    "tiny": Scale("tiny", "tiny", (0,), (0,), 2, 2, 2),  # the CI smoke form
 }
 
 
-def run_config(family: str, method: str, seed: int, scale: Scale, overrides: tuple[str, ...] = ()) -> TrainConfig:
-    """The training configuration of one run: preset, scale, the user's ``--set`` overrides, seed and method."""
-    attention = {"kind": method, **ATTENTION[family][method]}
-    settings = [*scale.overrides, *overrides, f"run.seed={seed}", f"attention={json.dumps(attention)}"]
-    return load_config(f"{family}-{scale.preset_suffix}", settings)
+def run_config(family: str, method: str, seed: int, scale: Scale, overrides: tuple[str, ...] = (),
+               task: str = "pretrain") -> TrainConfig:
+    """The training configuration of one run: task preset, scale, the user's ``--set`` overrides, seed, method."""
+    spec = TASKS[task]
+    attention = spec.method_settings(family, method)
+    settings = [*spec.overrides[scale.name], *overrides, f"run.seed={seed}", f"attention={json.dumps(attention)}"]
+    return load_config(spec.preset.format(family=family, suffix=scale.preset_suffix), settings)
 
 
 def fingerprint(config: TrainConfig, scale: Scale) -> str:
@@ -98,6 +133,7 @@ class RunData:
 
     model: Any
     tokenizer: Any
+    source: str | None  # the run's data.source
     eval_batches: list[dict[str, torch.Tensor]]
     calibration: Callable[[int], list[dict[str, torch.Tensor]]]  # calibration batches of a seed
 
@@ -119,26 +155,53 @@ def load_run(run_dir: Path, scale: Scale) -> RunData:
         loader = data.make_loader(sets.train, config.run.batch_size, sets.collate(0), shuffle=True, seed=seed)
         return _batches(loader, scale.calib_batches)
 
-    return RunData(model, tokenizer, eval_batches, calibration)
+    return RunData(model, tokenizer, config.data.source, eval_batches, calibration)
+
+
+MECHANISM_KEYS = ("sink_share", "value_drain", "residual_peak")  # analyze's no-op numbers, each with a per-layer list
+
+
+def bit_widths(name: str) -> tuple[int, int]:
+    """``"W8A6"`` -> (8, 6)."""
+    weights, _, acts = name.removeprefix("W").partition("A")
+    return int(weights), int(acts)
 
 
 def measure(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
-    """FP metric, outlier metrics and simulated W8A8 over the calibration seeds of one trained run."""
+    """FP metric, outlier and no-op mechanism metrics, simulated W8A8 over the calibration seeds and the
+    sensitivity sweep over ``BIT_WIDTHS`` of one trained run; the backcopy task also scores copy accuracy and
+    bigram loss in FP and under W8A8."""
     from quantizable.analysis import analyze
-    from quantizable.quantization import simulate_w8a8
+    from quantizable.quantization import QuantConfig, simulate_w8a8
 
-    quant = simulate_w8a8(run.model, run.calibration, run.eval_batches, seeds=scale.calib_seeds)
+    score = None
+    if is_backcopy(run.source):
+        def score(model: Any) -> dict[str, float]:
+            return backcopy_scores(model, run.eval_batches, run.source)
+    quant = simulate_w8a8(run.model, run.calibration, run.eval_batches, seeds=scale.calib_seeds, score=score)
+    sweep = {"W8A8": quant["quantized"]["per_seed"]}
+    for name in BIT_WIDTHS[1:]:
+        weights, acts = bit_widths(name)
+        swept = simulate_w8a8(run.model, run.calibration, run.eval_batches, seeds=scale.calib_seeds,
+                              config=QuantConfig(weight_bits=weights, act_bits=acts))
+        sweep[name] = swept["quantized"]["per_seed"]
     analysis = analyze(run.model, run.eval_batches[: scale.analysis_batches], tokenizer=run.tokenizer,
                        out_dir=run_dir / "analysis")
     return {
+        "version": MEASURE_VERSION,
         "metric": quant["metric"],
         "fp": quant["fp"],
         "w8a8": quant["quantized"],
         "sites": quant["sites"],
+        "bits_sweep": sweep,
+        **({"scores": quant["scores"]} if score is not None else {}),
         "max_inf_norm": analysis["max_inf_norm"],
         "avg_kurtosis": analysis["avg_kurtosis"],
         "per_layer_inf_norm": [row["mean_inf_norm"] for row in analysis["per_layer"]
                                if row["tensor"] == "block_out"],
+        **{key: analysis.get(key) for key in MECHANISM_KEYS},
+        **{f"{key}_per_layer": analysis.get(f"{key}_per_layer") for key in MECHANISM_KEYS},
+        "dormant_share": analysis.get("dormant_share"),
         "analysis_dir": str(run_dir / "analysis"),
     }
 
@@ -172,12 +235,15 @@ class Job:
     scale: Scale
     overrides: tuple[str, ...]
     label: str
+    task: str = "pretrain"
 
 
 def job_run(job: Job) -> tuple[TrainConfig, Path]:
     """The training configuration of a job and its run directory (named by a hash of all its settings)."""
-    config = run_config(job.family, job.method, job.seed, job.scale, job.overrides)
-    return config, job.out / "runs" / f"{job.family}-{job.method}-seed{job.seed}-{fingerprint(config, job.scale)}"
+    config = run_config(job.family, job.method, job.seed, job.scale, job.overrides, job.task)
+    prefix = "" if job.task == "pretrain" else f"{job.task}-"
+    name = f"{prefix}{job.family}-{job.method}-seed{job.seed}-{fingerprint(config, job.scale)}"
+    return config, job.out / "runs" / name
 
 
 def trained_steps(run_dir: Path) -> int:
@@ -199,6 +265,8 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
 
     config, run_dir = job_run(job)
     result_path, int8_path = run_dir / "measure.json", run_dir / "int8" / "int8.json"
+    if result_path.is_file() and json.loads(result_path.read_text()).get("version") != MEASURE_VERSION:
+        result_path.unlink()  # measured by an older version: measure again, the training is kept
     if result_path.is_file() and int8_path.is_file():
         print(f"{job.label}: reusing {run_dir.name}", flush=True)
     elif not (run_dir / "model" / "config.json").is_file():
@@ -210,7 +278,7 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
     if not (result_path.is_file() and int8_path.is_file()):
         run = load_run(run_dir, job.scale)  # once for both measurements
         if not result_path.is_file():
-            print(f"{job.label}: measuring FP, outliers and W8A8", flush=True)
+            print(f"{job.label}: measuring FP, outliers, no-op mechanism, W8A8 and the bit-width sweep", flush=True)
             write_json_atomic(result_path, measure(run, run_dir, job.scale))
         if not int8_path.is_file():  # also for runs measured before the INT8 column existed
             print(f"{job.label}: measuring real INT8 (ONNX Runtime)", flush=True)
@@ -296,54 +364,93 @@ def _mean_std(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] = FAMILIES,
-              methods: tuple[str, ...] = METHODS, progress: bool = True, overrides: tuple[str, ...] = (),
-              train_seeds: int | None = None, workers: int | None = 1) -> list[dict[str, Any]]:
-    """Train and measure every (family, method, seed); write ``results.json`` and ``report.md`` under ``out``.
+def _layer_mean(runs: list[dict[str, Any]], key: str) -> list[float] | None:
+    lists = [r.get(key) for r in runs]
+    if any(values is None for values in lists):
+        return None
+    return [statistics.fmean(v) for v in zip(*lists)]
 
-    ``overrides`` (``key=value``, as ``train --set``) apply to every run on top of the scale: the recipe search
-    uses them; ``train_seeds`` keeps only the first so many training seeds of the scale; ``workers`` runs that many
-    jobs at once in separate processes (``None``: one per CPU core, see ``resolve_workers``).
+
+def _optional_stat(runs: list[dict[str, Any]], key: str) -> dict[str, float] | None:
+    values = [r.get(key) for r in runs]
+    return None if any(v is None for v in values) else _mean_std(values)
+
+
+def aggregate(task: str, family: str, method: str, runs: list[dict[str, Any]], scale: Scale) -> dict[str, Any]:
+    """One results row: mean ± std over training seeds (FP, outliers, mechanism) and over training x calibration
+    seeds (W8A8, each bit width of the sweep)."""
+    row = {
+        "task": task, "family": family, "method": method, "metric": runs[0]["metric"],
+        "fp": _mean_std([r["fp"] for r in runs]),
+        "w8a8": _mean_std([v for r in runs for v in r["w8a8"]["per_seed"]]),
+        "int8": _mean_std([r["int8"]["int8"]["metric"] for r in runs]),
+        "max_inf_norm": _mean_std([r["max_inf_norm"] for r in runs]),
+        "avg_kurtosis": _mean_std([r["avg_kurtosis"] for r in runs]),
+        "per_layer_inf_norm": _layer_mean(runs, "per_layer_inf_norm"),
+        **{key: _optional_stat(runs, key) for key in (*MECHANISM_KEYS, "dormant_share")},
+        **{f"{key}_per_layer": _layer_mean(runs, f"{key}_per_layer") for key in MECHANISM_KEYS},
+        "bits_sweep": {name: statistics.fmean(v for r in runs for v in r["bits_sweep"][name]) for name in BIT_WIDTHS},
+        "bits_sweep_std": {name: _mean_std([v for r in runs for v in r["bits_sweep"][name]])["std"]
+                           for name in BIT_WIDTHS},
+        "train_seeds": [r["seed"] for r in runs], "calib_seeds": list(scale.calib_seeds),
+        "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
+    }
+    if "scores" in runs[0]:  # the task's own metrics (backcopy: copy accuracy, bigram loss)
+        row["scores"] = {
+            name: {"fp": _mean_std([r["scores"]["fp"][name] for r in runs]),
+                   "w8a8": _mean_std([s[name] for r in runs for s in r["scores"]["per_seed"]])}
+            for name in runs[0]["scores"]["fp"]
+        }
+    return row
+
+
+def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | None = None,
+              methods: tuple[str, ...] = METHODS, progress: bool = True, overrides: tuple[str, ...] = (),
+              train_seeds: int | None = None, workers: int | None = 1,
+              tasks: tuple[str, ...] = ("pretrain",)) -> list[dict[str, Any]]:
+    """Train and measure every (task, family, method, seed); write ``results.json`` and ``report.md`` under ``out``.
+
+    ``tasks`` are names of ``TASKS`` (``backcopy``, ``pretrain``), each run on its own families (``families``
+    keeps only those); ``methods`` are attention kinds (``attention.spec.KINDS``). ``overrides`` (``key=value``,
+    as ``train --set``) apply to every run on top of the scale: the recipe search uses them; ``train_seeds`` keeps
+    only the first so many training seeds of the scale; ``workers`` runs that many jobs at once in separate
+    processes (``None``: one per CPU core, see ``resolve_workers``).
     """
     if scale_name not in SCALES:
         raise ValueError(f"unknown scale {scale_name!r}; known: {', '.join(SCALES)}")
-    unknown = [f for f in families if f not in FAMILIES] + [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown families/methods {unknown}; families: {', '.join(FAMILIES)}; "
-                         f"methods: {', '.join(METHODS)}")
+    for what, given, known in (("tasks", tasks, tuple(TASKS)), ("families", families or (), FAMILIES),
+                               ("methods", methods, KINDS)):
+        unknown = [name for name in given if name not in known]
+        if unknown or (not given and what != "families"):
+            raise ValueError(f"unknown {what} {unknown}; known: {', '.join(known)}" if unknown else f"no {what} given")
+    plan = [(task, family) for task in tasks for family in TASKS[task].families
+            if families is None or family in families]
+    if not plan:
+        owners = "; ".join(f"{t}: {', '.join(TASKS[t].families)}" for t in tasks)
+        raise ValueError(f"none of the families {', '.join(families or ())} belongs to the tasks ({owners})")
     scale = SCALES[scale_name]
     if train_seeds is not None:
         if not 1 <= train_seeds <= len(scale.train_seeds):
             raise ValueError(f"train_seeds must lie in 1..{len(scale.train_seeds)} for scale {scale_name!r}, "
                              f"got {train_seeds}")
         scale = dataclasses.replace(scale, train_seeds=scale.train_seeds[:train_seeds])
-    for family in families:  # a bad override fails here, before any training starts
-        run_config(family, methods[0] if methods else "vanilla", 0, scale, overrides)
+    for task, family in plan:  # a bad override or method setting fails here, before any training starts
+        for method in methods:
+            run_config(family, method, 0, scale, overrides, task)
     out.mkdir(parents=True, exist_ok=True)
-    combos = [(family, method, seed) for family in families for method in methods for seed in scale.train_seeds]
-    jobs = [Job(family, method, seed, out, scale, overrides, f"[{index}/{len(combos)}] {family} {method} seed {seed}")
-            for index, (family, method, seed) in enumerate(combos, 1)]
+    combos = [(task, family, method, seed) for task, family in plan for method in methods
+              for seed in scale.train_seeds]
+    jobs = [Job(family, method, seed, out, scale, overrides,
+                f"[{index}/{len(combos)}] {task} {family} {method} seed {seed}", task)
+            for index, (task, family, method, seed) in enumerate(combos, 1)]
     workers = resolve_workers(workers, len(jobs))
     started = time.time()
-    measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    measured: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for job, result in zip(jobs, _run_all(jobs, workers, progress, started)):
-        measured.setdefault((job.family, job.method), []).append(result)
+        measured.setdefault((job.task, job.family, job.method), []).append(result)
 
-    rows = []
-    for (family, method), runs in measured.items():
-        w8a8 = [v for r in runs for v in r["w8a8"]["per_seed"]]
-        rows.append({
-            "family": family, "method": method, "metric": runs[0]["metric"],
-            "fp": _mean_std([r["fp"] for r in runs]),
-            "w8a8": _mean_std(w8a8),
-            "int8": _mean_std([r["int8"]["int8"]["metric"] for r in runs]),
-            "max_inf_norm": _mean_std([r["max_inf_norm"] for r in runs]),
-            "avg_kurtosis": _mean_std([r["avg_kurtosis"] for r in runs]),
-            "per_layer_inf_norm": [statistics.fmean(v) for v in zip(*(r["per_layer_inf_norm"] for r in runs))],
-            "train_seeds": [r["seed"] for r in runs], "calib_seeds": list(scale.calib_seeds),
-            "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
-        })
-    summary = {"scale": scale_name, "overrides": list(overrides), "workers": workers,
+    rows = [aggregate(task, family, method, runs, scale) for (task, family, method), runs in measured.items()]
+    summary = {"scale": scale_name, "tasks": list(tasks), "overrides": list(overrides), "workers": workers,
                "elapsed_s": round(time.time() - started, 1), "rows": rows}
     write_json_atomic(out / "results.json", rows)
     write_json_atomic(out / "summary.json", summary)

@@ -34,6 +34,9 @@ MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "vit-s16": ("vit", dict(image_size=224, patch_size=16, num_channels=3, num_labels=1000, hidden_size=384,
                             num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
                             patch_layernorm=True)),
+    # the Bigram-Backcopy task (data.source=backcopy): pre-LN, one head per layer as in Guo et al. 2024
+    "opt-backcopy": ("opt", dict(hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2, num_attention_heads=1,
+                                 ffn_dim=512, max_position_embeddings=128, init_std=0.02)),
     "llama-tiny": ("llama", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)),
 }

@@ -63,12 +63,14 @@ def simulate_w8a8(
     eval_batches: Callable[[], Iterable[Batch]] | Iterable[Batch],
     config: QuantConfig | None = None,
     seeds: Iterable[int] = (0,),
+    score: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """FP evaluation, then per seed: quantize, calibrate on ``calib_batches(seed)``, freeze, evaluate.
 
     ``calib_batches`` is a function of the seed (so each seed draws its own calibration data) or a fixed
-    collection; ``eval_batches`` a function returning fresh batches or a re-iterable collection. The model is
-    restored to floating point afterwards.
+    collection; ``eval_batches`` a function returning fresh batches or a re-iterable collection. ``score`` (model ->
+    named numbers) is a task's own metric, measured like the main one under ``"scores"`` (``fp``, ``per_seed``).
+    The model is restored to floating point afterwards.
     """
     config = config or QuantConfig()
     seeds = list(seeds)
@@ -79,6 +81,7 @@ def simulate_w8a8(
         return eval_batches() if callable(eval_batches) else eval_batches
 
     fp = evaluate(model, fresh_eval())
+    scores: dict[str, Any] = {"fp": score(model), "per_seed": []} if score is not None else {}
     per_seed, table, sites = [], [], 0
     for seed in seeds:
         torch.manual_seed(seed)
@@ -87,6 +90,8 @@ def simulate_w8a8(
             calibrate(model, calib_batches(seed) if callable(calib_batches) else calib_batches)
             freeze(model)
             per_seed.append(evaluate(model, fresh_eval())["value"])
+            if score is not None:
+                scores["per_seed"].append(score(model))
             table, sites = site_table(model), len(handle.act_quantizers)
         finally:
             handle.remove()
@@ -99,4 +104,5 @@ def simulate_w8a8(
         "weight_sites": sum(row["kind"] == "weight" for row in table),
         "config": config.to_dict(),
         "site_table": table,
+        **({"scores": scores} if score is not None else {}),
     }

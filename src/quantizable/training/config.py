@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from quantizable.attention.spec import AttentionSpec
+from quantizable.data.backcopy import is_backcopy, parse_source
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 SCHEDULES = ("linear", "cosine")
@@ -40,7 +41,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Text data: tokenizer (``None``: the family's default, WordPiece for MLM and BPE for CLM), sequence length,
-    an optional data source instead of the default corpus, and the MLM masking probability."""
+    an optional data source instead of the default corpus (a file, directory, ``datasets`` name, or the synthetic
+    ``backcopy[:key=value,...]`` task of :mod:`quantizable.data.backcopy`) and the MLM masking probability."""
 
     tokenizer: str | None = None
     seq_len: int = 128
@@ -53,6 +55,8 @@ class DataConfig:
         _require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
         _require(0.0 < self.mlm_probability < 1.0,
                  f"data.mlm_probability must lie in (0, 1), got {self.mlm_probability}")
+        if is_backcopy(self.source):
+            parse_source(self.source)  # a bad task parameter fails here, before any training
 
 
 @dataclass

@@ -26,8 +26,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from quantizable.analysis.metrics import inf_norm, kurtosis, sequences
-from quantizable.analysis.recording import recording
 from quantizable.evaluation import evaluate
 from quantizable.models import (FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config,
                                 load_model)
@@ -87,7 +85,8 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
         task = _preset_task(config.model.preset)
         tokenizer, extra = None, {}
         if task != "image":
-            tokenizer = data.load_tokenizer(config.data.tokenizer or data.DEFAULT_TOKENIZER[task])
+            tokenizer = data.source_tokenizer(config.data.source,
+                                              config.data.tokenizer or data.DEFAULT_TOKENIZER[task])
             extra = {"vocab_size": len(tokenizer)}
             if tokenizer.pad_token_id is not None:
                 extra["pad_token_id"] = tokenizer.pad_token_id
@@ -143,27 +142,16 @@ def _mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-@torch.no_grad()
-def block_outlier_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Max inf-norm (of the per-layer mean over sequences) and mean non-excess kurtosis of the transformer block
-    outputs on one batch; statistics per sequence, flattened over tokens and features (paper section 5)."""
-    per_layer: dict[int, list[torch.Tensor]] = {}
-    mask = batch.get("attention_mask")
+# The numbers of ``analyze`` logged during training: the paper's outlier metrics and the no-op mechanism's
+TRAINING_METRICS = ("max_inf_norm", "avg_kurtosis", "sink_share", "value_drain", "residual_peak", "dormant_share")
 
-    def record(layer: int, name: str, tensor: torch.Tensor) -> None:
-        if name == "block_out":
-            per_layer.setdefault(layer, []).extend(sequences(tensor, mask))
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    with recording(model, record):
-        model(**inputs)
-    model.train(was_training)
-    norms = [sum(inf_norm(s) for s in seqs) / len(seqs) for seqs in per_layer.values()]
-    kurts = [kurtosis(s) for seqs in per_layer.values() for s in seqs]
-    return {"max_inf_norm": max(norms), "avg_kurtosis": sum(kurts) / len(kurts)}
+def training_outlier_metrics(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, float]:
+    """``analyze``'s model-level numbers on one fixed batch (the same definitions as every report)."""
+    from quantizable.analysis import analyze
+
+    result = analyze(model, [{k: v for k, v in batch.items() if k != "labels"}], tokenizer=tokenizer)
+    return {key: float(result[key]) for key in TRAINING_METRICS if result.get(key) is not None}
 
 
 def weight_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -391,7 +379,7 @@ def train(
             window = losses[-run.log_every:]
             record.update(loss=sum(window) / len(window), lr=lr)
         if run.outlier_every and step % run.outlier_every == 0:
-            record.update(block_outlier_stats(unwrapped, outlier_batch))
+            record.update(training_outlier_metrics(unwrapped, outlier_batch, tokenizer))
         if run.eval_every and step % run.eval_every == 0:
             last_eval = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
             last_eval_step = step
