@@ -14,49 +14,100 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
+import platform
+import re
 import shutil
 import subprocess
-import warnings
+import tempfile
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from filelock import FileLock  # a dependency of torch itself
 
 from quantizable.attention.switch import Switch
 
+log = logging.getLogger(__name__)
+
 SOURCE = Path(__file__).parent / "kernels" / "attention_rows.c"
-# -march=native: the library is built on the machine that runs it; -ffast-math lets the row reductions vectorise
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC")
+# -march=native: the library is built on the machine that runs it. Not -ffast-math: on a shared library GCC < 13
+# then links crtfastmath.o, whose constructor switches on flush-to-zero for the whole process (1e-308 / 10 == 0.0
+# in plain Python after loading us). Of its parts these four keep the loops vectorised (GCC 12's -fopt-info-vec
+# reports the same loops): -fno-trapping-math lets the exp, sigmoid and clamp-gradient loops if-convert,
+# -fassociative-math (with -fno-signed-zeros) vectorises the reductions' remainder loops, -fno-math-errno lets libm
+# calls inline. Not -ffinite-math-only: with it a NaN score came out as probability 0 (the row's error hidden); the
+# price is about 12% on the clipped-softmax row sweeps (compare-and-blend for min/max instead of vmaxps;
+# docs/performance.md), nothing on the gate's.
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+         "-fopenmp-simd", "-shared", "-fPIC")
+# The most heads the gate kernel's per-token arrays hold: given to the C source as -DMAX_HEADS, its only definition.
+MAX_GATE_HEADS = 256
+DEFINES = {"MAX_HEADS": MAX_GATE_HEADS}
 # Below this many scores per block one thread does the rows: handing work to other threads costs more.
 PARALLEL_MIN_ELEMENTS = 2**16
 
-_pointer_t, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# ctypes types of the C parameter types in the kernels' signatures
+_C_TYPES = {"float *": ctypes.c_void_p, "uint8_t *": ctypes.c_void_p, "int64_t": ctypes.c_int64,
+            "float": ctypes.c_float}
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("QUANTIZABLE_KERNELS") or Path.home() / ".cache" / "quantizable" / "kernels")
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def _cpu_identity() -> str:
     """The CPU's feature flags: a library built with -march=native must not run on a CPU without them."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return os.uname().machine
+        text = CPUINFO.read_text()
+    except OSError:  # not Linux: the architecture (and processor name, where the OS gives one) stands in
+        return f"{platform.machine()} {platform.processor()}"
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), text[:4096])
 
 
+def signatures(source: str) -> dict[str, list[type]]:
+    """The ctypes ``argtypes`` of every exported (non-static) ``void`` function of the C ``source``: read from the C
+    signatures themselves, so the two cannot disagree."""
+    found = {}
+    for name, params in re.findall(r"^void (\w+)\(([^)]*)\)", source, flags=re.MULTILINE):
+        kinds = (re.sub(r"\b(const|restrict)\b|\w+$", "", param).split() for param in params.split(","))
+        found[name] = [_C_TYPES[" ".join(kind)] for kind in kinds]
+    return found
+
+
+def compile_command(compiler: str, output: Path) -> list[str]:
+    return [compiler, *FLAGS, *(f"-D{name}={value}" for name, value in DEFINES.items()), "-o", str(output),
+            str(SOURCE), "-lm"]
+
+
 def _build(compiler: str) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, compiler, _cpu_identity()]).encode()).hexdigest()
+    """The cached library for this source, flags, compiler and CPU, compiled first if missing.
+
+    Safe under concurrent first use by threads and processes: one file lock per library, each build into its own
+    temporary file, published by an atomic rename, so no process ever loads a half-written library.
+    """
+    parts = [SOURCE.read_text(), *compile_command(compiler, Path("out")), _cpu_identity()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     library = _cache_dir() / f"attention_rows-{key[:16]}.so"
-    if not library.is_file():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        partial = library.with_name(f"{library.stem}.{os.getpid()}.tmp.so")
-        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], check=True, capture_output=True,
-                       text=True)
-        os.replace(partial, library)  # atomic: concurrent workers never load a half-written library
+    if library.is_file():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(library.with_suffix(".lock")):
+        if library.is_file():  # another process built it while we waited
+            return library
+        descriptor, partial = tempfile.mkstemp(prefix=library.stem + ".", suffix=".tmp.so", dir=library.parent)
+        os.close(descriptor)
+        try:
+            subprocess.run(compile_command(compiler, Path(partial)), check=True, capture_output=True, text=True)
+            os.replace(partial, library)
+        finally:
+            Path(partial).unlink(missing_ok=True)
     return library
 
 
@@ -69,31 +120,38 @@ def kernel_applies(*tensors: torch.Tensor) -> bool:
     return use_cpu_kernel.enabled and on_cpu_fp32 and load_kernel() is not None
 
 
+_load_lock = threading.Lock()
+
+
+def _first_line(error: Exception) -> str:
+    text = (getattr(error, "stderr", None) or str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 @functools.cache
-def load_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel library, or ``None`` (with one warning saying why) when it cannot be built."""
+def _load() -> ctypes.CDLL | None:
     if os.environ.get("QUANTIZABLE_NO_KERNEL", "") not in ("", "0"):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        warnings.warn("no C compiler found: clipped softmax and the linear gate use slower ATen ops", stacklevel=2)
+        log.warning("no C compiler found: clipped softmax and the linear gate use slower ATen ops")
         return None
     try:
         library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"building the attention kernels failed ({detail}); using ATen ops", stacklevel=2)
+    except (OSError, subprocess.SubprocessError) as error:  # no such compiler, compile error, unloadable result
+        log.warning("building the attention kernels with %s failed (%s): using ATen ops", compiler,
+                    _first_line(error))
         return None
-    library.clipped_softmax_forward.argtypes = [_pointer_t, _pointer_t, _i64, _i64, _i64, _f32, _f32, _f32,
-                                                _pointer_t, _i64, _i64, _i64, _i64, _i64]
-    library.clipped_softmax_backward.argtypes = [_pointer_t, _pointer_t, _pointer_t, _i64, _i64, _i64, _f32, _f32,
-                                                 _f32, _pointer_t, _f32]
-    library.linear_gate_forward.argtypes = [*[_pointer_t] * 6, _i64, _i64, _i64, _i64]
-    library.linear_gate_backward.argtypes = [*[_pointer_t] * 9, _i64, _i64, _i64, _i64]
-    for function in ("clipped_softmax_forward", "clipped_softmax_backward", "linear_gate_forward",
-                     "linear_gate_backward"):
-        getattr(library, function).restype = None
+    for name, argtypes in signatures(SOURCE.read_text()).items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, None
     return library
+
+
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel library, or ``None`` (with one logged line saying why) when it cannot be built."""
+    with _load_lock:  # threads arriving together wait for one build and load instead of racing each other
+        return _load()
 
 
 @functools.cache
@@ -154,10 +212,6 @@ def clipped_softmax_rows_backward(grad: torch.Tensor, probs: torch.Tensor, clipp
     _over_rows(lambda _, begin, end: library.clipped_softmax_backward(g, p, c, begin, end, cols, gamma, zeta,
                                                                       grad_scale, k, keep_scale),
                _row_ranges(grad.numel() // cols, cols))
-
-
-# the most heads the gate kernel's per-token arrays hold (MAX_HEADS in attention_rows.c)
-MAX_GATE_HEADS = 256
 
 
 def linear_gate_rows(output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

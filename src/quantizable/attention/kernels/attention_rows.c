@@ -19,6 +19,10 @@
 #define EXP_FLOOR (-87.0f)
 #define PROB_FLOOR (1e-30f)
 
+/* max(x, low) as a comparison, not fmaxf: without -ffinite-math-only GCC calls fmaxf per element (its NaN rule
+ * has no vector instruction), which kept the max, exp and sigmoid loops scalar; this form is one vmaxps and lets a
+ * NaN x through, as torch.softmax does */
+static inline float at_least(float x, float low) { return x < low ? low : x; }
 static inline float clampf(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 
 /* exp(x) for x in [EXP_FLOOR, 0], inline so that whole rows vectorise without a call per vector (libmvec's expf
@@ -53,26 +57,26 @@ void clipped_softmax_forward(float *s, float *p, int64_t row_begin, int64_t row_
             int64_t visible = row_start + r % rows_per_head + causal_offset + 1;
             limit = visible < cols ? visible : cols;
         }
-        float m = -FLT_MAX;  /* finite: the kernel is built with -ffast-math */
+        float m = -FLT_MAX;  /* a row of -inf (fully masked by an additive mask) becomes uniform, as a finfo.min mask */
         if (bias) {
 #pragma omp simd reduction(max : m)
-            for (int64_t j = 0; j < limit; ++j) { x[j] = x[j] * scale + bias[j]; m = fmaxf(m, x[j]); }
+            for (int64_t j = 0; j < limit; ++j) { x[j] = x[j] * scale + bias[j]; m = x[j] > m ? x[j] : m; }
         } else {
 #pragma omp simd reduction(max : m)
-            for (int64_t j = 0; j < limit; ++j) { x[j] = x[j] * scale; m = fmaxf(m, x[j]); }
+            for (int64_t j = 0; j < limit; ++j) { x[j] = x[j] * scale; m = x[j] > m ? x[j] : m; }
         }
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < limit; ++j) {
             /* masked keys sit near -FLT_MAX: they are raised to EXP_FLOOR here and flushed to 0 below */
-            pr[j] = exp_nonpositive(fmaxf(x[j] - m, EXP_FLOOR));
+            pr[j] = exp_nonpositive(at_least(x[j] - m, EXP_FLOOR));
             sum += pr[j];
         }
         const float inv = 1.0f / sum;
 #pragma omp simd
         for (int64_t j = 0; j < limit; ++j) {
             const float prob = pr[j] * inv;
-            pr[j] = prob > PROB_FLOOR ? prob : 0.0f;
+            pr[j] = prob < PROB_FLOOR ? 0.0f : prob;  /* so written, a NaN stays NaN */
             x[j] = clampf(stretch * pr[j] + gamma);
         }
         for (int64_t j = limit; j < cols; ++j) { pr[j] = 0.0f; x[j] = clampf(gamma); }
@@ -117,10 +121,12 @@ void clipped_softmax_backward(float *g, const float *p, float *c, int64_t row_be
 /* Linear attention gate, per token t and head h: pi = sigmoid(b[h] + x[t, h, :] . w[h, :]), y[t, h, :] =
  * o[t, h, :] * pi. On ATen that is ten-odd small dispatched ops per layer, which at ViT-small size cost a tenth of
  * the attention itself. x, o, y: (tokens, heads * dim) rows; pi: (tokens, heads); heads <= MAX_HEADS. */
-#define MAX_HEADS 256
+#ifndef MAX_HEADS  /* given by attention/cpu_kernel.py (-DMAX_HEADS), which checks the head count against it */
+#error "build with -DMAX_HEADS=<the most heads of a gate>"
+#endif
 
 static inline float sigmoidf(float z) {
-    const float e = exp_nonpositive(fmaxf(-fabsf(z), EXP_FLOOR));  /* exp(-|z|): no overflow */
+    const float e = exp_nonpositive(at_least(-fabsf(z), EXP_FLOOR));  /* exp(-|z|): no overflow */
     return z >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
 }
 
