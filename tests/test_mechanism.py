@@ -52,19 +52,22 @@ def test_sink_share_of_hand_built_pattern() -> None:
     assert result["sink_or_delimiter_share_per_head"][0] == pytest.approx([0.88, 0.60])
     assert result["dormant_share"] == 0.25  # one of the 4 heads has >= 50% on the first token
     assert result["dormant_share_with_delimiters"] == 0.5
+    # the uniform layer puts 0.25 on sequence 1's padding key: 2 of the 5 queries miss 0.25 of their mass
+    assert result["null_share_per_head"] == [pytest.approx([0.0, 0.0], abs=1e-6), pytest.approx([0.1, 0.1])]
     assert result["value_drain_per_layer"] == [1.0, 1.0] and result["residual_peak"] == 1.0
     assert result["gate_closed_share_per_head"] is None and result["clipped_zero_share_per_head"] is None
 
 
 def test_sink_is_first_valid_token_with_left_padding() -> None:
     valid = torch.tensor([[0, 1, 1]], dtype=torch.bool)
-    probs = torch.tensor([[[[1, 0, 0], [0, 1, 0], [0, 0.7, 0.3]]]])  # padded row 0; query 2 puts 0.7 on token 1
+    probs = torch.tensor([[[[1, 0, 0], [0, 1, 0], [0, 0.7, 0.2]]]])  # padded row 0; query 2 puts 0.1 on no token
     stats = MechanismStats(n_layers=1)
     stats.add_attention(0, probs, valid, None, causal=True, clipped=False)
     stats.add_value_norms(0, torch.tensor([[[9.0], [2.0], [4.0]]]), valid)
     stats.add_hidden(0, torch.tensor([[[9.0, 9.0], [3.0, -4.0], [1.0, 0.0]]]), valid)
     result = stats.summary()
     assert result["sink_share_per_head"] == [[pytest.approx(0.7)]]
+    assert result["null_share_per_head"] == [[pytest.approx(0.1)]]
     assert result["delimiter_share_per_head"] is None and result["dormant_share_with_delimiters"] is None
     assert result["value_drain_per_layer"] == [0.5]
     assert result["residual_peak_per_layer"] == [5.0] and result["residual_peak_max_abs_per_layer"] == [4.0]
@@ -81,13 +84,17 @@ def _sink_ratio(per_token: torch.Tensor, length: int) -> torch.Tensor:
         others.shape[0], -1).T]).reshape(others.shape[1:]).to(per_token.dtype)
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "opt-tiny"])
-def test_value_drain_and_residual_peak_match_direct_computation(preset: str) -> None:
+@pytest.mark.parametrize("preset, kind", [("llama-tiny", "vanilla"), ("opt-tiny", "vanilla"),
+                                          ("llama-tiny", "value_gate")])
+def test_value_drain_and_residual_peak_match_direct_computation(preset: str, kind: str) -> None:
     torch.manual_seed(0)
-    model = create_model(preset, num_hidden_layers=3).eval()
+    model = create_model(preset, AttentionSpec(kind=kind), num_hidden_layers=3).eval()
     sink_id = 7
     with torch.no_grad():  # a first token with a huge residual norm (as a trained sink grows one)
         model.get_input_embeddings().weight[sink_id] *= 200.0
+        for module in model.modules():  # value gates that differ between tokens
+            if hasattr(module, "attn_value_gate"):
+                module.attn_value_gate.weight.normal_(0.0, 1.0)
     ids = torch.randint(10, 500, (2, 9))
     ids[:, 0] = sink_id
     mask = torch.ones_like(ids)
@@ -108,7 +115,10 @@ def test_value_drain_and_residual_peak_match_direct_computation(preset: str) -> 
         block = decoder[layer]
         norm = block.input_layernorm if preset.startswith("llama") else block.self_attn_layer_norm
         with torch.no_grad():
-            values = block.self_attn.v_proj(norm(hidden[layer])).unflatten(-1, (n_kv, -1)).norm(dim=-1)
+            values = block.self_attn.v_proj(norm(hidden[layer])).unflatten(-1, (n_kv, -1))  # (B, T, H_kv, d)
+            if kind == "value_gate":  # attention mixes the gated values
+                values = block.self_attn.attn_value_gate(values.transpose(1, 2)).transpose(1, 2)
+            values = values.norm(dim=-1)
         drains = torch.stack([_sink_ratio(values[b].double(), n) for b, n in enumerate(lengths)])  # (B, H_kv)
         assert result["value_drain_per_head"][layer] == pytest.approx(drains.mean(0).tolist(), rel=1e-5)
         assert result["value_drain_per_layer"][layer] == pytest.approx(float(drains.mean()), rel=1e-5)

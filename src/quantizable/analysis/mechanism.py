@@ -151,6 +151,7 @@ class MechanismStats:
     sink: _Sums = field(default_factory=_Sums)
     delimiter: _Sums = field(default_factory=_Sums)
     sink_or_delimiter: _Sums = field(default_factory=_Sums)
+    null: _Sums = field(default_factory=_Sums)
     zeros: _Sums = field(default_factory=_Sums)
     values: _Sums = field(default_factory=_Sums)
     residual_norm: _Sums = field(default_factory=_Sums)
@@ -166,6 +167,7 @@ class MechanismStats:
         n_queries = queries.sum()
         first = _one_hot(first_valid(valid), valid.shape[1]) & valid
         self.sink.add(layer, attention_mass(probs, first, queries), n_queries)
+        self.null.add(layer, n_queries - attention_mass(probs, valid, queries), n_queries)
         if delimiters is not None:
             delimiters = delimiters.to(probs.device) & valid
             self.delimiter.add(layer, attention_mass(probs, delimiters, queries), n_queries)
@@ -209,6 +211,7 @@ class MechanismStats:
             "delimiter_share_per_layer": None if delimiter is None else [float(row.mean()) for row in delimiter],
             "delimiter_share_per_head": _lists(delimiter),
             "sink_or_delimiter_share_per_head": _lists(union),
+            "null_share_per_head": _lists(self.null.means(n)),
             "dormant_share": float((heads >= DORMANT_SHARE).double().mean()),
             "dormant_share_with_delimiters": (None if union is None else
                                               float((torch.stack(union) >= DORMANT_SHARE).double().mean())),

@@ -86,9 +86,10 @@ def recording(model: nn.Module, record: Record, with_attention: bool = False) ->
 
     ``attn_out`` (attention output projection), ``ffn_out`` (FFN output projection), ``ln_in.<norm>`` (the residual
     sum entering each LayerNorm/RMSNorm of the block), ``block_out`` (the block's output hidden state) and, with
-    ``with_attention``, ``probs`` (``(B, H, T, T)`` attention probabilities), ``value_norm`` (``(B, T, H_kv)``
-    L2 norms of each head's value vectors) and, for gated attention, ``gate`` (``(B, T, H, 1)`` or
-    ``(B, T, H, d_head)`` gate probabilities, evaluated once more from the attention module's input by a pre-hook).
+    ``with_attention``, ``probs`` (``(B, H, T, T)`` attention probabilities of the token columns),
+    ``value_norm`` (``(B, T, H_kv)`` L2 norms of each head's value vectors, after the value gate of ``value_gate``
+    models) and, for gated attention, ``gate`` (``(B, T, H, 1)`` or ``(B, T, H, d_head)`` gate probabilities,
+    evaluated once more from the attention module's input by a pre-hook).
     Hooks, taps and the attention implementation are restored on exit.
     """
     blocks = transformer_blocks(model)
@@ -113,6 +114,9 @@ def recording(model: nn.Module, record: Record, with_attention: bool = False) ->
             record(layer, "gate", module.attn_gate(args[0] if args else kwargs["hidden_states"]))
         return hook
 
+    def gated_value_hook(layer: int):
+        return lambda module, args, output: record(layer, "value_norm", output.norm(dim=-1).transpose(1, 2))
+
     def value_hook(layer: int, head_dim: int):
         def hook(module, args, output):
             values = output.reshape(*output.shape[:2], -1, head_dim)
@@ -132,7 +136,11 @@ def recording(model: nn.Module, record: Record, with_attention: bool = False) ->
                 handles.append(norm.register_forward_pre_hook(input_hook(i, f"ln_in.{norm_name}")))
             handles.append(block.module.register_forward_hook(output_hook(i, "block_out")))
             if with_attention:
-                handles.append(block.value[1].register_forward_hook(value_hook(i, head_dim)))
+                value_gate = getattr(block.attention, "attn_value_gate", None)
+                if value_gate is not None:  # the gated values are the ones attention mixes
+                    handles.append(value_gate.register_forward_hook(gated_value_hook(i)))
+                else:
+                    handles.append(block.value[1].register_forward_hook(value_hook(i, head_dim)))
                 if getattr(block.attention, "attn_gate", None) is not None:
                     handles.append(block.attention.register_forward_pre_hook(gate_hook(i), with_kwargs=True))
                 taps = getattr(block.attention, "attention_taps", None)

@@ -13,6 +13,7 @@ from quantizable.io import write_json_atomic, write_text_atomic
 
 MAX_TICK_LABELS = 48  # token names on heatmap axes only for short sequences
 MAX_ANNOTATED_CELLS = 400  # per-head heat maps print their numbers up to this many cells
+NULL_SHOWN = 1e-3  # the no-token share gets a heat map once some head's rows sum this far from 1
 
 
 @dataclass
@@ -135,6 +136,8 @@ def _head_panels(result: dict[str, Any]) -> list[tuple[str, list[list[float]]]]:
                 ("gate_closed_share_per_head", "share of gates closed (< 0.1)"),
                 ("clipped_zero_share_per_head", "share of exact zeros (clipped softmax)"))
     panels += [(title, result[key]) for key, title in optional if result.get(key) is not None]
+    if max(abs(v) for row in result["null_share_per_head"] for v in row) > NULL_SHOWN:
+        panels.append(("attention on no token (1 - row sum)", result["null_share_per_head"]))
     return panels
 
 
