@@ -39,14 +39,17 @@ def sink_queries(valid: torch.Tensor) -> torch.Tensor:
 
 
 def attention_mass(probs: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Per head ``(H,)``: the sum over ``queries`` ``(B, T)`` of the probability each puts on ``keys`` ``(B, T)``.
+    """Per head ``(H,)``: the sum over ``queries`` ``(B, T)`` of the probability each puts on ``keys`` ``(B, T)``;
+    ``(H, K)`` for ``K`` key sets at once (``keys`` ``(B, T, K)``, one matmul).
 
     Divided by ``queries.sum()`` this is the mean share of attention on those keys; sums add up over batches."""
-    if probs.dim() != 4 or probs.shape[-1] != keys.shape[1] or probs.shape[-2] != queries.shape[1]:
+    sets = keys if keys.dim() == 3 else keys[..., None]
+    if probs.dim() != 4 or probs.shape[-1] != sets.shape[1] or probs.shape[-2] != queries.shape[1]:
         raise ValueError(f"probs must be (B, H, T, T) matching the (B, T) masks, got {tuple(probs.shape)} "
                          f"with keys {tuple(keys.shape)} and queries {tuple(queries.shape)}")
-    on_keys = (probs.double() * keys[:, None, None, :]).sum(-1)  # (B, H, T)
-    return (on_keys * queries[:, None, :]).sum((0, 2))
+    on_keys = torch.matmul(probs.float(), sets[:, None].float()).double()  # (B, H, T, K): row sums stay exact
+    mass = (on_keys * queries[:, None, :, None]).sum((0, 2))
+    return mass if keys.dim() == 3 else mass[:, 0]
 
 
 def allowed_pairs(valid: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -166,12 +169,16 @@ class MechanismStats:
         queries = sink_queries(valid)
         n_queries = queries.sum()
         first = _one_hot(first_valid(valid), valid.shape[1]) & valid
-        self.sink.add(layer, attention_mass(probs, first, queries), n_queries)
-        self.null.add(layer, n_queries - attention_mass(probs, valid, queries), n_queries)
+        sets = [first, valid]
         if delimiters is not None:
             delimiters = delimiters.to(probs.device) & valid
-            self.delimiter.add(layer, attention_mass(probs, delimiters, queries), n_queries)
-            self.sink_or_delimiter.add(layer, attention_mass(probs, delimiters | first, queries), n_queries)
+            sets += [delimiters, delimiters | first]
+        mass = attention_mass(probs, torch.stack(sets, dim=-1), queries)  # (H, len(sets))
+        self.sink.add(layer, mass[:, 0], n_queries)
+        self.null.add(layer, n_queries - mass[:, 1], n_queries)
+        if delimiters is not None:
+            self.delimiter.add(layer, mass[:, 2], n_queries)
+            self.sink_or_delimiter.add(layer, mass[:, 3], n_queries)
         if clipped:
             allowed = allowed_pairs(valid, causal)
             self.zeros.add(layer, zero_counts(probs, allowed), allowed.sum())
