@@ -44,7 +44,7 @@ DENORMALS_SURVIVE = """
         gated = gate.gated(torch.randn(2, 16, 4, 8, dtype=dtype, requires_grad=True), x)
         gated.sum().backward()
         if dtype == torch.float32 and cpu_kernel.load_kernel() is not None:
-            assert type(gated.grad_fn).__name__ == "FusedLinearGateBackward"
+            assert "quantizable_linear_gate" in type(gated.grad_fn).__name__
     seen = []
     thread = threading.Thread(target=lambda: seen.append(denormals_survive()))  # a thread started afterwards
     thread.start()
@@ -177,3 +177,129 @@ def test_kernel_rows_propagate_nan_and_take_infinite_scores_as_torch():
     grad = torch.randn_like(scores)
     cpu_kernel.clipped_softmax_rows_backward(grad, probs, torch.empty_like(scores), 0.0, 1.0)
     assert grad[0, 0, :3].isnan().all() and not grad[0, 0, 3:].isnan().any()
+
+
+# --- the fast paths as custom ops: visible to torch.compile and torch.export ---------------------------------------
+
+SPECS = {"clipped_softmax": dict(kind="clipped_softmax", gamma=-0.05),
+         "linear_gate": dict(kind="gated_attention", gate_type="linear")}
+
+
+def _tiny_model(spec_name: str):
+    import torch
+
+    from quantizable.attention import AttentionSpec
+    from quantizable.models import create_model
+
+    from .conftest import tiny_batch
+
+    torch.manual_seed(0)
+    model = create_model("bert-tiny", AttentionSpec(**SPECS[spec_name]), attention_probs_dropout_prob=0.0,
+                         hidden_dropout_prob=0.0)
+    batch = tiny_batch("bert-tiny")
+    batch["attention_mask"][1, -5:] = 0  # padding: the kernel's key-bias mask
+    return model, {**batch, "labels": batch["input_ids"]}
+
+
+def _quantizable_ops(graphs) -> set[str]:
+    return {str(node.target) for graph in graphs for node in graph.graph.nodes
+            if node.op == "call_function" and str(node.target).startswith("quantizable.")}
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_dynamo_sees_our_attention_as_one_op_without_graph_breaks(spec_name):
+    import torch
+
+    model, batch = _tiny_model(spec_name)
+    explanation = torch._dynamo.explain(model.train())(**batch)
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    want = {"clipped_softmax": "quantizable.clipped_softmax_attention.default",
+            "linear_gate": "quantizable.linear_gate.default"}[spec_name]
+    assert _quantizable_ops(explanation.graphs) == ({want} if cpu_kernel.kernel_built() or spec_name ==
+                                                    "clipped_softmax" else set())
+
+
+# Inductor for clipped softmax (about a minute on 2 cores, most of it compiling the generated C++ once); AOT
+# autograd alone for the gate, which checks what our registrations decide (fake outputs, the backward graph)
+@pytest.mark.parametrize("spec_name, backend", [("clipped_softmax", "inductor"), ("linear_gate", "aot_eager")])
+def test_compiled_model_equals_eager_in_values_and_gradients(spec_name, backend):
+    """torch.compile of the whole model around our ops: the same loss and parameter gradients as eager."""
+    import torch
+
+    model, batch = _tiny_model(spec_name)
+    model.train()
+
+    def loss_and_grads(run) -> tuple:
+        model.zero_grad(set_to_none=True)
+        loss = run(**batch).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want = loss_and_grads(model)
+    torch._dynamo.reset()
+    got_loss, got = loss_and_grads(torch.compile(model, backend=backend, fullgraph=True))
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_torch_export_traces_the_fast_path(spec_name):
+    """torch.export keeps the fast path as our ops (the INT8 exporters still trace the reference ops: their
+    quantizers must see the matmuls and products inside attention)."""
+    import torch
+
+    model, batch = _tiny_model(spec_name)
+    model.eval()
+    inputs = (batch["input_ids"], batch["attention_mask"])
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    with torch.no_grad():
+        program = torch.export.export(Logits(), inputs)
+        want = model(input_ids=inputs[0], attention_mask=inputs[1]).logits
+        got = program.module()(*inputs)
+    ops = _quantizable_ops([program.graph_module])
+    if cpu_kernel.kernel_built() or spec_name == "clipped_softmax":
+        assert ops, "the fast path was not traced"
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _op_samples() -> list[tuple]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 4, generator=g, requires_grad=True) for _ in range(3))
+    keys = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keys[1, ..., -2:] = False
+    output = torch.randn(2, 6, 3, 4, generator=g, requires_grad=True)
+    x = torch.randn(2, 6, 12, generator=g, requires_grad=True)
+    weight = torch.randn(3, 4, generator=g, requires_grad=True)
+    bias = torch.randn(3, generator=g, requires_grad=True)
+    return [
+        (torch.ops.quantizable.clipped_softmax_attention, (q, k, v, None, 0.5, -0.03, 1.0, 0.0, False)),
+        (torch.ops.quantizable.clipped_softmax_attention, (q, k, v, keys, 0.5, -0.1, 1.05, 0.0, False)),
+        (torch.ops.quantizable.clipped_softmax_attention, (q, k, v, None, 0.5, -0.03, 1.0, 0.0, True)),
+        (torch.ops.quantizable.linear_gate, (output, x, weight, bias)),
+    ]
+
+
+@pytest.mark.parametrize("sample", range(4))
+def test_custom_ops_pass_opcheck(sample):
+    """Schema, autograd registration, fake tensors and AOT dispatch (dynamic shapes) of each op, with the kernel
+    (float32) and, for clipped softmax, its ATen branch (float64)."""
+    import torch
+
+    op, args = _op_samples()[sample]
+    torch.library.opcheck(op, args)
+    if op is torch.ops.quantizable.clipped_softmax_attention:
+        double = tuple(a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                       else a for a in args)
+        torch.library.opcheck(op, double)

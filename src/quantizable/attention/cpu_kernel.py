@@ -117,7 +117,13 @@ use_cpu_kernel = Switch("Use (default) or bypass the C kernel, e.g. to compare i
 def kernel_applies(*tensors: torch.Tensor) -> bool:
     """Whether work on ``tensors`` runs in the kernels: all float32 on CPU, kernels enabled and built."""
     on_cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-    return use_cpu_kernel.enabled and on_cpu_fp32 and load_kernel() is not None
+    return use_cpu_kernel.enabled and on_cpu_fp32 and kernel_built()
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant (no tracing into the lock)
+def kernel_built() -> bool:
+    """Whether the kernel library is built and loaded (decided once per process)."""
+    return load_kernel() is not None
 
 
 _load_lock = threading.Lock()
@@ -183,16 +189,17 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 def clipped_softmax_rows(scores: torch.Tensor, scale: float, gamma: float, zeta: float,
                          key_bias: torch.Tensor | None = None, causal: bool = False, row_start: int = 0,
-                         causal_offset: int = 0) -> torch.Tensor:
+                         causal_offset: int = 0, probs: torch.Tensor | None = None) -> torch.Tensor:
     """In place on a contiguous float32 ``(B, H, R, T_k)`` block of raw scores ``q @ k^T``: scores become the
-    clipped probabilities of ``scale * scores (+ key_bias)``; returns the softmax probabilities (for backward).
+    clipped probabilities of ``scale * scores (+ key_bias)``; returns the softmax probabilities (for backward),
+    written to ``probs`` (contiguous, the scores' shape) where given.
 
     ``key_bias`` is a contiguous ``(B, T_k)`` additive mask; ``causal`` lets the block's query row ``i`` (at
     position ``row_start + i``) see keys ``j <= row_start + i + causal_offset``.
     """
     library = load_kernel()
     batch, heads, rows, cols = scores.shape
-    probs = torch.empty_like(scores)
+    probs = torch.empty_like(scores) if probs is None else probs
     s, p, bias = _pointer(scores), _pointer(probs), _pointer(key_bias)
     _over_rows(lambda _, begin, end: library.clipped_softmax_forward(
         s, p, begin, end, cols, scale, gamma, zeta, bias, heads * rows, int(causal), rows, row_start, causal_offset),
@@ -240,4 +247,5 @@ def linear_gate_rows_backward(grad: torch.Tensor, output: torch.Tensor, x: torch
     _over_rows(lambda index, begin, end: library.linear_gate_backward(
         *pointers, _pointer(sums[index]), _pointer(sums[index, heads * dim:]), begin, end, heads, dim), ranges)
     total = sums.sum(0)
-    return grad_output, grad_x, total[: heads * dim].view(heads, dim), total[heads * dim:]
+    # the bias gradient copied out (heads floats): outputs of a custom op must not share storage
+    return grad_output, grad_x, total[: heads * dim].view(heads, dim), total[heads * dim:].clone()

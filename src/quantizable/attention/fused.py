@@ -1,4 +1,4 @@
-"""A fast path for clipped-softmax attention: one autograd node for scores -> clipped probs -> P @ V.
+"""A fast path for clipped-softmax attention: one op for scores -> clipped probs -> P @ V.
 
 The reference path (``interface._materialised_attention``) is a chain of eager ops: every op reads and writes a
 ``(B, H, T, T)`` tensor, and autograd keeps the softmax output, the clamp input and the clamped probabilities
@@ -16,9 +16,14 @@ cache, instead of ten-odd ATen passes; elsewhere, or without a C compiler, the A
 the reference's to float rounding (the ATen ops: exactly in forward). It covers the training setting: float/bool/no
 masks, causal masks and attention-probability dropout. Anything that must see the intermediate tensors (taps,
 ``output_attentions``) keeps using the reference path.
+
+Forward and backward are the custom ops ``quantizable::clipped_softmax_attention`` and ``..._backward``, so
+``torch.compile`` keeps the whole attention as one node of its graph and ``torch.export`` traces it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.autograd.function import FunctionCtx
@@ -109,111 +114,152 @@ def _apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> None:
         scores.add_(mask)
 
 
-class ClippedSoftmaxAttention(torch.autograd.Function):
-    """``dropout(clip(softmax(mask(q @ k^T * scaling)))) @ v`` with only the softmax output saved.
+def _prob_blocks(probs: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                 blocks: list[slice]) -> list[torch.Tensor]:
+    """The row blocks' softmax outputs as views of one flat tensor, block after block, each contiguous."""
+    views, offset = [], 0
+    for rows in blocks:
+        shape = (*query.shape[:2], rows.stop - rows.start, key.shape[2])
+        size = shape[0] * shape[1] * shape[2] * shape[3]
+        views.append(probs[offset: offset + size].view(shape))
+        offset += size
+    return views
 
-    Forward and backward walk over blocks of query rows so the elementwise work stays in cache; the softmax
-    output is saved as one contiguous tensor per block.
-    """
 
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor | None,
-        scaling: float,
-        gamma: float,
-        zeta: float,
-        dropout: float,
-        causal: bool,
-    ) -> torch.Tensor:
-        scores_shape = (*query.shape[:3], key.shape[2])
-        q_len, k_len = scores_shape[2:]
-        kernel = kernel_applies(query)
-        causal = causal and mask is None and q_len > 1
-        if causal and not (kernel and q_len <= k_len):  # the kernel takes causality as a flag, ATen as a mask
-            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-            causal = False
-        key_bias = None
-        if kernel and mask is not None:
-            keys, mask_causal = _kernel_masks(mask, q_len, k_len)
-            if keys is not None:
-                key_bias, causal = _key_bias(keys, query.shape[0]), mask_causal
-        # The dropout mask is drawn for the whole tensor at once, as nn.functional.dropout would draw it.
-        keep = query.new_empty(scores_shape).bernoulli_(1.0 - dropout).bool() if dropout > 0.0 else None
-        # contiguous once, here, rather than inside every block's matmul (and again in backward)
-        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        key_t = key.transpose(2, 3)
-        outputs, saved_probs = [], []
-        blocks = _row_blocks(query, key)
-        buffer = _workspace(query, key, blocks)
-        for rows in blocks:
-            scores = torch.matmul(query[:, :, rows], key_t, out=_view(buffer, query, rows, key))
-            if kernel:
-                scale = scaling
-                if mask is not None and key_bias is None:  # a general mask: applied by ATen, scaled first
-                    _apply_mask(scores.mul_(scaling), _rows(mask, rows))
-                    scale = 1.0
-                probs = clipped_softmax_rows(scores, scale, gamma, zeta, key_bias, causal, rows.start, k_len - q_len)
-                clipped = scores
-            else:
+def _softmax(scores: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(scores, -1)`` into ``out``: in float32 the very op the reference runs, in half precision
+    through float32 as the reference does."""
+    if scores.dtype in (torch.float32, torch.float64):
+        return torch.ops.aten._softmax.out(scores, -1, False, out=out)
+    return out.copy_(torch.softmax(scores, dim=-1, dtype=torch.float32))
+
+
+# The fast path as two custom ops (forward, backward) rather than an autograd.Function: torch.compile then keeps our
+# attention as one node of its graph instead of breaking the graph there, and torch.export traces a model with it.
+# Each op computes its own outputs from its inputs alone (no aliasing, nothing mutated), as custom ops must.
+@torch.library.custom_op("quantizable::clipped_softmax_attention", mutates_args=())
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               scaling: float, gamma: float, zeta: float, dropout: float,
+               causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(output, softmax output of every row block (flat), dropout's keep mask (or an empty tensor))`` for
+    contiguous ``query``, ``key``, ``value``."""
+    scores_shape = (*query.shape[:3], key.shape[2])
+    q_len, k_len = scores_shape[2:]
+    kernel = kernel_applies(query)
+    causal = causal and mask is None and q_len > 1
+    if causal and not (kernel and q_len <= k_len):  # the kernel takes causality as a flag, ATen as a mask
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        causal = False
+    key_bias = None
+    if kernel and mask is not None:
+        keys, mask_causal = _kernel_masks(mask, q_len, k_len)
+        if keys is not None:
+            key_bias, causal = _key_bias(keys, query.shape[0]), mask_causal
+    # The dropout mask is drawn for the whole tensor at once, as nn.functional.dropout would draw it.
+    keep = (query.new_empty(scores_shape).bernoulli_(1.0 - dropout).bool() if dropout > 0.0
+            else query.new_empty(0, dtype=torch.bool))
+    key_t = key.transpose(2, 3)
+    outputs = []
+    blocks = _row_blocks(query, key)
+    buffer = _workspace(query, key, blocks)
+    probs = query.new_empty(math.prod(scores_shape))
+    for rows, block_probs in zip(blocks, _prob_blocks(probs, query, key, blocks)):
+        scores = torch.matmul(query[:, :, rows], key_t, out=_view(buffer, query, rows, key))
+        if kernel:
+            scale = scaling
+            if mask is not None and key_bias is None:  # a general mask: applied by ATen, scaled first
                 _apply_mask(scores.mul_(scaling), _rows(mask, rows))
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-                clipped = _clip(probs, gamma, zeta, out=scores)
-            if keep is not None:
-                clipped.mul_(keep[:, :, rows]).div_(1.0 - dropout)
-            outputs.append(torch.matmul(clipped, value))
-            saved_probs.append(probs)
-        # A fully masked row gets uniform probabilities; the reference's masked_fill then zeroes its gradient.
-        dead_rows = None
-        if mask is not None and mask.dtype == torch.bool:
-            dead_rows = ~mask.amax(dim=-1, keepdim=True)
-            dead_rows = dead_rows if dead_rows.any() else None
-        ctx.save_for_backward(query, key, value, keep, dead_rows, *saved_probs)
-        ctx.params = (scaling, gamma, zeta, dropout, kernel)
-        return _join(outputs)
+                scale = 1.0
+            clipped_softmax_rows(scores, scale, gamma, zeta, key_bias, causal, rows.start, k_len - q_len,
+                                 probs=block_probs)
+            clipped = scores
+        else:
+            _apply_mask(scores.mul_(scaling), _rows(mask, rows))
+            clipped = _clip(_softmax(scores, out=block_probs), gamma, zeta, out=scores)
+        if dropout > 0.0:
+            clipped.mul_(keep[:, :, rows]).div_(1.0 - dropout)
+        outputs.append(torch.matmul(clipped, value))
+    return _join(outputs), probs, keep
 
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        query, key, value, keep, dead_rows, *saved_probs = ctx.saved_tensors
-        scaling, gamma, zeta, dropout, kernel = ctx.params
-        grad_key = grad_value = None
-        grad_queries = []
-        value_t = value.transpose(2, 3)
-        # d scores = scaling * softmax_backward((zeta - gamma) * clamp'(.) * dropout'(.) * (dO @ V^T)): the scalar
-        # factors are applied in the kernel's row sweep, or by ATen to the small dO block, never as a (T, T) pass.
-        factor = scaling * (zeta - gamma) / (1.0 - dropout)
-        blocks = _row_blocks(query, key)
-        clipped_buffer, grad_buffer = _workspace(query, key, blocks), _workspace(query, key, blocks)
-        grad_output = grad_output.contiguous()
-        for rows, probs in zip(blocks, saved_probs):
-            block_grad = grad_output[:, :, rows]
-            clipped = _view(clipped_buffer, query, rows, key)
-            grad_scores = _view(grad_buffer, query, rows, key)
-            if kernel:
-                torch.matmul(block_grad, value_t, out=grad_scores)
-                block_keep = None if keep is None else keep[:, :, rows].contiguous().view(torch.uint8)
-                clipped_softmax_rows_backward(grad_scores, probs, clipped, gamma, zeta, factor, block_keep,
-                                              1.0 / (1.0 - dropout))
-            else:
-                torch.matmul(block_grad * factor, value_t, out=grad_scores)
-                _clip(probs, gamma, zeta, out=clipped)
-                torch.ops.aten.hardtanh_backward.grad_input(grad_scores, clipped, 0.0, 1.0, grad_input=grad_scores)
-                if keep is not None:
-                    block_keep = keep[:, :, rows]
-                    grad_scores.mul_(block_keep)
-                    clipped.mul_(block_keep).div_(1.0 - dropout)
-                grad_scores = torch.ops.aten._softmax_backward_data.out(
-                    grad_scores, probs, -1, probs.dtype, grad_input=grad_scores
-                )
-            grad_value = _accumulate(grad_value, torch.matmul(clipped.transpose(2, 3), block_grad))
-            if dead_rows is not None:
-                grad_scores.masked_fill_(_rows(dead_rows, rows), 0.0)
-            grad_queries.append(torch.matmul(grad_scores, key))
-            grad_key = _accumulate(grad_key, torch.matmul(grad_scores.transpose(2, 3), query[:, :, rows]))
-        return _join(grad_queries), grad_key, grad_value, None, None, None, None, None, None
+
+@_attention.register_fake
+def _(query, key, value, mask, scaling, gamma, zeta, dropout, causal):
+    scores_shape = (*query.shape[:3], key.shape[2])
+    keep_shape = scores_shape if dropout > 0.0 else (0,)
+    return (query.new_empty((*query.shape[:3], value.shape[3])), query.new_empty(math.prod(scores_shape)),
+            query.new_empty(keep_shape, dtype=torch.bool))
+
+
+@torch.library.custom_op("quantizable::clipped_softmax_attention_backward", mutates_args=())
+def _attention_backward(grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        mask: torch.Tensor | None, probs: torch.Tensor, keep: torch.Tensor, scaling: float,
+                        gamma: float, zeta: float, dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(query, key, value)`` of ``_attention`` for a contiguous ``grad_output``."""
+    kernel = kernel_applies(query)
+    keep = keep if dropout > 0.0 else None
+    # A fully masked row gets uniform probabilities; the reference's masked_fill then zeroes its gradient.
+    dead_rows = None
+    if mask is not None and mask.dtype == torch.bool:
+        dead_rows = ~mask.amax(dim=-1, keepdim=True)
+        dead_rows = dead_rows if dead_rows.any() else None
+    grad_key = grad_value = None
+    grad_queries = []
+    value_t = value.transpose(2, 3)
+    # d scores = scaling * softmax_backward((zeta - gamma) * clamp'(.) * dropout'(.) * (dO @ V^T)): the scalar
+    # factors are applied in the kernel's row sweep, or by ATen to the small dO block, never as a (T, T) pass.
+    factor = scaling * (zeta - gamma) / (1.0 - dropout)
+    blocks = _row_blocks(query, key)
+    clipped_buffer, grad_buffer = _workspace(query, key, blocks), _workspace(query, key, blocks)
+    for rows, block_probs in zip(blocks, _prob_blocks(probs, query, key, blocks)):
+        block_grad = grad_output[:, :, rows]
+        clipped = _view(clipped_buffer, query, rows, key)
+        grad_scores = _view(grad_buffer, query, rows, key)
+        if kernel:
+            torch.matmul(block_grad, value_t, out=grad_scores)
+            block_keep = None if keep is None else keep[:, :, rows].contiguous().view(torch.uint8)
+            clipped_softmax_rows_backward(grad_scores, block_probs, clipped, gamma, zeta, factor, block_keep,
+                                          1.0 / (1.0 - dropout))
+        else:
+            torch.matmul(block_grad * factor, value_t, out=grad_scores)
+            _clip(block_probs, gamma, zeta, out=clipped)
+            torch.ops.aten.hardtanh_backward.grad_input(grad_scores, clipped, 0.0, 1.0, grad_input=grad_scores)
+            if keep is not None:
+                block_keep = keep[:, :, rows]
+                grad_scores.mul_(block_keep)
+                clipped.mul_(block_keep).div_(1.0 - dropout)
+            grad_scores = torch.ops.aten._softmax_backward_data.out(
+                grad_scores, block_probs, -1, block_probs.dtype, grad_input=grad_scores
+            )
+        grad_value = _accumulate(grad_value, torch.matmul(clipped.transpose(2, 3), block_grad))
+        if dead_rows is not None:
+            grad_scores.masked_fill_(_rows(dead_rows, rows), 0.0)
+        grad_queries.append(torch.matmul(grad_scores, key))
+        grad_key = _accumulate(grad_key, torch.matmul(grad_scores.transpose(2, 3), query[:, :, rows]))
+    return _join(grad_queries), grad_key, grad_value
+
+
+@_attention_backward.register_fake
+def _(grad_output, query, key, value, mask, probs, keep, scaling, gamma, zeta, dropout):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+    query, key, value, mask, scaling, gamma, zeta, dropout, _ = inputs
+    _, probs, keep = output
+    ctx.mark_non_differentiable(probs, keep)
+    # only a boolean mask is needed in backward (its fully masked rows)
+    bool_mask = mask if mask is not None and mask.dtype == torch.bool else None
+    ctx.save_for_backward(query, key, value, bool_mask, probs, keep)
+    ctx.params = (scaling, gamma, zeta, dropout)
+
+
+def _backward(ctx: FunctionCtx, grad_output: torch.Tensor, _probs: None, _keep: None) -> tuple:
+    query, key, value, mask, probs, keep = ctx.saved_tensors
+    grads = _attention_backward(grad_output.contiguous(), query, key, value, mask, probs, keep, *ctx.params)
+    return *grads, None, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def clipped_softmax_attention(
@@ -233,4 +279,7 @@ def clipped_softmax_attention(
     ``is_causal`` (with no mask) masks keys after each query, aligned at the end as in SDPA; ``key``/``value``
     must already have the query's number of heads. ``dropout`` is applied as given (pass 0 in eval).
     """
-    return ClippedSoftmaxAttention.apply(query, key, value, attention_mask, scaling, gamma, zeta, dropout, is_causal)
+    # contiguous once, here, rather than inside every block's matmul (and again in backward)
+    output, _, _ = _attention(query.contiguous(), key.contiguous(), value.contiguous(), attention_mask, scaling,
+                              gamma, zeta, dropout, is_causal)
+    return output

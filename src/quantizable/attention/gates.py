@@ -2,7 +2,8 @@
 
 x is the attention module's input hidden state (after the pre-attention LayerNorm in pre-LN models). All gate
 types keep their weights as plain parameters batched over heads, so a few batched ops evaluate every head's gate;
-the linear gate (the default) is one fused node with the multiplication by the output on CPU (``FusedLinearGate``).
+the linear gate (the default) is one fused node with the multiplication by the output on CPU
+(``fused_linear_gate``, a custom op ``quantizable::linear_gate``).
 """
 
 from __future__ import annotations
@@ -18,26 +19,48 @@ from quantizable.attention.spec import AttentionSpec
 from quantizable.attention.switch import fused_attention
 
 
-class FusedLinearGate(torch.autograd.Function):
-    """``output * sigmoid(bias + per-head x . weight)`` as one node running in the C row kernel.
+# The fused linear gate as custom ops (forward, backward): one node for torch.compile and torch.export, as the
+# clipped-softmax fast path of attention.fused. Used only where the C kernel applies (CPU, float32); its values are
+# those of the ATen ops in ``AttentionGate.gated`` to float rounding, in one sweep over each token's row in forward
+# and one in backward instead of ten-odd small dispatched ops; it saves what their graph saves (the output, the
+# gate input, the gate probabilities).
+@torch.library.custom_op("quantizable::linear_gate", mutates_args=())
+def fused_linear_gate(output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output * pi, pi)``, ``pi = sigmoid(bias + per-head x . weight)``, for contiguous float32 CPU tensors."""
+    return linear_gate_rows(output, x, weight, bias)
 
-    The values of the ATen ops in ``AttentionGate.gated`` to float rounding, in one sweep over each token's row in
-    forward and one in backward instead of ten-odd small dispatched ops; it saves what their graph saves (the
-    output, the gate input, the gate probabilities).
-    """
 
-    @staticmethod
-    def forward(ctx: FunctionCtx, output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor) -> torch.Tensor:
-        output, x, weight = output.contiguous(), x.contiguous(), weight.contiguous()
-        gated, pi = linear_gate_rows(output, x, weight, bias.contiguous())
-        ctx.save_for_backward(output, x, weight, pi)
-        return gated
+@fused_linear_gate.register_fake
+def _(output, x, weight, bias):
+    return output.new_empty(output.shape), output.new_empty(output.shape[:-1])
 
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        output, x, weight, pi = ctx.saved_tensors
-        return linear_gate_rows_backward(grad.contiguous(), output, x, weight, pi)
+
+@torch.library.custom_op("quantizable::linear_gate_backward", mutates_args=())
+def fused_linear_gate_backward(grad: torch.Tensor, output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(output, x, weight, bias)`` of ``fused_linear_gate`` for the gated output's gradient ``grad``."""
+    return linear_gate_rows_backward(grad, output, x, weight, pi)
+
+
+@fused_linear_gate_backward.register_fake
+def _(grad, output, x, weight, pi):
+    return (output.new_empty(output.shape), x.new_empty(x.shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[:1]))
+
+
+def _setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+    gate_output, x, weight, _ = inputs
+    pi = output[1]
+    ctx.mark_non_differentiable(pi)
+    ctx.save_for_backward(gate_output, x, weight, pi)
+
+
+def _backward(ctx: FunctionCtx, grad: torch.Tensor, _pi: None) -> tuple[torch.Tensor, ...]:
+    return fused_linear_gate_backward(grad.contiguous(), *ctx.saved_tensors)
+
+
+fused_linear_gate.register_autograd(_backward, setup_context=_setup_context)
 
 
 class AttentionGate(nn.Module):
@@ -109,7 +132,9 @@ class AttentionGate(nn.Module):
         where the CPU kernel applies; ``fused_attention(False)`` or ``use_cpu_kernel(False)`` select the ATen ops."""
         fusable = self.gate_type == "linear" and self.num_heads <= MAX_GATE_HEADS and fused_attention.enabled
         if fusable and kernel_applies(output, x, self.weight):
-            return FusedLinearGate.apply(output, x, self.weight, self.bias)
+            gated, _ = fused_linear_gate(output.contiguous(), x.contiguous(), self.weight.contiguous(),
+                                         self.bias.contiguous())
+            return gated
         return output * self(x).to(output.dtype)
 
     def extra_repr(self) -> str:

@@ -1,7 +1,7 @@
 """Real INT8 inference with ONNX Runtime: FP32 ONNX export, static per-tensor QDQ quantization, an evaluation adapter.
 
 The exported graph is the plain-torch reference attention (``fused_attention(False)``), so clipped softmax, softmax+1
-and the gates are ordinary ONNX ops. Quantization is ORT's ``quantize_static``: QDQ format, per-tensor MinMax ranges,
+and the gates are ordinary ONNX ops (the fast paths' custom ops have no ONNX form, and INT8 needs the ops inside). Quantization is ORT's ``quantize_static``: QDQ format, per-tensor MinMax ranges,
 unsigned 8-bit activations and signed 8-bit weights, calibrated on the batches given (the simulator's calibration data).
 """
 

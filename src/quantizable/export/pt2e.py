@@ -1,7 +1,8 @@
 """Real INT8 inference with PyTorch 2 export quantization (torchao PT2E) and Inductor's x86 INT8 kernels.
 
-``torch.export`` traces the model (reference attention, ``fused_attention(False)``, so clipped softmax and the gates
-are plain aten ops); ``prepare_pt2e`` with torchao's ``X86InductorQuantizer`` inserts observers, our calibration
+``torch.export`` traces the model (reference attention, ``fused_attention(False)``: the fast paths would trace as
+our custom ops, inside which the quantizer could not place its observers, so clipped softmax and the gates are plain
+aten ops here); ``prepare_pt2e`` with torchao's ``X86InductorQuantizer`` inserts observers, our calibration
 batches run through it, ``convert_pt2e`` folds them into quantize/dequantize pairs, and ``torch.compile`` with
 freezing lowers ``dequantize -> linear/conv -> quantize`` to oneDNN INT8 kernels (VNNI).
 
