@@ -84,16 +84,14 @@ def softpick(x: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e
     A key with ``x <= 0`` gets exactly zero weight, and a row whose keys all score ``<= 0`` is all zero: the head
     does nothing without extreme logits. Computed as in the paper's code, multiplied through by ``exp(-m)`` with
     ``m`` the row max: ``relu(exp(x - m) - exp(-m)) / (sum |exp(x - m) - exp(-m)| + eps)``, so the epsilon acts as
-    ``eps * exp(m)`` on the unshifted form. ``valid`` (broadcastable bool, True = attend) removes masked keys from
-    numerator and denominator; an all-masked row is 0. In float32 (or float64), cast back.
+    ``eps * exp(m)`` on the unshifted form. ``m`` is clamped at 0, which changes nothing: a row with ``m < 0`` is
+    all zero for any shift (and an all-masked row's ``finfo.min`` gives no ``exp(-m)`` overflow). ``valid``
+    (broadcastable bool, True = attend) removes masked keys from numerator and denominator; without it ``x`` must
+    hold no masked entries. An all-masked row is 0. In float32 (or float64), cast back.
     """
     x32 = x.to(accumulation_dtype(x))
-    if valid is not None:
-        x32 = x32.masked_fill(~valid, float("-inf"))
-    shift = x32.amax(dim=dim, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # an all-masked row
+    shift = x32.amax(dim=dim, keepdim=True).clamp(min=0.0)
     e = torch.exp(x32 - shift) - torch.exp(-shift)
-    numerator, magnitude = torch.relu(e), e.abs()
     if valid is not None:
-        numerator, magnitude = numerator.masked_fill(~valid, 0.0), magnitude.masked_fill(~valid, 0.0)
-    return (numerator / (magnitude.sum(dim=dim, keepdim=True) + eps)).to(x.dtype)
+        e = e.masked_fill(~valid, 0.0)
+    return (torch.relu(e) / (e.abs().sum(dim=dim, keepdim=True) + eps)).to(x.dtype)
