@@ -206,17 +206,23 @@ def _quantizable_ops(graphs) -> set[str]:
             if node.op == "call_function" and str(node.target).startswith("quantizable.")}
 
 
+@pytest.mark.parametrize("ours", [True, False], ids=["our_ops", "default"])
 @pytest.mark.parametrize("spec_name", list(SPECS))
-def test_dynamo_sees_our_attention_as_one_op_without_graph_breaks(spec_name):
+def test_dynamo_sees_our_attention_as_one_op_without_graph_breaks(spec_name, ours):
+    """With ``compiled_fast_paths(True)`` the graph holds our op; by default the reference ops (faster under
+    Inductor, docs/performance.md); no graph break either way."""
     import torch
 
+    from quantizable.attention.switch import compiled_fast_paths
+
     model, batch = _tiny_model(spec_name)
-    explanation = torch._dynamo.explain(model.train())(**batch)
+    with compiled_fast_paths(ours):
+        explanation = torch._dynamo.explain(model.train())(**batch)
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
     want = {"clipped_softmax": "quantizable.clipped_softmax_attention.default",
             "linear_gate": "quantizable.linear_gate.default"}[spec_name]
-    assert _quantizable_ops(explanation.graphs) == ({want} if cpu_kernel.kernel_built() or spec_name ==
-                                                    "clipped_softmax" else set())
+    traced = ours and (cpu_kernel.kernel_built() or spec_name == "clipped_softmax")
+    assert _quantizable_ops(explanation.graphs) == ({want} if traced else set())
 
 
 # Inductor for clipped softmax (about a minute on 2 cores, most of it compiling the generated C++ once); AOT
@@ -225,6 +231,8 @@ def test_dynamo_sees_our_attention_as_one_op_without_graph_breaks(spec_name):
 def test_compiled_model_equals_eager_in_values_and_gradients(spec_name, backend):
     """torch.compile of the whole model around our ops: the same loss and parameter gradients as eager."""
     import torch
+
+    from quantizable.attention.switch import compiled_fast_paths
 
     model, batch = _tiny_model(spec_name)
     model.train()
@@ -237,7 +245,8 @@ def test_compiled_model_equals_eager_in_values_and_gradients(spec_name, backend)
 
     want_loss, want = loss_and_grads(model)
     torch._dynamo.reset()
-    got_loss, got = loss_and_grads(torch.compile(model, backend=backend, fullgraph=True))
+    with compiled_fast_paths(True):
+        got_loss, got = loss_and_grads(torch.compile(model, backend=backend, fullgraph=True))
     assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-5)
     assert got.keys() == want.keys()
     for name in want:
@@ -246,8 +255,8 @@ def test_compiled_model_equals_eager_in_values_and_gradients(spec_name, backend)
 
 @pytest.mark.parametrize("spec_name", list(SPECS))
 def test_torch_export_traces_the_fast_path(spec_name):
-    """torch.export keeps the fast path as our ops (the INT8 exporters still trace the reference ops: their
-    quantizers must see the matmuls and products inside attention)."""
+    """With ``compiled_fast_paths(True)`` torch.export keeps the fast path as our ops (the INT8 exporters trace the
+    reference ops: their quantizers must see the matmuls and products inside attention)."""
     import torch
 
     model, batch = _tiny_model(spec_name)
@@ -262,7 +271,9 @@ def test_torch_export_traces_the_fast_path(spec_name):
         def forward(self, input_ids, attention_mask):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    with torch.no_grad():
+    from quantizable.attention.switch import compiled_fast_paths
+
+    with torch.no_grad(), compiled_fast_paths(True):
         program = torch.export.export(Logits(), inputs)
         want = model(input_ids=inputs[0], attention_mask=inputs[1]).logits
         got = program.module()(*inputs)

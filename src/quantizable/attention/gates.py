@@ -16,7 +16,7 @@ from transformers import initialization as init
 from quantizable.attention.cpu_kernel import (MAX_GATE_HEADS, kernel_applies, linear_gate_rows,
                                               linear_gate_rows_backward)
 from quantizable.attention.spec import AttentionSpec
-from quantizable.attention.switch import fused_attention
+from quantizable.attention.switch import fast_paths_apply
 
 
 # The fused linear gate as custom ops (forward, backward): one node for torch.compile and torch.export, as the
@@ -129,8 +129,9 @@ class AttentionGate(nn.Module):
 
     def gated(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The attention output ``(B, T, H, d_head)`` times the gate of ``x``. The linear gate runs as one fused node
-        where the CPU kernel applies; ``fused_attention(False)`` or ``use_cpu_kernel(False)`` select the ATen ops."""
-        fusable = self.gate_type == "linear" and self.num_heads <= MAX_GATE_HEADS and fused_attention.enabled
+        where the CPU kernel applies; ``fused_attention(False)``, ``use_cpu_kernel(False)`` or torch.compile (unless
+        ``compiled_fast_paths(True)``) select the ATen ops."""
+        fusable = self.gate_type == "linear" and self.num_heads <= MAX_GATE_HEADS and fast_paths_apply()
         if fusable and kernel_applies(output, x, self.weight):
             gated, _ = fused_linear_gate(output.contiguous(), x.contiguous(), self.weight.contiguous(),
                                          self.bias.contiguous())

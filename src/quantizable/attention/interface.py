@@ -6,7 +6,8 @@ there lets us change only the part between the projections and the output projec
 
 * softmax on fused SDPA (vanilla), or materialised probabilities for clipped softmax / softmax+1 / sigmoid /
   softpick; clipped softmax takes the single-node fast path of ``attention.fused`` unless taps need the
-  intermediates or ``fused_attention(False)`` selects the reference ops;
+  intermediates or ``fused_attention(False)`` selects the reference ops (as does torch.compile by default:
+  ``switch.compiled_fast_paths``);
 * the no-op parameters of ``attention.no_op``: a sink key/value column (``sink_token``, ``key_bias``) that SDPA sees
   as one more key every query may attend to, and the value gate (``value_gate``) applied to the values before SDPA;
 * an optional per-head gate on the attention output, computed from the module's input hidden state, which a
@@ -30,7 +31,7 @@ from quantizable.attention.fused import clipped_softmax_attention
 from quantizable.attention.softmax import (accumulation_dtype, clipped_softmax, sigmoid_attention, softmax_plus_one,
                                            softpick)
 from quantizable.attention.spec import AttentionSpec
-from quantizable.attention.switch import fused_attention
+from quantizable.attention.switch import fast_paths_apply, fused_attention
 
 ATTN_IMPLEMENTATION = "quantizable"
 TAP_NAMES = ("scores", "probs", "context")
@@ -148,7 +149,7 @@ def quantizable_attention_forward(
         value = value_gate(value)
     sink = getattr(module, "attn_sink", None)
     if spec.needs_probabilities or observed:
-        fast = fused_attention.enabled and spec.kind == "clipped_softmax" and not observed
+        fast = fast_paths_apply() and spec.kind == "clipped_softmax" and not observed
         context, probs = _materialised_attention(
             module, query, key, value, attention_mask, scaling, dropout, causal, fast
         )
