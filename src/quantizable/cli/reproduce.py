@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", choices=("full", "quick", "tiny"), help="full (default), quick, or tiny (CI smoke)")
     parser.add_argument("--task", "--tasks", dest="tasks", default="backcopy,pretrain",
                         help="comma-separated: backcopy (the synthetic no-op task), pretrain (table 2); default both")
-    parser.add_argument("--families", help="comma-separated subset of each task's families (bert,opt,vit)")
+    parser.add_argument("--families", help="comma-separated subset of each task's families (backcopy: opt; "
+                                           "pretrain: bert,opt,vit; default: all, at --quick pretrain only vit)")
     parser.add_argument("--methods", default="vanilla,clipped_softmax,gated_attention",
                         help="comma-separated attention kinds")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -32,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantizable.experiments import reproduce
+    from quantizable.experiments.reproduce import quiet_transformers
 
+    quiet_transformers()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scale = args.scale or ("quick" if args.quick else "full")
     rows = reproduce(args.out, scale, _names(args.families), _names(args.methods) or (),

@@ -11,7 +11,8 @@ from typing import Any
 from quantizable.io import write_text_atomic
 
 METHOD_NAMES = {"vanilla": "Vanilla", "clipped_softmax": "Clipped softmax", "gated_attention": "Gated attention",
-                "softmax_plus_one": "Softmax + 1"}
+                "softmax_plus_one": "Softmax + 1", "sink_token": "Sink token", "key_bias": "Key bias",
+                "sigmoid": "Sigmoid attention", "softpick": "Softpick", "value_gate": "Value gate"}
 FAMILY_NAMES = {"bert": "BERT", "opt": "OPT", "vit": "ViT", "llama": "Llama"}
 TASK_NAMES = {"backcopy": "Bigram-Backcopy", "pretrain": "pre-training"}
 CURVE_METRICS = {  # metrics.jsonl key -> axis label, for the curves over training steps
@@ -154,6 +155,20 @@ def _figures(out: Path, row: dict[str, Any], pattern: str) -> list[str]:
     return [f"![{f.stem}]({os.path.relpath(f, out)})" for f in sorted(Path(row["analysis_dir"]).glob(pattern))]
 
 
+def _floor_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Which rows reach the FP quality below which a model has not learnt enough for its numbers to mean much."""
+    judged = [row for row in rows if "floor" in row]
+    if not judged:
+        return []
+    missed = [row for row in judged if not row["floor"]["met"]]
+    floor = judged[0]["floor"]
+    if not missed:
+        return ["", f"Every model reaches the FP floor ({floor['metric']} >= {floor['minimum']:g})."]
+    names = ", ".join(f"{method_name(r['method'])} ({r['floor']['value']:.3g})" for r in missed)
+    return ["", f"**Below the FP floor** ({floor['metric']} >= {floor['minimum']:g}), too little trained to judge: "
+                f"{names}."]
+
+
 def _backcopy_section(out: Path, rows: list[dict[str, Any]], family: str) -> list[str]:
     title = _title("backcopy", family)
     lines = [
@@ -164,9 +179,9 @@ def _backcopy_section(out: Path, rows: list[dict[str, Any]], family: str) -> lis
         "Copy accuracy is on the positions after a trigger; bigram excess is the model's cross-entropy on the other",
         "positions minus the exact bigram entropy (nats; 0 = perfect). Sink share: the largest, over layers, mean",
         "attention that queries after the first put on the first token (BOS); dormant: heads with >= 50% there;",
-        "value drain: the BOS value vector's norm over the median token's; residual peak: the BOS residual-stream",
-        "norm over the median token's (largest over layers). Mean ± std over training seeds; W8A8 over training x",
-        "calibration seeds.",
+        "value drain: the BOS value vector's norm over the median token's (lowest layer); residual peak: the BOS",
+        "residual-stream norm over the median token's (largest over layers). Mean ± std over training seeds; W8A8",
+        "over training x calibration seeds.",
         "",
         "| Method | FP ppl | copy acc. FP | copy acc. W8A8 | bigram excess | sink share | dormant | value drain | "
         "residual peak | max inf. norm | W8A8 ppl | W8A8 loss |",
@@ -178,8 +193,9 @@ def _backcopy_section(out: Path, rows: list[dict[str, Any]], family: str) -> lis
         lines.append(
             f"| {method_name(row['method'])} | {_pm(row['fp'])} | {_pm(copy.get('fp'), 3)} | "
             f"{_pm(copy.get('w8a8'), 3)} | {_pm(excess.get('fp'), 3)} | {_pm(row.get('sink_share'))} | "
-            f"{_pm(row.get('dormant_share'))} | {_pm(row.get('value_drain'))} | {_pm(row.get('residual_peak'))} | "
+            f"{_pm(row.get('dormant_share'))} | {_pm(row.get('value_drain_min'))} | {_pm(row.get('residual_peak'))} | "
             f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['w8a8'])} | {_degradation(row):+.2f}% |")
+    lines += _floor_lines(rows)
     floor = next((r["scores"]["perplexity_floor"]["fp"]["mean"] for r in rows if "perplexity_floor" in
                   (r.get("scores") or {})), None)
     if floor is not None:
@@ -220,6 +236,8 @@ def _pretrain_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
             f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['avg_kurtosis'], 1)} | {_pm(row.get('sink_share'))} | "
             f"{_pm(row['w8a8'])} | {_degradation(row):+.2f}{unit} | {_pm(row['int8'])} | "
             f"{_degradation(row, 'int8'):+.2f}{unit} |")
+    for family in dict.fromkeys(row["family"] for row in rows):
+        lines += _floor_lines([row for row in rows if row["family"] == family])
     for family in dict.fromkeys(row["family"] for row in rows):
         group = [row for row in rows if row["family"] == family]
         title = FAMILY_NAMES.get(family, family)
