@@ -60,7 +60,10 @@ def method_trend(run_dir: Path) -> list[dict[str, float]]:
             "delimiter_share": max(result["delimiter_share_per_layer"]),
             "sink_or_delimiter_share": _layer_max_of_head_mean(result["sink_or_delimiter_share_per_head"]),
             "dormant_share_with_delimiters": result["dormant_share_with_delimiters"],
-            "value_drain": result["value_drain"], "residual_peak": result["residual_peak"],
+            # clipped softmax: attention on no token at all (1 - row sum) and the exact zeros it allows
+            "null_share": _layer_max_of_head_mean(result["null_share_per_head"]),
+            "clipped_zero_share": _layer_max_of_head_mean(result["clipped_zero_share_per_head"]),
+            "value_drain_min": result["value_drain_min"], "residual_peak": result["residual_peak"],
         })
         print(f"{run_dir.name} step {step}: inf-norm {rows[-1]['max_inf_norm']:.1f} kurtosis "
               f"{rows[-1]['avg_kurtosis']:.1f} sink/delimiter share {rows[-1]['sink_or_delimiter_share']:.3f}",
@@ -75,8 +78,9 @@ def plot(trends: dict[str, list[dict[str, float]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = (("max_inf_norm", "max ‖block output‖∞", True), ("avg_kurtosis", "avg. kurtosis", True),
-              ("sink_or_delimiter_share", "attention on [CLS] + delimiters\n(max layer, mean over heads)", False))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+              ("sink_or_delimiter_share", "attention on [CLS] + delimiters\n(max layer, mean over heads)", False),
+              ("null_share", "attention on no token (1 - row sum)\n(max layer, mean over heads)", False))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
     for method, rows in trends.items():
         steps = [r["step"] for r in rows]
         for ax, (key, label, log) in zip(axes, panels):
@@ -101,6 +105,7 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
     trends = {}
     for method in METHOD_NAMES:
         run_dir = args.runs / method

@@ -141,3 +141,21 @@ def test_reproduce_backcopy_reports_mechanism_and_sensitivity(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert report.index("Bigram-Backcopy") < report.index("Quantization sensitivity") < report.index("paper scale")
     assert (tmp_path / "sensitivity_backcopy_opt.png").is_file() and (tmp_path / "training_backcopy_opt.png").is_file()
+
+
+def test_bos_shares_match_transformers_eager_attention(table):
+    from quantizable import create_model
+    from quantizable.data.backcopy import backcopy_bos_shares
+
+    torch.manual_seed(0)
+    model = create_model("opt-backcopy", vocab_size=64 + FIRST_CHAR_ID, num_hidden_layers=2, num_attention_heads=2).eval()
+    ids = backcopy_dataset("validation", 24, "backcopy:validation=16").ids
+    shares = backcopy_bos_shares(model, [{"input_ids": ids[:8]}, {"input_ids": ids[8:]}], "backcopy")
+    model.set_attn_implementation("eager")  # transformers' own attention, returning its probabilities
+    with torch.no_grad():
+        attentions = model(input_ids=ids, output_attentions=True).attentions
+    copy = torch.isin(ids[:, 2:], torch.tensor(table.triggers) + FIRST_CHAR_ID)
+    for layer, probs in enumerate(attentions):
+        on_bos = probs[:, :, 2:, 0].mean(1)
+        assert shares["bos_share_copy_per_layer"][layer] == pytest.approx(float(on_bos[copy].mean()), abs=1e-5)
+        assert shares["bos_share_other_per_layer"][layer] == pytest.approx(float(on_bos[~copy].mean()), abs=1e-5)

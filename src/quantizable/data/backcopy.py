@@ -225,3 +225,39 @@ def backcopy_scores(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     return {"copy_accuracy": correct / copies, "bigram_loss": loss / bigrams, "bigram_entropy": ent / bigrams,
             "copy_positions": copies, "bigram_positions": bigrams,
             "bigram_excess": loss / bigrams - ent / bigrams, "perplexity_floor": math.exp(ent / bigrams)}
+
+
+@torch.no_grad()
+def backcopy_bos_shares(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], source: str,
+                        root: str | Path | None = None) -> dict[str, list[float]]:
+    """Per layer, the attention (mean over heads) that queries put on BOS, split by what the next token needs:
+    queries at a trigger (they must copy) and the others (nothing to do: Guo et al.'s dormant-head measure).
+    Queries 0 and 1 are left out (position 1 sees only BOS and itself)."""
+    from quantizable.analysis.recording import recording
+
+    spec = parse_source(source)
+    table = bigram_table(spec.vocab, spec.triggers, str(root) if root is not None else None)
+    trigger_ids = torch.tensor(table.triggers) + FIRST_CHAR_ID
+    sums: dict[int, list[float]] = {}
+
+    def record(layer: int, name: str, x: torch.Tensor) -> None:
+        if name == "probs":
+            on_bos = x[:, :, 2:, 0].float().mean(1).cpu()  # (B, T - 2), mean over heads
+            total = sums.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
+            total[0] += float(on_bos[current].sum())
+            total[1] += int(current.sum())
+            total[2] += float(on_bos[~current].sum())
+            total[3] += int((~current).sum())
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for batch in batches:
+        ids = batch["input_ids"]
+        current = torch.isin(ids[:, 2:], trigger_ids)
+        with recording(model, record, with_attention=True):
+            model(input_ids=ids.to(device))
+    model.train(was_training)
+    layers = sorted(sums)
+    return {"bos_share_copy_per_layer": [sums[l][0] / max(sums[l][1], 1) for l in layers],
+            "bos_share_other_per_layer": [sums[l][2] / max(sums[l][3], 1) for l in layers]}

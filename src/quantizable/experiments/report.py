@@ -169,6 +169,15 @@ def _floor_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"{names}."]
 
 
+def _idle_copy(row: dict[str, Any]) -> str:
+    """BOS attention of idle vs copying queries in the layer where the idle ones look at BOS most."""
+    idle, copy = row.get("bos_share_other_per_layer"), row.get("bos_share_copy_per_layer")
+    if not idle or not copy:
+        return "–"
+    layer = max(range(len(idle)), key=idle.__getitem__)
+    return f"{idle[layer]:.2f} / {copy[layer]:.2f} (layer {layer})"
+
+
 def _backcopy_section(out: Path, rows: list[dict[str, Any]], family: str) -> list[str]:
     title = _title("backcopy", family)
     lines = [
@@ -183,16 +192,21 @@ def _backcopy_section(out: Path, rows: list[dict[str, Any]], family: str) -> lis
         "residual-stream norm over the median token's (largest over layers). Mean ± std over training seeds; W8A8",
         "over training x calibration seeds.",
         "",
-        "| Method | FP ppl | copy acc. FP | copy acc. W8A8 | bigram excess | sink share | dormant | value drain | "
-        "residual peak | max inf. norm | W8A8 ppl | W8A8 loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "BOS share, idle / copy queries: the attention on BOS of the queries whose next token is a bigram draw",
+        "(nothing for attention to do) and of those at a trigger (they must copy), in the layer where idle queries",
+        "look at BOS most; Guo et al.'s dormant head puts most of the idle queries' attention there.",
+        "",
+        "| Method | FP ppl | copy acc. FP | copy acc. W8A8 | bigram excess | BOS share idle / copy | sink share | "
+        "dormant | value drain | residual peak | max inf. norm | W8A8 ppl | W8A8 loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         scores = row.get("scores") or {}
         copy, excess = scores.get("copy_accuracy", {}), scores.get("bigram_excess", {})
         lines.append(
             f"| {method_name(row['method'])} | {_pm(row['fp'])} | {_pm(copy.get('fp'), 3)} | "
-            f"{_pm(copy.get('w8a8'), 3)} | {_pm(excess.get('fp'), 3)} | {_pm(row.get('sink_share'))} | "
+            f"{_pm(copy.get('w8a8'), 3)} | {_pm(excess.get('fp'), 3)} | {_idle_copy(row)} | "
+            f"{_pm(row.get('sink_share'))} | "
             f"{_pm(row.get('dormant_share'))} | {_pm(row.get('value_drain_min'))} | {_pm(row.get('residual_peak'))} | "
             f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['w8a8'])} | {_degradation(row):+.2f}% |")
     lines += _floor_lines(rows)

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from quantizable.attention.spec import KINDS
-from quantizable.data.backcopy import backcopy_scores, is_backcopy
+from quantizable.data.backcopy import backcopy_bos_shares, backcopy_scores, is_backcopy
 from quantizable.io import write_json_atomic
 from quantizable.training.config import TrainConfig, load_config
 
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")  # the paper's trio; any attention kind is accepted
 BIT_WIDTHS = ("W8A8", "W8A6", "W8A4", "W6A8", "W4A8")  # the sensitivity curve: activation bits, then weight bits
-MEASURE_VERSION = 3  # bump when measure() gains fields, so older measure.json files are measured again
+MEASURE_VERSION = 4  # bump when measure() gains fields, so older measure.json files are measured again
 
 # The paper's settings per family and method (BERT table 5, OPT table 6, ViT table 7).
 PAPER_ATTENTION: dict[str, dict[str, dict[str, Any]]] = {
@@ -63,7 +63,7 @@ TASKS: dict[str, Task] = {
     # Clipped softmax with alpha = 4 (the paper's recommended 2..4, gamma = -4/64): a uniform row is all zeros.
     "backcopy": Task("backcopy", ("opt",), "{family}-backcopy", {
         "full": ("run.steps=3000", "run.checkpoint_every=500", "run.outlier_every=100"),
-        "quick": ("run.steps=400", "run.checkpoint_every=200", "run.outlier_every=50"),
+        "quick": ("run.steps=300", "run.checkpoint_every=100", "run.outlier_every=50"),
         "tiny": ("run.steps=12", "run.checkpoint_every=6", "run.outlier_every=6",
                  "data.source=backcopy:train=256,validation=64"),
     }, {"opt": {"clipped_softmax": {"alpha": 4}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}}},
@@ -99,7 +99,7 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "full": Scale("full", "cpu", (0, 1), (0, 1, 2), 16, 16, 8),
-    "quick": Scale("quick", "cpu", (0, 1), (0, 1, 2), 4, 4, 2),  # the quick-start job, under ten minutes
+    "quick": Scale("quick", "cpu", (0, 1), (0, 1), 4, 4, 2),  # the quick-start job, under ten minutes
     "tiny": Scale("tiny", "tiny", (0,), (0,), 2, 2, 2),  # the CI smoke form
 }
 
@@ -198,7 +198,9 @@ def measure(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
         "w8a8": quant["quantized"],
         "sites": quant["sites"],
         "bits_sweep": sweep,
-        **({"scores": quant["scores"]} if score is not None else {}),
+        **({"scores": quant["scores"],
+            **backcopy_bos_shares(run.model, run.eval_batches[: scale.analysis_batches], run.source)}
+           if score is not None else {}),
         "max_inf_norm": analysis["max_inf_norm"],
         "avg_kurtosis": analysis["avg_kurtosis"],
         "per_layer_inf_norm": [row["mean_inf_norm"] for row in analysis["per_layer"]
@@ -414,6 +416,10 @@ def aggregate(task: str, family: str, method: str, runs: list[dict[str, Any]], s
                    "w8a8": _mean_std([s[name] for r in runs for s in r["scores"]["per_seed"]])}
             for name in runs[0]["scores"]["fp"]
         }
+    for key in ("bos_share_copy", "bos_share_other"):  # backcopy: where copying and idle queries look
+        if f"{key}_per_layer" in runs[0]:
+            row[f"{key}_per_layer"] = _layer_mean(runs, f"{key}_per_layer")
+            row[key] = _mean_std([max(r[f"{key}_per_layer"]) for r in runs])
     if family in TASKS[task].floors:  # the FP quality below which a model has not learnt enough to judge
         metric, minimum = TASKS[task].floors[family]
         value = row["fp"]["mean"] if metric == row["metric"] else row["scores"][metric]["fp"]["mean"]
