@@ -126,6 +126,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def interleaved_times(steps_of: dict[str, Callable[[], None]], baseline: str, warmup: int, steps: int,
+                      seconds: float, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each step, in rounds that rotate the order (so drift hits every variant alike),
+    until ``steps`` timed rounds and ``seconds`` of baseline time are done; the first ``warmup`` rounds untimed."""
+    names = list(steps_of)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    round_ = 0
+    while round_ < warmup + steps or sum(times[baseline]) < seconds:
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            start = _clock(device)
+            steps_of[name]()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append(_clock(device) - start)
+        round_ += 1
+    return times
+
+
 def saved_for_backward_bytes(step: Callable[[], None]) -> int:
     """Bytes of the tensors autograd keeps for backward during one step (each storage counted once)."""
     storages: dict[int, int] = {}
@@ -175,19 +195,8 @@ def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int
     steps_of = {}
     for variant in VARIANTS:
         steps_of[variant.name] = make_step(models[variant.name].to(device), inputs, variant)
-    times: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
     names = [v.name for v in VARIANTS]
-    round_ = 0
-    while round_ < warmup + steps or sum(times[BASELINE]) < seconds:
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            _sync(device)
-            start = _clock(device)
-            steps_of[name]()
-            _sync(device)
-            if round_ >= warmup:
-                times[name].append(_clock(device) - start)
-        round_ += 1
+    times = interleaved_times(steps_of, BASELINE, warmup, steps, seconds, device)
     rows = []
     for name in names:
         rows.append({

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bench_attention_cost import PRESETS, Variant, _clock, _sync, make_step
+from bench_attention_cost import PRESETS, Variant, interleaved_times, make_step
 from quantizable.attention import KINDS, spec_for_method
 from quantizable.models import apply_attention_spec, create_model
 from quantizable.training.allocator import keep_freed_memory
@@ -50,19 +50,7 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, seconds: float,
     inputs = {k: v.to(device) for k, v in inputs.items()}
     variants = [Variant(kind, spec_for_method(kind)) for kind in KINDS]
     steps_of = {v.name: make_step(apply_attention_spec(base, v.spec).to(device).train(), inputs, v) for v in variants}
-    names = list(steps_of)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    round_, warmup = 0, 1
-    while round_ < warmup + steps or sum(times["vanilla"]) < seconds:
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            _sync(device)
-            start = _clock(device)
-            steps_of[name]()
-            _sync(device)
-            if round_ >= warmup:
-                times[name].append(_clock(device) - start)
-        round_ += 1
+    times = interleaved_times(steps_of, "vanilla", 1, steps, seconds, device)
     base_ms = 1000 * statistics.median(times["vanilla"])
     return [{"model": preset, "length": seq_len, "batch": batch, "kind": name, "steps": len(t),
              "step_ms": 1000 * statistics.median(t), "time_ratio": 1000 * statistics.median(t) / base_ms}
