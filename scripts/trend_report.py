@@ -15,7 +15,8 @@ import torch
 from quantizable.analysis import analyze
 from quantizable.io import write_json_atomic
 from quantizable.training.config import load_config
-from quantizable.training.trainer import build_model, task_data
+from quantizable.data import task_data
+from quantizable.training.trainer import build_model
 
 BATCHES = 2  # fixed validation batches (32 sequences of 128 tokens each) for every snapshot of every method
 TIED = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}

@@ -21,6 +21,7 @@ import torch
 
 from quantizable.cli.main import main as cli_main
 from quantizable.training import load_config, train
+from quantizable.training import checkpoint as checkpoint_io
 from quantizable.training import trainer
 
 torch.set_num_threads(1)
@@ -61,8 +62,8 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, str]]:
 
 
 def _checkpoint_is_intact(checkpoint: Path) -> bool:
-    state = json.loads((checkpoint / trainer.STATE_FILE).read_text())
-    return state["files"] == trainer._file_digests(checkpoint)
+    state = json.loads((checkpoint / checkpoint_io.STATE_FILE).read_text())
+    return state["files"] == checkpoint_io.file_digests(checkpoint)
 
 
 # 1. kill -9 during training, then --resume
@@ -74,7 +75,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, refere
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     try:
-        while not list((run_dir / "checkpoints").glob(f"step_*/{trainer.STATE_FILE}")):
+        while not list((run_dir / "checkpoints").glob(f"step_*/{checkpoint_io.STATE_FILE}")):
             assert process.poll() is None, "training ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 60 s"
             time.sleep(0.02)

@@ -16,7 +16,7 @@ from quantizable.cli.main import main as cli_main
 from quantizable.models import load_model
 from quantizable.training import TrainConfig, load_config, train
 from quantizable.training.optim import lr_factor, make_optimizer, parameter_groups
-from quantizable.training.trainer import weight_digest
+from quantizable.training.checkpoint import weight_digest
 
 torch.set_num_threads(1)
 

@@ -49,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantizable.analysis import analyze
-    from quantizable.analysis.text import text_batches
-    from quantizable.data import model_tokenizer, run_data_settings
+    from quantizable.data import model_tokenizer, run_data_settings, text_batches
     from quantizable.models import family_of_config, load_model
 
     for name in ("batches", "batch_size"):

@@ -146,13 +146,12 @@ def load_run(run_dir: Path, scale: Scale) -> RunData:
     """The model, tokenizer, evaluation batches and seeded calibration batches of a trained run."""
     from quantizable import data
     from quantizable.models import family_of_config, load_model
-    from quantizable.training.trainer import task_data
 
     config = TrainConfig.from_dict(json.loads(json.dumps(load_yaml(run_dir / "config.yaml"))))
     model = load_model(run_dir)
     task = family_of_config(model.config).task
     tokenizer = None if task == "image" else data.checkpoint_tokenizer(run_dir)
-    sets = task_data(config, task, tokenizer)
+    sets = data.task_data(config, task, tokenizer)
     eval_batches = _batches(sets.validation_loader(), scale.eval_batches)
 
     def calibration(seed: int) -> list[dict[str, torch.Tensor]]:

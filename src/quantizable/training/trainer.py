@@ -7,15 +7,11 @@ The run directory holds ``config.yaml`` (resolved config), ``metrics.jsonl`` (on
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import math
-import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +22,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from quantizable.data.tasks import TaskData, task_data
 from quantizable.evaluation import evaluate
+from quantizable.io import write_json_atomic
 from quantizable.models import (FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config,
                                 load_model)
 from quantizable.training.allocator import keep_freed_memory
+from quantizable.training.checkpoint import (check_run_dir, checkpoints, save_checkpoint, truncate_metrics,
+                                             verified_state, weight_digest)
 from quantizable.training.config import TrainConfig
 from quantizable.training.optim import make_optimizer, make_scheduler
-
-STATE_FILE = "trainer_state.json"
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint's files do not match the digests recorded when it was written (truncated or damaged)."""
-
-
-@dataclass
-class TaskData:
-    """What the trainer needs from the data layer for one task."""
-
-    train: Any
-    collate: Callable[[int], Callable | None]  # the training collator of an epoch
-    validation_loader: Callable[[], Any]  # a fresh loader with the same (seeded) batches every call
-    tokens_per_sample: int  # for throughput: seq_len for text, 1 (image) for images
 
 
 def _preset_task(preset: str) -> str:
@@ -98,42 +82,6 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
     return model.train(), tokenizer
 
 
-def task_data(config: TrainConfig, task: str, tokenizer: Any) -> TaskData:
-    """Training dataset, its collator and a validation-loader factory from :mod:`quantizable.data`."""
-    from quantizable import data
-
-    source, run = config.data.source, config.run
-    if task == "image":
-        train = data.image_dataset("train", source=source)
-        validation = data.image_dataset("validation", source=source)
-        collate, make_eval_collate, tokens = lambda epoch: None, lambda: None, 1
-    else:
-        train = data.text_dataset("train", tokenizer, config.data.seq_len, task, source=source)
-        validation = data.text_dataset("validation", tokenizer, config.data.seq_len, task, source=source)
-        tokens = config.data.seq_len
-        if task == "mlm":
-            # Masks are a function of (seed, epoch, block): they change every epoch, yet do not depend on when the
-            # loader (which prefetches) draws random numbers, so a resumed run sees the same masks.
-            def collate(epoch: int) -> Callable:
-                epoch_seed = run.seed + 1_000_003 * (epoch + 1)
-                return data.mlm_collator(tokenizer, config.data.mlm_probability, seed=epoch_seed)
-
-            make_eval_collate = lambda: data.mlm_collator(tokenizer, config.data.mlm_probability, seed=run.seed)
-        else:
-            collate = lambda epoch: data.clm_collator()
-            make_eval_collate = data.clm_collator
-    if len(train) == 0 or len(validation) == 0:
-        raise ValueError(f"the {task} data has no training or validation samples "
-                         f"(data.seq_len={config.data.seq_len} too long for it?)")
-
-    def validation_loader():
-        loader = data.make_loader(validation, run.batch_size, make_eval_collate(), shuffle=False, seed=run.seed)
-        loader.generator = torch.Generator().manual_seed(run.seed)  # iterating it must not draw from the global RNG
-        return loader
-
-    return TaskData(train, collate, validation_loader, tokens)
-
-
 def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -152,50 +100,6 @@ def training_outlier_metrics(model: nn.Module, batch: dict[str, torch.Tensor], t
 
     result = analyze(model, [{k: v for k, v in batch.items() if k != "labels"}], tokenizer=tokenizer)
     return {key: float(result[key]) for key in TRAINING_METRICS if result.get(key) is not None}
-
-
-def weight_digest(state_dict: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of every tensor's bytes, to check that processes hold identical weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state_dict.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (a checkpoint is complete once renamed from its temporary name)."""
-    found = []
-    for path in (run_dir / "checkpoints").glob("step_*"):
-        if (path / STATE_FILE).is_file() and path.name.removeprefix("step_").isdigit():
-            found.append((int(path.name.removeprefix("step_")), path))
-    return sorted(found)
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite: a finished run or one with checkpoints needs ``resume``."""
-    if resume:
-        return
-    if (run_dir / "summary.json").exists() or (run_dir / "model").exists():
-        raise ValueError(f"{run_dir} holds a finished run; choose another --out or pass --resume")
-    if _checkpoints(run_dir):
-        raise ValueError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from, so the log reads like one run."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except json.JSONDecodeError:  # the last line of a run killed while writing it
-            continue
-    staging = path.with_name(f".tmp_{path.name}")
-    staging.write_text("".join(line + "\n" for line in kept))
-    os.replace(staging, path)
 
 
 class _Batches:
@@ -220,60 +124,6 @@ class _Batches:
                 self.position += 1
                 yield batch
             self.epoch, self.position = self.epoch + 1, 0
-
-
-def _file_digests(directory: Path) -> dict[str, str]:
-    """SHA-256 of every file a checkpoint holds, so a truncated or damaged one is caught before it is loaded."""
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(directory.iterdir()) if path.is_file() and path.name != STATE_FILE}
-
-
-def _verified_state(path: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint whose files match the digests recorded when it was written."""
-    state = json.loads((path / STATE_FILE).read_text())
-    if "files" not in state or "scheduler" not in state:
-        raise CorruptCheckpointError(f"checkpoint {path} was written by an older version of quantizable (no file "
-                                     f"digests or scheduler state); delete {path} to restart the run from scratch")
-    actual = _file_digests(path)
-    expected = state["files"]
-    damaged = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
-    if damaged:
-        raise CorruptCheckpointError(f"checkpoint {path} is damaged ({', '.join(damaged)} truncated, changed or "
-                                     f"missing); delete {path} to restart the run from scratch")
-    return state
-
-
-class _TiedWeightsNotice(logging.Filter):
-    """accelerate warns at every checkpoint that it left out the tied copy of the embeddings (OPT's ``lm_head``,
-    BERT's MLM decoder); loading ties them again, which the kill-and-resume test checks bit for bit."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Removed shared tensor" not in record.getMessage()
-
-
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict[str, Any]) -> None:
-    """``save_state`` into a temporary directory, then rename; older checkpoints go once the new one exists, so a
-    crash at any point leaves the last complete checkpoint in place."""
-    final = run_dir / "checkpoints" / f"step_{state['step']}"
-    temporary = final.with_name(f".tmp_{final.name}")
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerate_log, notice = logging.getLogger("accelerate.utils.other"), _TiedWeightsNotice()
-    accelerate_log.addFilter(notice)
-    try:
-        accelerator.save_state(str(temporary), safe_serialization=True)
-    finally:
-        accelerate_log.removeFilter(notice)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temporary / STATE_FILE).write_text(json.dumps({**state, "files": _file_digests(temporary)}))
-        if final.exists():
-            shutil.rmtree(final)
-        temporary.rename(final)
-        for _, older in _checkpoints(run_dir)[:-1]:
-            shutil.rmtree(older)
-    accelerator.wait_for_everyone()
 
 
 def _optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -310,8 +160,8 @@ def train(
     """
     run_dir = Path(out_dir)
     check_run_dir(run_dir, resume)
-    checkpoints = _checkpoints(run_dir) if resume else []
-    resumed = _verified_state(checkpoints[-1][1]) if checkpoints else None  # checked before anything is written
+    found = checkpoints(run_dir) if resume else []
+    resumed = verified_state(found[-1][1]) if found else None  # checked before anything is written
     run = config.run
     accelerator = Accelerator(
         gradient_accumulation_steps=config.optim.grad_accum,
@@ -339,11 +189,11 @@ def train(
 
     step, epoch, position = 0, 0, 0
     if resumed is not None:
-        accelerator.load_state(str(checkpoints[-1][1]))
+        accelerator.load_state(str(found[-1][1]))
         scheduler.load_state_dict(resumed["scheduler"])
         step, epoch, position = resumed["step"], resumed["epoch"], resumed["position"]
     if accelerator.is_main_process:
-        _truncate_metrics(run_dir / "metrics.jsonl", step)  # a fresh or resumed log reads like one run
+        truncate_metrics(run_dir / "metrics.jsonl", step)  # a fresh or resumed log reads like one run
     position_source = _Batches(accelerator, data, run.batch_size, run.seed, epoch, position)
     batches = iter(position_source)
     outlier_batch = next(iter(data.validation_loader()))
@@ -387,7 +237,7 @@ def train(
         if record:
             write_metrics({"step": step, **record})
         if (run.checkpoint_every and step % run.checkpoint_every == 0) or (step == end < run.steps):
-            _save_checkpoint(accelerator, run_dir, {"step": step, "epoch": position_source.epoch,
+            save_checkpoint(accelerator, run_dir, {"step": step, "epoch": position_source.epoch,
                                                     "position": position_source.position,
                                                     "scheduler": scheduler.state_dict()})
     bar.close()
@@ -424,9 +274,7 @@ def train(
             if (run_dir / "model").exists():
                 shutil.rmtree(run_dir / "model")
             staging.rename(run_dir / "model")
-            saved = {k: v for k, v in summary.items() if k != "losses"}
-            (run_dir / ".tmp_summary.json").write_text(json.dumps(saved, indent=2))
-            os.replace(run_dir / ".tmp_summary.json", run_dir / "summary.json")
+            write_json_atomic(run_dir / "summary.json", {k: v for k, v in summary.items() if k != "losses"})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

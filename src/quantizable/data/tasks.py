@@ -1,0 +1,61 @@
+"""The data a training run of a task reads: training set, per-epoch collator and a seeded validation loader, built
+from a run's ``data`` config (the trainer and ``reproduce``'s measurements use the same wiring)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from quantizable.data.common import make_loader
+from quantizable.data.images import image_dataset
+from quantizable.data.text import clm_collator, mlm_collator, text_dataset
+
+if TYPE_CHECKING:
+    from quantizable.training.config import TrainConfig
+
+
+@dataclass
+class TaskData:
+    """What the trainer needs from the data layer for one task."""
+
+    train: Any
+    collate: Callable[[int], Callable | None]  # the training collator of an epoch
+    validation_loader: Callable[[], Any]  # a fresh loader with the same (seeded) batches every call
+    tokens_per_sample: int  # for throughput: seq_len for text, 1 (image) for images
+
+
+def task_data(config: TrainConfig, task: str, tokenizer: Any) -> TaskData:
+    """Training dataset, its collator and a validation-loader factory for ``task`` ("mlm", "clm" or "image")."""
+    source, run = config.data.source, config.run
+    if task == "image":
+        train = image_dataset("train", source=source)
+        validation = image_dataset("validation", source=source)
+        collate, make_eval_collate, tokens = lambda epoch: None, lambda: None, 1
+    else:
+        train = text_dataset("train", tokenizer, config.data.seq_len, task, source=source)
+        validation = text_dataset("validation", tokenizer, config.data.seq_len, task, source=source)
+        tokens = config.data.seq_len
+        if task == "mlm":
+            # Masks are a function of (seed, epoch, block): they change every epoch, yet do not depend on when the
+            # loader (which prefetches) draws random numbers, so a resumed run sees the same masks.
+            def collate(epoch: int) -> Callable:
+                epoch_seed = run.seed + 1_000_003 * (epoch + 1)
+                return mlm_collator(tokenizer, config.data.mlm_probability, seed=epoch_seed)
+
+            make_eval_collate = lambda: mlm_collator(tokenizer, config.data.mlm_probability, seed=run.seed)
+        else:
+            collate = lambda epoch: clm_collator()
+            make_eval_collate = clm_collator
+    if len(train) == 0 or len(validation) == 0:
+        raise ValueError(f"the {task} data has no training or validation samples "
+                         f"(data.seq_len={config.data.seq_len} too long for it?)")
+
+    def validation_loader():
+        loader = make_loader(validation, run.batch_size, make_eval_collate(), shuffle=False, seed=run.seed)
+        loader.generator = torch.Generator().manual_seed(run.seed)  # iterating it must not draw from the global RNG
+        return loader
+
+    return TaskData(train, collate, validation_loader, tokens)
