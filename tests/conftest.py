@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import quantizable  # noqa: F401  (registers the model classes and the attention implementation)
+from quantizable.models import FAMILIES
 
-TINY_PRESETS = ("bert-tiny", "opt-tiny", "vit-tiny", "llama-tiny")
+# One tiny preset per family: every family gets the tests parametrised over these.
+TINY_PRESETS = tuple(f"{name}-tiny" for name in FAMILIES)
 
 
 def tiny_batch(preset: str, batch: int = 2, length: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:

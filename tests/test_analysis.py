@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from quantizable import create_model
 from quantizable.analysis import analyze, kurtosis, transformer_blocks
 from quantizable.cli.main import main
+from tests.conftest import TINY_PRESETS
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away"]
 SENTENCE = "the cat sat on the mat . a dog ran far away"
@@ -38,7 +39,7 @@ def test_kurtosis_of_known_distributions() -> None:
     assert kurtosis(torch.rand(400_000)) == pytest.approx(1.8, abs=0.02)
 
 
-@pytest.mark.parametrize("preset", ["bert-tiny", "opt-tiny", "vit-tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_planted_outlier_is_found_exactly(preset: str, tokenizer) -> None:
     torch.manual_seed(0)
     model = create_model(preset)
@@ -126,9 +127,10 @@ def test_bad_inputs_raise_clearly(tokenizer) -> None:
         analyze(model, [_text_batch(tokenizer)], head=4)
     with pytest.raises(ValueError, match="no batches"):
         analyze(model, [])
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=32))
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                             intermediate_size=64, vocab_size=32))
     with pytest.raises(ValueError, match="unsupported architecture"):
-        analyze(gpt2, [_text_batch(tokenizer)])
+        analyze(neox, [_text_batch(tokenizer)])
 
 
 @pytest.fixture(params=["checkpoint", "run"])
@@ -185,7 +187,8 @@ def test_cli_rejects_non_checkpoint(tmp_path, capsys) -> None:
 
 
 def test_cli_rejects_unsupported_architecture(tmp_path, capsys) -> None:
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=32)).save_pretrained(tmp_path / "gpt2")
-    assert main(["analyze", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")]) == 2
+    GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=32)).save_pretrained(tmp_path / "neox")
+    assert main(["analyze", str(tmp_path / "neox"), "--out", str(tmp_path / "o")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "unsupported architecture 'gpt2'" in errors[0]
+    assert len(errors) == 1 and "unsupported architecture 'gpt_neox'" in errors[0]

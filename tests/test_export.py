@@ -16,7 +16,7 @@ from tests.conftest import tiny_batch
 
 CASES = [("opt-tiny", "clipped_softmax"), ("opt-tiny", "gated_attention"), ("bert-tiny", "clipped_softmax"),
          ("bert-tiny", "gated_attention"), ("vit-tiny", "vanilla"), ("vit-tiny", "gated_attention"),
-         ("llama-tiny", "softmax_plus_one")]
+         ("llama-tiny", "softmax_plus_one"), ("gpt2-tiny", "gated_attention"), ("qwen2-tiny", "clipped_softmax")]
 
 
 def _saved_model(tmp_path, preset: str, method: str):

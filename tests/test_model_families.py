@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForMaskedLM, BertConfig
+from transformers import BertConfig
 from transformers import BertForMaskedLM, OPTConfig, OPTForCausalLM
 
 from quantizable import AttentionSpec, apply_attention_spec, create_model, load_model
-from quantizable.models import attention_modules
+from quantizable.models import attention_modules, get_family
 from tests.conftest import TINY_PRESETS, tiny_batch
 
 SPECS = {
@@ -16,8 +16,6 @@ SPECS = {
     **{f"gated-{g}": AttentionSpec(kind="gated_attention", gate_type=g, pi_init=0.25) for g in
        ("linear", "mlp", "all_heads_linear", "elementwise")},
 }
-AUTO = {"bert": AutoModelForMaskedLM, "opt": AutoModelForCausalLM, "llama": AutoModelForCausalLM,
-        "vit": AutoModelForImageClassification}
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
@@ -38,7 +36,7 @@ def test_build_forward_backward_round_trip(preset, name, tmp_path):
         expected = model(**batch).logits
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-    reloaded = AUTO[preset.split("-")[0]].from_pretrained(tmp_path).eval()
+    reloaded = get_family(preset.split("-")[0]).task.auto_class.from_pretrained(tmp_path).eval()
     assert type(reloaded) is type(model)
     assert reloaded.attention_spec == SPECS[name]
     with torch.no_grad():
@@ -70,7 +68,6 @@ def test_vanilla_matches_stock_transformers_sdpa(preset):
     """Our attention function is numerically the stock SDPA path for vanilla models."""
     ours = create_model(preset).eval()
     family = preset.split("-")[0]
-    from quantizable.models import get_family
 
     stock_config = get_family(family).config_class(**{k: v for k, v in ours.config.to_dict().items()
                                                       if k not in ("model_type", "attention_spec", "architectures")})

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers.pytorch_utils import Conv1D
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 from quantizable.models import create_model
@@ -32,6 +33,10 @@ SITE_FORMULA = {
     "opt": lambda L: 14 * L + 2,
     "vit": lambda L: 14 * L + 3,
     "llama": lambda L: 16 * L + 1,
+    # per block: ln_1 out, c_attn, c_proj, 3 taps, ln_2 in + out, c_fc, act, mlp.c_proj, block out; + wte+wpe, ln_f
+    "gpt2": lambda L: 12 * L + 2,
+    # as Llama: input norm out, q/k/v/o, 3 taps, post-attention norm in + out, gate/up/down, act, act*up, block out
+    "qwen2": lambda L: 16 * L + 1,
 }
 
 
@@ -140,6 +145,25 @@ def test_per_channel_weights_have_one_range_per_output_channel() -> None:
     assert rows["bert.encoder.layer.0.attention.self.query.weight"]["kind"] == "weight"
     assert quantizer.x_max.shape != model._quantization_handle.weight_quantizers[
         "bert.encoder.layer.0.attention.output.LayerNorm.weight"].x_max.shape
+
+
+def test_gpt2_conv1d_weights_per_output_channel() -> None:
+    """GPT-2's Conv1D stores its weight as (in, out): each output column gets its own range (eq. 1 per channel)."""
+    model = create_model("gpt2-tiny").eval()
+    handle = quantize_(model, QuantConfig(per_channel_weights=True))
+    calibrate(model, [tiny_batch("gpt2-tiny")])
+    freeze(model)
+    conv1d = {name: m for name, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert len(conv1d) == 4 * 2 and all(f"{name}.weight" in handle.weight_quantizers for name in conv1d)
+    assert all(f"{name}:linear" in handle.act_quantizers for name in conv1d)
+    for name, module in conv1d.items():
+        raw = module.parametrizations.weight.original.detach()
+        scale = raw.abs().amax(dim=0) / 127  # symmetric, one scale per output column
+        expected = torch.fake_quantize_per_channel_affine(raw, scale, torch.zeros_like(scale, dtype=torch.int32),
+                                                          1, -128, 127)
+        difference = (module.weight.detach() - expected).abs()
+        assert (difference <= scale * 1.001).all()  # a wrong axis would be off by many steps
+        assert (difference > 1e-6).float().mean() < 1e-3  # only rounding ties may land on the other grid point
 
 
 def _quantized_logits(model, batches, config: QuantConfig) -> list[torch.Tensor]:

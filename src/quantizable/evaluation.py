@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantizable.models.families import family_of_config
+from quantizable.models.families import Task, family_of_config
 
 
 @torch.no_grad()
@@ -38,11 +38,11 @@ def evaluate(
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
-        if family.task == "image":
+        if family.task is Task.IMAGE:
             total += (logits.argmax(-1) == labels).sum().item()
             count += labels.numel()
             continue
-        if family.task == "clm":
+        if family.task is Task.CLM:
             logits, labels = logits[:, :-1], labels[:, 1:]
         valid = labels != -100
         nll = nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
@@ -51,6 +51,6 @@ def evaluate(
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluation saw no labelled tokens or images")
-    if family.task == "image":
+    if family.task is Task.IMAGE:
         return {"metric": "accuracy", "value": 100.0 * total / count, "count": count}
     return {"metric": "perplexity", "value": math.exp(total / count), "count": count}

@@ -15,7 +15,7 @@ from quantizable.analysis.mechanism import MechanismStats
 from quantizable.analysis.metrics import OUTLIER_STD, OutlierCounts, RunningStats, most_common, outlier_mask
 from quantizable.analysis.recording import recording
 from quantizable.analysis.report import FigureData
-from quantizable.models.families import attention_geometry, family_of_config
+from quantizable.models.families import Task, attention_geometry, family_of_config
 from quantizable.models.modeling import attention_modules
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
@@ -57,6 +57,7 @@ class _Collector:
     mechanism: MechanismStats
     causal: bool
     clipped_layers: set[int]
+    flattened_tokens: bool  # the family's FFN sees (B*T, d) (Family.flattens_ffn_tokens)
     stats: dict[tuple[int, str], RunningStats] = field(default_factory=dict)
     outliers: OutlierCounts = field(default_factory=OutlierCounts)
     figure: FigureData = field(default_factory=FigureData)
@@ -104,7 +105,7 @@ class _Collector:
                 store[layer] = x[:FIGURE_SEQUENCES].float().cpu()
             return
         batch_size = next(iter(self.batch.values())).shape[0]
-        if x.dim() == 2:  # OPT flattens (B, T, d) to (B*T, d) around its FFN
+        if self.flattened_tokens and x.dim() == 2:
             x = x.view(batch_size, -1, x.shape[-1])
         mask = self.batch.get("attention_mask")
         self.stats.setdefault((layer, name), RunningStats()).update(x, mask)
@@ -176,7 +177,8 @@ def analyze(
     device = next(model.parameters()).device
     clipped = {i for i, m in enumerate(attention_modules(model))
                if getattr(m, "attention_spec", None) is not None and m.attention_spec.kind == "clipped_softmax"}
-    collector = _Collector(_TokenLabels(tokenizer), MechanismStats(n_layers), family.task == "clm", clipped)
+    collector = _Collector(_TokenLabels(tokenizer), MechanismStats(n_layers), family.task is Task.CLM, clipped,
+                           family.flattens_ffn_tokens)
     try:
         for index, batch in enumerate(batches):
             inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}

@@ -1,8 +1,9 @@
 """Where the analysed tensors are in a model, and forward hooks that hand them to a callback.
 
-The tensors are found by submodule names (data, not copied model code) and read through hooks, so stock Hugging
-Face classes and our ``Quantizable*`` classes are analysed the same way. Attention probabilities come from the
-``probs`` tap of :mod:`quantizable.attention.interface`, which needs the ``quantizable`` attention implementation.
+The tensors are found through the family record (:class:`quantizable.models.Family`: block classes and submodule
+names, data rather than copied model code) and read through hooks, so stock Hugging Face classes and our
+``Quantizable*`` classes are analysed the same way. Attention probabilities come from the ``probs`` tap of
+:mod:`quantizable.attention.interface`, which needs the ``quantizable`` attention implementation.
 """
 
 from __future__ import annotations
@@ -15,32 +16,13 @@ import torch
 from torch import nn
 
 from quantizable.attention.interface import ATTN_IMPLEMENTATION, register_attention_implementation
-from quantizable.models.families import attention_geometry
-from quantizable.models.modeling import attention_modules
-
-# Submodule names inside one transformer block, first match wins (BERT, OPT, ViT, Llama in transformers 5).
-ATTENTION_OUTPUT_NAMES = ("attention.output.dense", "self_attn.out_proj", "self_attn.o_proj", "attention.o_proj")
-FFN_OUTPUT_NAMES = ("output.dense", "fc2", "mlp.fc2", "mlp.down_proj")
-VALUE_NAMES = ("attention.self.value", "self_attn.v_proj", "attention.v_proj")
+from quantizable.models.families import attention_geometry, family_of_config, is_norm
 
 Record = Callable[[int, str, torch.Tensor], None]  # (layer index, tensor name, tensor)
 
 
 def _first_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _named(block: nn.Module, candidates: tuple[str, ...], what: str) -> tuple[str, nn.Module]:
-    for name in candidates:
-        try:
-            return name, block.get_submodule(name)
-        except AttributeError:
-            continue
-    raise ValueError(f"unsupported architecture: no {what} module ({' / '.join(candidates)}) in {type(block).__name__}")
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
 
 
 @dataclass
@@ -56,26 +38,27 @@ class Block:
     norms: list[tuple[str, nn.Module]]
 
 
+def _submodule(block: nn.Module, name: str) -> tuple[str, nn.Module]:
+    try:
+        return name, block.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"unsupported architecture: no module {name!r} in {type(block).__name__}") from None
+
+
 def transformer_blocks(model: nn.Module) -> list[Block]:
-    """The transformer blocks of a BERT/OPT/ViT/Llama model (stock or quantizable), in layer order."""
-    n_layers = model.config.num_hidden_layers
-    layer_lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    attentions = attention_modules(model)
-    if not layer_lists or len(attentions) != n_layers:
-        raise ValueError(f"unsupported architecture {type(model).__name__}: cannot find its {n_layers} transformer blocks")
+    """The transformer blocks of a model of any supported family (stock or quantizable), in layer order."""
+    family = family_of_config(model.config)
     blocks = []
-    for index, (module, attention) in enumerate(zip(layer_lists[0], attentions)):
-        if not any(sub is attention for sub in module.modules()):
-            raise ValueError(f"unsupported architecture {type(model).__name__}: attention {index} is not in block {index}")
-        norms = [(name, sub) for name, sub in module.named_modules() if name and _is_norm(sub)]
+    for index, (_, module) in enumerate(family.blocks(model)):
+        attention = next(m for m in module.modules() if isinstance(m, family.attention_class))
         blocks.append(Block(
             index=index,
             module=module,
             attention=attention,
-            attention_output=_named(module, ATTENTION_OUTPUT_NAMES, "attention output projection"),
-            ffn_output=_named(module, FFN_OUTPUT_NAMES, "FFN output projection"),
-            value=_named(module, VALUE_NAMES, "value projection"),
-            norms=norms,
+            attention_output=_submodule(module, family.attention_output),
+            ffn_output=_submodule(module, family.ffn_output),
+            value=_submodule(module, family.value),
+            norms=[(name, sub) for name, sub in module.named_modules() if name and is_norm(sub)],
         ))
     return blocks
 
@@ -117,8 +100,10 @@ def recording(model: nn.Module, record: Record, with_attention: bool = False) ->
     def gated_value_hook(layer: int):
         return lambda module, args, output: record(layer, "value_norm", output.norm(dim=-1).transpose(1, 2))
 
-    def value_hook(layer: int, head_dim: int):
+    def value_hook(layer: int, head_dim: int, fused_qkv: bool):
         def hook(module, args, output):
+            if fused_qkv:  # [q | k | v] along the last axis
+                output = output.chunk(3, dim=-1)[2]
             values = output.reshape(*output.shape[:2], -1, head_dim)
             record(layer, "value_norm", values.norm(dim=-1))
         return hook
@@ -128,6 +113,7 @@ def recording(model: nn.Module, record: Record, with_attention: bool = False) ->
             register_attention_implementation()
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         _, _, head_dim = attention_geometry(model.config)
+        fused_qkv = family_of_config(model.config).fused_qkv
         for block in blocks:
             i = block.index
             handles.append(block.attention_output[1].register_forward_hook(output_hook(i, "attn_out")))
@@ -140,7 +126,7 @@ def recording(model: nn.Module, record: Record, with_attention: bool = False) ->
                 if value_gate is not None:  # the gated values are the ones attention mixes
                     handles.append(value_gate.register_forward_hook(gated_value_hook(i)))
                 else:
-                    handles.append(block.value[1].register_forward_hook(value_hook(i, head_dim)))
+                    handles.append(block.value[1].register_forward_hook(value_hook(i, head_dim, fused_qkv)))
                 if getattr(block.attention, "attn_gate", None) is not None:
                     handles.append(block.attention.register_forward_pre_hook(gate_hook(i), with_kwargs=True))
                 taps = getattr(block.attention, "attention_taps", None)

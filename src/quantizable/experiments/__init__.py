@@ -1,5 +1,5 @@
 """Experiments built from the library: the paper's comparison (``reproduce``)."""
 
-from quantizable.experiments.reproduce import FAMILIES, METHODS, SCALES, reproduce
+from quantizable.experiments.reproduce import METHODS, SCALES, TRAINED_FAMILIES, reproduce
 
-__all__ = ["FAMILIES", "METHODS", "SCALES", "reproduce"]
+__all__ = ["METHODS", "SCALES", "TRAINED_FAMILIES", "reproduce"]

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from quantizable.io import write_text_atomic
+from quantizable.models.families import FAMILIES
 
 METHOD_NAMES = {"vanilla": "Vanilla", "clipped_softmax": "Clipped softmax", "gated_attention": "Gated attention",
                 "softmax_plus_one": "Softmax + 1", "sink_token": "Sink token", "key_bias": "Key bias",
                 "sigmoid": "Sigmoid attention", "softpick": "Softpick", "value_gate": "Value gate"}
-FAMILY_NAMES = {"bert": "BERT", "opt": "OPT", "vit": "ViT", "llama": "Llama"}
 TASK_NAMES = {"backcopy": "Bigram-Backcopy", "pretrain": "pre-training"}
 CURVE_METRICS = {  # metrics.jsonl key -> axis label, for the curves over training steps
     "sink_share": "attention on the first token (max layer)",
@@ -21,6 +21,10 @@ CURVE_METRICS = {  # metrics.jsonl key -> axis label, for the curves over traini
     "avg_kurtosis": "avg. kurtosis",
     "residual_peak": "first-token residual norm / median",
 }
+
+
+def _family_name(family: str) -> str:
+    return FAMILIES[family].display_name if family in FAMILIES else family
 
 
 def method_name(method: str) -> str:
@@ -54,7 +58,7 @@ def _group(rows: list[dict[str, Any]], task: str, family: str) -> list[dict[str,
 
 
 def _title(task: str, family: str) -> str:
-    return f"{FAMILY_NAMES.get(family, family)} ({TASK_NAMES.get(task, task)})"
+    return f"{_family_name(family)} ({TASK_NAMES.get(task, task)})"
 
 
 def plot_per_layer(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
@@ -246,7 +250,7 @@ def _pretrain_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         unit = "%" if row["metric"] == "perplexity" else " pts"
         lines.append(
-            f"| {FAMILY_NAMES.get(row['family'], row['family'])} | {method_name(row['method'])} | {_pm(row['fp'])} | "
+            f"| {_family_name(row['family'])} | {method_name(row['method'])} | {_pm(row['fp'])} | "
             f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['avg_kurtosis'], 1)} | {_pm(row.get('sink_share'))} | "
             f"{_pm(row['w8a8'])} | {_degradation(row):+.2f}{unit} | {_pm(row['int8'])} | "
             f"{_degradation(row, 'int8'):+.2f}{unit} |")
@@ -254,7 +258,7 @@ def _pretrain_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
         lines += _floor_lines([row for row in rows if row["family"] == family])
     for family in dict.fromkeys(row["family"] for row in rows):
         group = [row for row in rows if row["family"] == family]
-        title = FAMILY_NAMES.get(family, family)
+        title = _family_name(family)
         plot = plot_per_layer(group, title, out / f"per_layer_{family}.png")
         lines += ["", f"### {title}", "", f"![per-layer inf-norm]({plot.name})"]
         curves = plot_training_curves(group, title, out / f"training_{family}.png")
@@ -281,7 +285,7 @@ def _sensitivity_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|" + "---|" * len(BIT_WIDTHS),
     ]
     for row in rows:
-        lines.append(f"| {TASK_NAMES.get(row.get('task', 'pretrain'))} | {FAMILY_NAMES.get(row['family'])} | "
+        lines.append(f"| {TASK_NAMES.get(row.get('task', 'pretrain'))} | {_family_name(row['family'])} | "
                      f"{method_name(row['method'])} | {row['fp']['mean']:.2f} | "
                      + " | ".join(f"{row['bits_sweep'][name]:.2f}" for name in BIT_WIDTHS) + " |")
     groups = dict.fromkeys((row.get("task", "pretrain"), row["family"]) for row in rows)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from quantizable.attention.spec import AttentionSpec
-from quantizable.models.families import attention_geometry, family_of_config, get_family
+from quantizable.models.families import attention_geometry, family_of_config
 from quantizable.models.modeling import ADDED_MODULES, QUANTIZABLE_CLASSES, register_auto_classes
 
 # Named architectures (family, config overrides). Paper-scale presets follow the paper's appendix C;
@@ -39,6 +39,13 @@ MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                  ffn_dim=512, max_position_embeddings=128, init_std=0.02)),
     "llama-tiny": ("llama", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)),
+    # GPT-2's own <|endoftext|> id (50256) is outside small vocabularies: <s> / </s> of the embedded BPE tokenizer
+    "gpt2-tiny": ("gpt2", dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=128,
+                               bos_token_id=0, eos_token_id=1)),
+    "gpt2-small": ("gpt2", dict(n_embd=128, n_layer=6, n_head=8, n_inner=512, n_positions=128,
+                                bos_token_id=0, eos_token_id=1)),
+    "qwen2-tiny": ("qwen2", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)),
 }
 
 
@@ -48,7 +55,7 @@ def create_model(
     **config_overrides: Any,
 ) -> PreTrainedModel:
     """A freshly initialised quantizable model from a preset name (``bert-tiny``, ``opt-125m``, ...) or a family
-    name (``bert``, ``opt``, ``vit``, ``llama``: the transformers defaults), with the given attention spec."""
+    name (``bert``, ``opt``, ``gpt2``, ...: the transformers defaults), with the given attention spec."""
     if preset in MODEL_PRESETS:
         family_name, base = MODEL_PRESETS[preset]
     elif preset in QUANTIZABLE_CLASSES:
@@ -56,11 +63,11 @@ def create_model(
     else:
         raise ValueError(f"unknown model preset {preset!r}; known: {', '.join([*MODEL_PRESETS, *QUANTIZABLE_CLASSES])}")
     register_auto_classes()
-    config_class, model_class, _ = QUANTIZABLE_CLASSES[family_name]
+    classes = QUANTIZABLE_CLASSES[family_name]
     spec = spec or AttentionSpec()
-    config = config_class(**{**base, **config_overrides}, attention_spec=spec.to_dict())
+    config = classes.config_class(**{**base, **config_overrides}, attention_spec=spec.to_dict())
     attention_geometry(config)
-    return model_class(config)
+    return classes.model_class(config)
 
 
 _CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "attention_spec", "_name_or_path")
@@ -73,13 +80,13 @@ def apply_attention_spec(model: PreTrainedModel, spec: AttentionSpec) -> PreTrai
     gates) are initialised (with the family's init and ``logit(pi_init)`` biases). Returns a new model on the same
     device and dtype; ``model`` is untouched.
     """
-    family = get_family(family_of_config(model.config).name)
+    family = family_of_config(model.config)
     register_auto_classes()
-    config_class, model_class, _ = QUANTIZABLE_CLASSES[family.name]
+    classes = QUANTIZABLE_CLASSES[family.name]
     settings = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_KEYS_NOT_COPIED}
-    config = config_class(**settings, attention_spec=spec.to_dict())
+    config = classes.config_class(**settings, attention_spec=spec.to_dict())
     reference = next(model.parameters())
-    new_model = model_class(config).to(device=reference.device, dtype=reference.dtype)
+    new_model = classes.model_class(config).to(device=reference.device, dtype=reference.dtype)
     missing, unexpected = new_model.load_state_dict(model.state_dict(), strict=False)
     not_added = [k for k in [*missing, *unexpected] if not any(f".{name}." in k for name in ADDED_MODULES)]
     if not_added:
@@ -109,8 +116,8 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, str | None]:
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load one of our run directories, a Hugging Face checkpoint directory of a supported family, or a GGUF file.
 
-    Stock checkpoints load into the family's task class (BERT: masked LM, OPT/Llama: causal LM, ViT:
-    classification); loading goes through safetensors (or GGUF), never pickle.
+    Stock checkpoints load into the family's task class (BERT: masked LM, OPT/Llama/GPT-2/Qwen2: causal LM,
+    ViT: classification); loading goes through safetensors (or GGUF), never pickle.
     """
     register_auto_classes()
     directory, gguf_file = _resolve_checkpoint(Path(path))
@@ -123,7 +130,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     config = AutoConfig.from_pretrained(directory)
     family = family_of_config(config)
     if config.model_type.startswith("quantizable_"):
-        model_class = QUANTIZABLE_CLASSES[family.name][1]
+        model_class = QUANTIZABLE_CLASSES[family.name].model_class
     else:
         model_class = family.model_class
     return model_class.from_pretrained(directory, dtype=dtype, use_safetensors=True).eval()

@@ -1,35 +1,26 @@
 """Quantizable variants of the Hugging Face families: the same modules plus an attention spec.
 
-Each ``Quantizable*`` class is the stock transformers class with one mixin: after the stock ``__init__`` it
+For each :class:`~quantizable.models.families.Family` there is a ``Quantizable<Config>`` and a
+``Quantizable<Model>`` class: the stock transformers classes with one mixin that, after the stock ``__init__``,
 installs the spec stored in ``config.attention_spec`` (gates, sink keys/values or value gates on the attention
-modules, the ``quantizable`` attention implementation, the optional ViT patch-embedding LayerNorm). The configs get
-their own ``model_type`` so that, once ``quantizable`` is imported, ``AutoModelFor*.from_pretrained(run_dir)``
-rebuilds them exactly.
+modules, the ``quantizable`` attention implementation, the optional ViT patch-embedding LayerNorm of paper
+appendix B.4, ``config.patch_layernorm``). The classes are made from the family record, so a new family needs no
+code here; the configs get their own ``model_type`` so that, once ``quantizable`` is imported,
+``AutoModelFor*.from_pretrained(run_dir)`` rebuilds them exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    AutoModelForMaskedLM,
-    BertConfig,
-    BertForMaskedLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from quantizable.attention.gates import AttentionGate
 from quantizable.attention.interface import ATTN_IMPLEMENTATION, pass_gate_input, register_attention_implementation
 from quantizable.attention.no_op import AttentionSink, ValueGate
 from quantizable.attention.spec import AttentionSpec
-from quantizable.models.families import attention_geometry, family_of_config, init_std
+from quantizable.models.families import FAMILIES, Family, attention_geometry, family_of_config, init_std
 
 # Attribute names of the modules a spec adds to each attention module (all new parameters live under them).
 ADDED_MODULES = ("attn_gate", "attn_sink", "attn_value_gate")
@@ -72,8 +63,9 @@ class QuantizableMixin:
                 module.attn_sink = AttentionSink(spec, kv_heads, head_dim, std)
             if spec.kind == "value_gate":
                 module.attn_value_gate = ValueGate(spec, kv_heads, head_dim, std)
-        if getattr(self.config, "patch_layernorm", False):
-            patch_embeddings = self.vit.embeddings.patch_embeddings
+        patch_embedding = family_of_config(self.config).patch_embedding
+        if patch_embedding and getattr(self.config, "patch_layernorm", False):
+            patch_embeddings = self.get_submodule(patch_embedding)
             patch_embeddings.patch_layernorm = nn.LayerNorm(hidden, eps=self.config.layer_norm_eps)
             patch_embeddings.register_forward_hook(_patch_layernorm_hook)
 
@@ -83,51 +75,34 @@ class QuantizableMixin:
             module.reset_parameters(init_std(self.config))
 
 
-class QuantizableBertConfig(BertConfig):
-    model_type = "quantizable_bert"
+@dataclass(frozen=True)
+class QuantizableClasses:
+    """The quantizable config and model class of one family, and the ``AutoModelFor*`` class that loads them."""
+
+    config_class: type[PreTrainedConfig]
+    model_class: type[PreTrainedModel]
+    auto_class: type
 
 
-class QuantizableOPTConfig(OPTConfig):
-    model_type = "quantizable_opt"
+def _quantizable_classes(family: Family) -> QuantizableClasses:
+    """``Quantizable<Config>`` (model type ``quantizable_<type>``) and ``Quantizable<Model>`` for one family."""
+    config_name, model_name = (f"Quantizable{cls.__name__}" for cls in (family.config_class, family.model_class))
+    config_class = type(config_name, (family.config_class,), {
+        "model_type": f"quantizable_{family.model_type}", "__module__": __name__,
+        "__doc__": f"{family.display_name} config with an ``attention_spec``."})
+    model_class = type(model_name, (QuantizableMixin, family.model_class), {
+        "config_class": config_class, "__module__": __name__,
+        "__doc__": f"{family.display_name} with the attention spec of its config installed."})
+    globals()[config_name], globals()[model_name] = config_class, model_class  # importable by name
+    return QuantizableClasses(config_class, model_class, family.task.auto_class)
 
 
-class QuantizableViTConfig(ViTConfig):
-    """ViT config; ``patch_layernorm=True`` adds the LayerNorm after the patch embedding (paper appendix B.4)."""
-
-    model_type = "quantizable_vit"
-
-
-class QuantizableLlamaConfig(LlamaConfig):
-    model_type = "quantizable_llama"
-
-
-class QuantizableBertForMaskedLM(QuantizableMixin, BertForMaskedLM):
-    config_class = QuantizableBertConfig
-
-
-class QuantizableOPTForCausalLM(QuantizableMixin, OPTForCausalLM):
-    config_class = QuantizableOPTConfig
-
-
-class QuantizableViTForImageClassification(QuantizableMixin, ViTForImageClassification):
-    config_class = QuantizableViTConfig
-
-
-class QuantizableLlamaForCausalLM(QuantizableMixin, LlamaForCausalLM):
-    config_class = QuantizableLlamaConfig
-
-
-QUANTIZABLE_CLASSES = {
-    "bert": (QuantizableBertConfig, QuantizableBertForMaskedLM, AutoModelForMaskedLM),
-    "opt": (QuantizableOPTConfig, QuantizableOPTForCausalLM, AutoModelForCausalLM),
-    "vit": (QuantizableViTConfig, QuantizableViTForImageClassification, AutoModelForImageClassification),
-    "llama": (QuantizableLlamaConfig, QuantizableLlamaForCausalLM, AutoModelForCausalLM),
-}
+QUANTIZABLE_CLASSES: dict[str, QuantizableClasses] = {name: _quantizable_classes(f) for name, f in FAMILIES.items()}
 
 
 def register_auto_classes() -> None:
     """Make ``AutoConfig`` / ``AutoModelFor*`` resolve our model types (idempotent)."""
     register_attention_implementation()
-    for config_class, model_class, auto_class in QUANTIZABLE_CLASSES.values():
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        auto_class.register(config_class, model_class, exist_ok=True)
+    for classes in QUANTIZABLE_CLASSES.values():
+        AutoConfig.register(classes.config_class.model_type, classes.config_class, exist_ok=True)
+        classes.auto_class.register(classes.config_class, classes.model_class, exist_ok=True)

@@ -1,26 +1,32 @@
 """Where quantizers go: one rule set over the stock Hugging Face modules of every family (no forward copies).
 
-``quantize_(model, config)`` transforms a BERT/OPT/ViT/Llama model in place:
+``quantize_(model, config, filter_fn)`` transforms a model of any supported family in place. What differs between
+families (block classes, pre-/post-LN, positions added before the first block, which layer types are linear and
+their output-channel axis) comes from the family record (:class:`quantizable.models.Family`); the rules here
+turn it into two lists, :func:`weight_sites` and :func:`activation_sites`, and one loop installs them:
 
-* weights of every ``nn.Linear``, ``nn.Embedding``, ``nn.Conv2d`` and LayerNorm/RMSNorm gamma (never biases) get a
-  symmetric fake quantizer as a ``torch.nn.utils.parametrize`` parametrization;
+* weights of every linear-like layer (``nn.Linear``, GPT-2's ``Conv1D``), ``nn.Embedding``, ``nn.Conv2d`` and
+  LayerNorm/RMSNorm gamma (never biases) get a symmetric fake quantizer as a ``torch.nn.utils.parametrize``
+  parametrization;
 * activation quantizers (asymmetric) sit in forward hooks, by *kind*:
-  ``linear`` (every Linear output; the ViT patch ``conv`` output), ``activation`` (output of the FFN activation
-  module), ``gated_product`` (input of ``down_proj`` in gated MLPs, i.e. ``act(gate) * up``), ``norm`` (every
-  LayerNorm/RMSNorm output), ``residual`` (post-LN: every norm input; pre-LN: every block output and every norm
-  input inside a block but its first, whose input is the previous block's quantized output), ``embedding_sum``
-  (token + position embeddings entering the first block of OPT and ViT; BERT's is its embedding LayerNorm input),
-  and the attention taps ``scores``, ``probs`` and ``context`` (after the gate).
+  ``linear`` (every linear-like output; the ViT patch ``conv`` output), ``activation`` (output of the FFN
+  activation module), ``gated_product`` (input of ``down_proj`` in gated MLPs, i.e. ``act(gate) * up``), ``norm``
+  (every LayerNorm/RMSNorm output), ``residual`` (post-LN: every norm input; pre-LN: every block output and every
+  norm input inside a block but its first, whose input is the previous block's quantized output),
+  ``embedding_sum`` (token + position embeddings entering the first block where the family adds positions there;
+  post-LN: the input of every norm outside the blocks, e.g. BERT's embedding LayerNorm), and the attention taps
+  ``scores``, ``probs`` and ``context`` (after the gate).
 
 The head (top-level modules outside the base model: BERT ``cls``, ``lm_head``, ``classifier``) stays in floating
 point unless ``quantize_head``; gate networks have no Linear modules and so stay in floating point as in the paper.
+``filter_fn(module, qualified_name) -> bool`` (as in torchao's ``quantize_``) keeps only the sites it accepts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -28,14 +34,37 @@ from torch.nn.utils import parametrize
 from transformers import activations as hf_activations
 
 from quantizable.attention.interface import ATTN_IMPLEMENTATION, TAP_NAMES, register_attention_implementation
-from quantizable.models import attention_modules, family_of_config
+from quantizable.models import attention_modules, family_of_config, is_norm
 from quantizable.quantization.config import QuantConfig
 from quantizable.quantization.estimators import parse_estimator
 from quantizable.quantization.quantizers import FakeQuantizer
 
-# Families that add position embeddings to the token embeddings right before the first block (no norm in between).
-ADDS_POSITIONS_BEFORE_FIRST_BLOCK = frozenset({"opt", "vit"})
 ACTIVATION_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """A weight to fake-quantize; ``channel_axis`` is the output-channel axis (per-channel ranges run along it)."""
+
+    name: str
+    module: nn.Module
+    channel_axis: int | None
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    """An activation to fake-quantize: a module's input or output, or one of its attention taps."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    where: Literal["input", "output", "tap"]
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.kind}"
 
 
 @dataclass
@@ -73,11 +102,6 @@ class QuantizedModelHandle:
             del self.model._quantization_handle
 
 
-def is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return isinstance(module, nn.LayerNorm) or name.endswith("RMSNorm") or name.endswith("LayerNorm")
-
-
 def is_activation(module: nn.Module) -> bool:
     return isinstance(module, ACTIVATION_MODULES) or type(module).__module__ == hf_activations.__name__
 
@@ -100,17 +124,6 @@ def _quantize_input(quantizer: FakeQuantizer) -> Callable:
     return hook
 
 
-def _blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """``{qualified name: block}`` for the transformer blocks (children of the ModuleList holding attention)."""
-    attention = set(map(id, attention_modules(model)))
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and any(
-            any(id(m) in attention for m in child.modules()) for child in module
-        ):
-            return {f"{name}.{index}": child for index, child in enumerate(module)}
-    raise ValueError(f"{type(model).__name__}: no ModuleList of transformer blocks found")
-
-
 def _use_quantizable_attention(model: nn.Module, handle: QuantizedModelHandle) -> None:
     """Stock HF models: switch to the ``quantizable`` attention function so that the taps run."""
     register_attention_implementation()
@@ -121,80 +134,102 @@ def _use_quantizable_attention(model: nn.Module, handle: QuantizedModelHandle) -
     handle._undo.append(lambda: model.set_attn_implementation(previous))
 
 
-def quantize_(model: nn.Module, config: QuantConfig | None = None) -> QuantizedModelHandle:
-    """Install fake quantizers on ``model`` in place (all ``off`` until :func:`calibrate`); returns the handle."""
-    config = config or QuantConfig()
-    if getattr(model, "_quantization_handle", None) is not None:
-        raise ValueError("model is already quantized; call handle.remove() first")
-    family = family_of_config(model.config)
-    device = next(model.parameters()).device
-    handle = QuantizedModelHandle(model, config)
-    weight_estimator, act_estimator = parse_estimator(config.weight_estimator), parse_estimator(config.act_estimator)
+def _in_scope(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """Named submodules outside the head (unless ``quantize_head``)."""
     head = {name for name, _ in model.named_children() if name != model.base_model_prefix}
+    return [(name, module) for name, module in model.named_modules()
+            if name and (config.quantize_head or name.split(".", 1)[0] not in head)]
 
-    def in_scope(name: str) -> bool:
-        return config.quantize_head or name.split(".", 1)[0] not in head
 
-    def add_act(name: str, kind: str) -> FakeQuantizer:
-        quantizer = FakeQuantizer(config.act_bits, False, act_estimator).to(device)
-        handle.act_quantizers[f"{name}:{kind}"] = quantizer
-        handle.site_kinds[f"{name}:{kind}"] = kind
-        return quantizer
+def weight_sites(model: nn.Module, config: QuantConfig) -> list[WeightSite]:
+    """Every weight ``quantize_`` fake-quantizes, in module order."""
+    family = family_of_config(model.config)
+    sites = []
+    for name, module in _in_scope(model, config):
+        axis = family.linear_weight_axis(module)
+        if axis is None and isinstance(module, (nn.Embedding, nn.Conv2d)):
+            axis = 0
+        if axis is not None or (is_norm(module) and getattr(module, "weight", None) is not None):
+            per_channel = config.per_channel_weights and axis is not None and module.weight.dim() > 1
+            sites.append(WeightSite(name, module, axis if per_channel else None))
+    return sites
 
-    def on_output(name: str, module: nn.Module, kind: str) -> None:
-        handle._hooks.append(module.register_forward_hook(_quantize_output(add_act(name, kind))))
 
-    def on_input(name: str, module: nn.Module, kind: str) -> None:
-        hook = _quantize_input(add_act(name, kind))
-        handle._hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-
-    modules = [(name, module) for name, module in model.named_modules() if name and in_scope(name)]
-    if config.quantize_weights:
-        for name, module in modules:
-            has_weight = isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d))
-            if has_weight or (is_norm(module) and getattr(module, "weight", None) is not None):
-                _quantize_weight(handle, name, module, weight_estimator, device)
-    if not config.quantize_acts:
-        model._quantization_handle = handle
-        return handle
-
-    _use_quantizable_attention(model, handle)
-    pre_ln = family.name != "bert" and bool(getattr(model.config, "do_layer_norm_before", True))
-    blocks = _blocks(model)
+def activation_sites(model: nn.Module, config: QuantConfig) -> list[ActivationSite]:
+    """Every activation ``quantize_`` fake-quantizes, in module order (the rules of the module docstring)."""
+    family = family_of_config(model.config)
+    pre_ln = family.is_pre_ln(model.config)
+    blocks = dict(family.blocks(model))
     attention = set(attention_modules(model))
-    first_norm_in_block = {
-        next((m for m in block.modules() if is_norm(m)), None) for block in blocks.values()
-    }
-    if family.name in ADDS_POSITIONS_BEFORE_FIRST_BLOCK:
+    first_norm_in_block = {next((m for m in block.modules() if is_norm(m)), None) for block in blocks.values()}
+    sites = []
+    if family.positions_before_first_block:
         first_name, first_block = next(iter(blocks.items()))
-        on_input(first_name, first_block, "embedding_sum")
-    for name, module in modules:
-        if isinstance(module, nn.Linear):
-            on_output(name, module, "linear")
+        sites.append(ActivationSite(first_name, first_block, "embedding_sum", "input"))
+    for name, module in _in_scope(model, config):
+        if family.linear_weight_axis(module) is not None:
+            sites.append(ActivationSite(name, module, "linear", "output"))
         elif isinstance(module, nn.Conv2d):
-            on_output(name, module, "conv")
+            sites.append(ActivationSite(name, module, "conv", "output"))
         elif is_activation(module):
-            on_output(name, module, "activation")
+            sites.append(ActivationSite(name, module, "activation", "output"))
         elif is_norm(module):
             inside_block = any(name.startswith(f"{b}.") for b in blocks)
             if not pre_ln:
-                on_input(name, module, "residual" if inside_block else "embedding_sum")
+                sites.append(ActivationSite(name, module, "residual" if inside_block else "embedding_sum", "input"))
             elif inside_block and module not in first_norm_in_block:
-                on_input(name, module, "residual")
-            on_output(name, module, "norm")
+                sites.append(ActivationSite(name, module, "residual", "input"))
+            sites.append(ActivationSite(name, module, "norm", "output"))
         elif name in blocks and pre_ln:
-            on_output(name, module, "residual")
+            sites.append(ActivationSite(name, module, "residual", "output"))
         if all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            on_input(f"{name}.down_proj", module.down_proj, "gated_product")
+            sites.append(ActivationSite(f"{name}.down_proj", module.down_proj, "gated_product", "input"))
         if module in attention:
-            _install_taps(handle, name, module, add_act)
+            sites.extend(ActivationSite(name, module, tap, "tap") for tap in TAP_NAMES)
+    return sites
+
+
+def quantize_(model: nn.Module, config: QuantConfig | None = None,
+              filter_fn: FilterFn | None = None) -> QuantizedModelHandle:
+    """Install fake quantizers on ``model`` in place (all ``off`` until :func:`calibrate`); returns the handle.
+
+    ``filter_fn(module, qualified_name)``, if given, selects the weight and activation sites to quantize (for an
+    attention tap the module is the attention module).
+    """
+    config = config or QuantConfig()
+    if getattr(model, "_quantization_handle", None) is not None:
+        raise ValueError("model is already quantized; call handle.remove() first")
+    device = next(model.parameters()).device
+    handle = QuantizedModelHandle(model, config)
+    weight_estimator, act_estimator = parse_estimator(config.weight_estimator), parse_estimator(config.act_estimator)
+    selected = (lambda site: True) if filter_fn is None else (lambda site: filter_fn(site.module, site.name))
+
+    if config.quantize_weights:
+        for site in filter(selected, weight_sites(model, config)):
+            _quantize_weight(handle, site, weight_estimator, device)
+    if config.quantize_acts:
+        _use_quantizable_attention(model, handle)
+        taps: dict[nn.Module, dict[str, FakeQuantizer]] = {}
+        for site in filter(selected, activation_sites(model, config)):
+            quantizer = FakeQuantizer(config.act_bits, False, act_estimator).to(device)
+            handle.act_quantizers[site.key] = quantizer
+            handle.site_kinds[site.key] = site.kind
+            if site.where == "output":
+                handle._hooks.append(site.module.register_forward_hook(_quantize_output(quantizer)))
+            elif site.where == "input":
+                hook = _quantize_input(quantizer)
+                handle._hooks.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                taps.setdefault(site.module, {})[site.kind] = quantizer
+        for module, quantizers in taps.items():
+            _install_taps(handle, module, quantizers)
     model._quantization_handle = handle
     return handle
 
 
-def _install_taps(handle: QuantizedModelHandle, name: str, module: nn.Module, add_act: Callable) -> None:
+def _install_taps(handle: QuantizedModelHandle, module: nn.Module, quantizers: dict[str, FakeQuantizer]) -> None:
     previous = getattr(module, "attention_taps", None)
-    module.attention_taps = {**(previous or {}), **{tap: add_act(name, tap) for tap in TAP_NAMES}}
+    module.attention_taps = {**(previous or {}), **quantizers}
 
     def undo() -> None:
         module.attention_taps = previous
@@ -202,14 +237,11 @@ def _install_taps(handle: QuantizedModelHandle, name: str, module: nn.Module, ad
     handle._undo.append(undo)
 
 
-def _quantize_weight(
-    handle: QuantizedModelHandle, name: str, module: nn.Module, estimator: Any, device: torch.device
-) -> None:
-    config = handle.config
-    channel_axis = 0 if config.per_channel_weights and module.weight.dim() > 1 else None
-    quantizer = FakeQuantizer(config.weight_bits, True, estimator, channel_axis, cache_frozen=True).to(device)
+def _quantize_weight(handle: QuantizedModelHandle, site: WeightSite, estimator: Any, device: torch.device) -> None:
+    config, module = handle.config, site.module
+    quantizer = FakeQuantizer(config.weight_bits, True, estimator, site.channel_axis, cache_frozen=True).to(device)
     parametrize.register_parametrization(module, "weight", quantizer)
-    handle.weight_quantizers[f"{name}.weight"] = quantizer
+    handle.weight_quantizers[f"{site.name}.weight"] = quantizer
     handle._undo.append(lambda: parametrize.remove_parametrizations(module, "weight", leave_parametrized=False))
 
 

@@ -8,11 +8,8 @@ import torch
 from torch import nn
 
 from quantizable.attention.gates import AttentionGate
+from quantizable.models.families import is_norm
 from quantizable.training.config import OptimConfig
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
 def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
@@ -30,7 +27,7 @@ def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
             if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
-            exempt = name == "bias" or (_is_norm(module) and not config.decay_layernorm_gamma)
+            exempt = name == "bias" or (is_norm(module) and not config.decay_layernorm_gamma)
             groups.setdefault((not exempt, id(param) in gate_params), []).append(param)
     return [
         {"params": params, "weight_decay": config.weight_decay if decayed else 0.0,
