@@ -330,3 +330,78 @@ def test_reproduce_reuses_finished_runs_and_separates_settings(tmp_path: Path, m
     assert changed[0]["runs"] != rows[0]["runs"]
     new_run = next(r for r in runs if r != first_run)
     assert load_config(new_run / "config.yaml").run.steps == 3
+
+
+# 7. --resume keeps what the run was started with; a finished run is not trained again in place; Ctrl-C saves
+
+def _one_error_line(code: int, err: str) -> str:
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    return lines[0]
+
+
+def test_resume_refuses_to_change_the_run_and_to_retrain_a_finished_one(
+        tmp_path: Path, reference_run: Path, capsys) -> None:
+    finished = tmp_path / "finished"
+    shutil.copytree(reference_run, finished)
+    unfinished = tmp_path / "unfinished"  # as if killed while saving the model: step_10 is its last checkpoint
+    shutil.copytree(reference_run, unfinished)
+    shutil.rmtree(unfinished / "model")
+    (unfinished / "summary.json").unlink()
+    changes = {  # argv -> the key the error names
+        ("--config", "bert-tiny"): "model.preset",
+        ("--set", "attention.kind=gated_attention"): "attention.kind",
+        ("--set", "data.seq_len=32"): "data.seq_len",
+        ("--set", "optim.lr=0.01"): "optim.lr",  # the optimizer's state would silently override it
+        ("--set", f"run.steps={KILL_STEPS + 5}"): "run.steps",  # a longer schedule: the LR would jump
+        ("--init-from", str(reference_run)): "--init-from",
+    }
+    for run_dir in (finished, unfinished):
+        before = _snapshot(run_dir)
+        for extra, named in changes.items():
+            capsys.readouterr()
+            line = _one_error_line(cli_main(["train", "--resume", "--out", str(run_dir), *extra]),
+                                   capsys.readouterr().err)
+            if run_dir == finished:  # what extending a finished run does: nothing; fine-tune into a new --out
+                assert "finished run" in line and f"--init-from {run_dir}" in line, line
+            else:
+                assert named in line and "--out" in line, (extra, line)
+        assert _snapshot(run_dir) == before
+    capsys.readouterr()
+    line = _one_error_line(cli_main(["train", "--config", "opt-tiny", "--out", str(finished)]),
+                           capsys.readouterr().err)
+    assert "finished run" in line and "--resume" not in line  # the suggestion that led users to overwrite it
+
+    # what may change on resume (how often to log, ...) changes; the step it resumes from is printed
+    assert cli_main(["train", "--resume", "--out", str(unfinished), "--set", "run.log_every=5",
+                     "--no-progress"]) == 0
+    assert f"resuming {unfinished} at step {KILL_STEPS} of {KILL_STEPS}" in capsys.readouterr().out
+    assert load_config(unfinished / "config.yaml").run.log_every == 5
+    assert (unfinished / "model" / "model.safetensors").read_bytes() == \
+        (reference_run / "model" / "model.safetensors").read_bytes()
+
+
+def test_ctrl_c_in_train_saves_the_step_and_says_how_to_resume(tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    command = [PYTHON, "-m", "quantizable.cli.main", "train", "--config", "opt-tiny", "--out", str(run_dir),
+               "--no-progress", "--set", "run.steps=1000", "--set", "run.log_every=1"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    try:
+        while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, "no training step within 60 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    (checkpoint,) = (run_dir / "checkpoints").glob("step_*")
+    step = int(checkpoint.name.removeprefix("step_"))
+    assert _checkpoint_is_intact(checkpoint) and step >= 1
+    assert err.strip().splitlines()[-1] == (f"interrupted: step {step} of 1000 saved in {checkpoint}; continue "
+                                            f"with: quantizable train --resume --out {run_dir}"), err
+    assert "Traceback" not in err
+    assert cli_main(["train", "--resume", "--out", str(run_dir), "--stop-after", str(step + 1),
+                     "--no-progress"]) == 0
+    assert f"at step {step} of 1000" in capsys.readouterr().out

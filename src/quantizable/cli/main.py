@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # train's says which step it saved and how to continue
+        print(str(interrupt) or "interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,6 +1,6 @@
 """Checkpoint I/O of a run directory: atomic ``checkpoints/step_N`` written by ``accelerator.save_state`` with the
-SHA-256 of every file in ``trainer_state.json``, verified before a resume loads anything, and the metrics log cut
-back to the checkpoint's step.
+SHA-256 of every file in ``trainer_state.json``, verified before a resume loads anything, the rules of what a
+resume may change, and the metrics log cut back to the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from quantizable.io import write_text_atomic
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from quantizable.training.config import TrainConfig
+
 STATE_FILE = "trainer_state.json"
+# What a resume may change: how often the run logs, evaluates, checkpoints and measures, and the precision of the
+# machine it continues on. Everything else (model, data, attention, optimizer, number of steps, which shapes the
+# learning-rate schedule, batch size, seed) is what the checkpoint was trained with and must stay.
+RESUMABLE_KEYS = ("run.eval_every", "run.eval_batches", "run.checkpoint_every", "run.log_every", "run.outlier_every",
+                  "run.mixed_precision")
 
 
 class CorruptCheckpointError(ValueError):
@@ -44,14 +51,81 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _finished_steps(run_dir: Path) -> int | None:
+    """The step count of the finished run in ``run_dir`` (``summary.json`` is written last), else ``None``."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return int(summary.get("step", 0)) if summary.get("finished") else None
+
+
+def _further_training(run_dir: Path) -> str:
+    return (f"to train it further, fine-tune from its weights into a new directory: quantizable train --config "
+            f"{run_dir / 'config.yaml'} --init-from {run_dir} --set run.steps=N --out NEW_DIR (new optimizer and "
+            f"learning-rate schedule)")
+
+
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite: a finished run or one with checkpoints needs ``resume``."""
+    """Refuse to overwrite: a run with checkpoints needs ``resume``; a finished run is never trained again in place
+    (``resume`` included: its ``model/`` would be replaced, and more steps would restart the learning-rate schedule)."""
+    finished = _finished_steps(run_dir)
+    if finished is not None:
+        if resume:
+            raise ValueError(f"{run_dir} holds a finished run ({finished} steps); --resume only continues unfinished "
+                             f"runs; {_further_training(run_dir)}")
+        raise ValueError(f"{run_dir} holds a finished run; choose another --out ({_further_training(run_dir)})")
     if resume:
         return
-    if (run_dir / "summary.json").exists() or (run_dir / "model").exists():
-        raise ValueError(f"{run_dir} holds a finished run; choose another --out or pass --resume")
+    if (run_dir / "model").exists():
+        raise ValueError(f"{run_dir} holds a run that was stopped while saving its model; pass --resume to finish it")
     if checkpoints(run_dir):
         raise ValueError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it")
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and not (prefix == "model." and key == "overrides"):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(run_dir: Path, config: TrainConfig) -> bool:
+    """Refuse a resume whose config changes what ``run_dir`` was started with (anything but
+    :data:`RESUMABLE_KEYS`): the checkpoint would not fit (another model or attention), or the change would be
+    silently ignored (the optimizer and schedule come from the checkpoint) or mix two runs in one. Returns whether
+    ``config.yaml`` needs rewriting (an allowed key changed)."""
+    from quantizable.training.config import load_config
+
+    stored_file = run_dir / "config.yaml"
+    if not stored_file.is_file():
+        return True
+    stored, new = _flat(load_config(stored_file).to_dict()), _flat(config.to_dict())
+    changed = [key for key in stored.keys() | new.keys() if stored.get(key) != new.get(key)]
+    sections = ["model", "attention", "data", "optim", "run"]  # the most telling difference first
+    fixed = sorted((key for key in changed if key not in RESUMABLE_KEYS),
+                   key=lambda key: (sections.index(key.split(".")[0]), key))
+    if fixed:
+        shown = "; ".join(f"{key} is {stored.get(key)!r} there, got {new.get(key)!r}" for key in fixed[:3])
+        more = f" (and {len(fixed) - 3} more)" if len(fixed) > 3 else ""
+        raise ValueError(f"--resume continues {run_dir} as it was started ({stored_file}): {shown}{more}; only "
+                         f"{', '.join(RESUMABLE_KEYS)} may change on resume; choose another --out for a different run")
+    return bool(changed)
+
+
+def check_resume_init_from(state: dict[str, Any], init_from: str | Path | None) -> str | None:
+    """The ``--init-from`` a resumed run was started with (recorded in its checkpoints); refuses another one."""
+    if "init_from" not in state:  # written before this was recorded
+        return None if init_from is None else str(init_from)
+    recorded = state["init_from"]
+    if init_from is not None and str(Path(init_from).resolve()) != recorded:
+        was = f"--init-from {recorded}" if recorded else "no --init-from (trained from scratch)"
+        raise ValueError(f"--resume continues the run as it was started, with {was}; got --init-from {init_from}; "
+                         "resume without --init-from, or choose another --out for a different run")
+    return recorded
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -18,6 +18,7 @@ import yaml
 
 from quantizable.attention.spec import AttentionSpec
 from quantizable.data.backcopy import is_backcopy, parse_source
+from quantizable.io import write_text_atomic
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 SCHEDULES = ("linear", "cosine")
@@ -142,8 +143,11 @@ class TrainConfig:
             attention["seq_len"] = seq_len  # gamma = -alpha / T uses the training length
         return _build(cls, data, "")
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text_atomic(path, self.to_yaml())
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +31,41 @@ from quantizable.io import write_json_atomic
 from quantizable.models import (FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config,
                                 load_model)
 from quantizable.training.allocator import keep_freed_memory
-from quantizable.training.checkpoint import (check_run_dir, checkpoints, save_checkpoint, truncate_metrics,
-                                             verified_state, weight_digest)
+from quantizable.training.checkpoint import (check_resume_config, check_resume_init_from, check_run_dir, checkpoints,
+                                             save_checkpoint, truncate_metrics, verified_state, weight_digest)
 from quantizable.training.config import TrainConfig
 from quantizable.training.optim import make_optimizer, make_scheduler
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the step in progress was finished and saved as a checkpoint."""
+
+
+@contextmanager
+def _interrupt_after_step(enabled: bool) -> Iterator[list[bool]]:
+    """While training, the first Ctrl-C only sets a flag, so the step in progress completes and can be saved (an
+    update cut in half cannot); a second Ctrl-C stops at once. Off in multi-process runs, where one process saving
+    alone would wait forever for the others."""
+    requested = [False]
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested[0]:
+            raise KeyboardInterrupt
+        requested[0] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _preset_task(preset: str) -> str:
@@ -154,14 +184,22 @@ def train(
 ) -> dict[str, Any]:
     """Train (or fine-tune, with ``init_from``) a model as configured; returns the run summary.
 
-    ``resume`` continues from the last checkpoint in ``out_dir`` with the optimizer, scheduler, RNG and data
-    position restored. ``stop_after`` ends this invocation (with a checkpoint) after that many optimizer steps in
-    total, for time-sliced jobs; a later ``resume`` continues with the same schedule.
+    ``resume`` continues an unfinished run from the last checkpoint in ``out_dir`` with the optimizer, scheduler,
+    RNG and data position restored; the config may only differ from the run's in
+    :data:`~quantizable.training.checkpoint.RESUMABLE_KEYS`, and a finished run is refused. ``stop_after`` ends this
+    invocation (with a checkpoint) after that many optimizer steps in total, for time-sliced jobs; a later
+    ``resume`` continues with the same schedule. Ctrl-C saves the step in progress and raises
+    :class:`TrainingInterrupted`.
     """
     run_dir = Path(out_dir)
+    # every refusal happens here, before anything is written
     check_run_dir(run_dir, resume)
+    write_config = check_resume_config(run_dir, config) if resume else True
     found = checkpoints(run_dir) if resume else []
-    resumed = verified_state(found[-1][1]) if found else None  # checked before anything is written
+    resumed = verified_state(found[-1][1]) if found else None
+    if resumed is not None:
+        init_from = check_resume_init_from(resumed, init_from)
+    recorded_init = None if init_from is None else str(Path(init_from).resolve())
     run = config.run
     accelerator = Accelerator(
         gradient_accumulation_steps=config.optim.grad_accum,
@@ -178,7 +216,8 @@ def train(
     data = task_data(config, task, tokenizer)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
+        if write_config:
+            config.save(run_dir / "config.yaml")
     accelerator.init_trackers("tb")
 
     optimizer = make_optimizer(model, config.optim)
@@ -192,6 +231,8 @@ def train(
         accelerator.load_state(str(found[-1][1]))
         scheduler.load_state_dict(resumed["scheduler"])
         step, epoch, position = resumed["step"], resumed["epoch"], resumed["position"]
+        if accelerator.is_main_process:
+            print(f"resuming {run_dir} at step {step} of {run.steps} (from {found[-1][1]})", flush=True)
     if accelerator.is_main_process:
         truncate_metrics(run_dir / "metrics.jsonl", step)  # a fresh or resumed log reads like one run
     position_source = _Batches(accelerator, data, run.batch_size, run.seed, epoch, position)
@@ -213,33 +254,48 @@ def train(
     last_eval: dict[str, Any] | None = None
     last_eval_step = -1
     started, start_step = time.perf_counter(), step
+    saved_step = step
+
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, run_dir, {"step": step, "epoch": position_source.epoch,
+                                               "position": position_source.position,
+                                               "scheduler": scheduler.state_dict(), "init_from": recorded_init})
+
     model.train()
-    while step < end:
-        step_loss = _optimizer_step(accelerator, model, optimizer, batches, config.optim.grad_clip)
-        if not math.isfinite(step_loss):
-            raise TrainingDivergedError(f"loss became {step_loss} at step {step + 1}; lower optim.lr or check the data")
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        record: dict[str, Any] = {}
-        if run.log_every and step % run.log_every == 0:
-            window = losses[-run.log_every:]
-            record.update(loss=sum(window) / len(window), lr=lr)
-        if run.outlier_every and step % run.outlier_every == 0:
-            record.update(training_outlier_metrics(unwrapped, outlier_batch, tokenizer))
-        if run.eval_every and step % run.eval_every == 0:
-            last_eval = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
-            last_eval_step = step
-            record[f"eval_{last_eval['metric']}"] = last_eval["value"]
-        if record:
-            write_metrics({"step": step, **record})
-        if (run.checkpoint_every and step % run.checkpoint_every == 0) or (step == end < run.steps):
-            save_checkpoint(accelerator, run_dir, {"step": step, "epoch": position_source.epoch,
-                                                    "position": position_source.position,
-                                                    "scheduler": scheduler.state_dict()})
+    with _interrupt_after_step(accelerator.num_processes == 1) as interrupted:
+        while step < end:
+            step_loss = _optimizer_step(accelerator, model, optimizer, batches, config.optim.grad_clip)
+            if not math.isfinite(step_loss):
+                raise TrainingDivergedError(f"loss became {step_loss} at step {step + 1}; lower optim.lr or check "
+                                            "the data")
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            record: dict[str, Any] = {}
+            if run.log_every and step % run.log_every == 0:
+                window = losses[-run.log_every:]
+                record.update(loss=sum(window) / len(window), lr=lr)
+            if run.outlier_every and step % run.outlier_every == 0:
+                record.update(training_outlier_metrics(unwrapped, outlier_batch, tokenizer))
+            if run.eval_every and step % run.eval_every == 0:
+                last_eval = evaluate(unwrapped, data.validation_loader(), max_batches=run.eval_batches or None)
+                last_eval_step = step
+                record[f"eval_{last_eval['metric']}"] = last_eval["value"]
+            if record:
+                write_metrics({"step": step, **record})
+            if (run.checkpoint_every and step % run.checkpoint_every == 0) or (step == end < run.steps):
+                checkpoint()
+                saved_step = step
+            if interrupted[0]:
+                if saved_step != step:
+                    checkpoint()
+                bar.close()
+                raise TrainingInterrupted(f"interrupted: step {step} of {run.steps} saved in "
+                                          f"{run_dir / 'checkpoints' / f'step_{step}'}; continue with: quantizable "
+                                          f"train --resume --out {run_dir}")
     bar.close()
     elapsed = time.perf_counter() - started
     summary: dict[str, Any] = {
