@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaAttention
 from transformers.pytorch_utils import Conv1D
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
@@ -209,6 +210,27 @@ def test_site_count_formula(preset: str, layers: int) -> None:
     freeze(model)  # raises if any installed site never saw data
     assert all(row["min"] is not None and row["min"] <= row["max"] for row in site_table(model))
     assert not any(name.startswith(("cls.", "lm_head", "classifier")) for name in handle.act_quantizers)
+
+
+def test_filter_fn_selects_sites() -> None:
+    """torchao-style ``filter_fn(module, name)``: a block left out gets no quantizer, the rest are unchanged."""
+    model = create_model("llama-tiny").eval()
+    everything = quantize_(model)
+    all_acts, all_weights = list(everything.act_quantizers), list(everything.weight_quantizers)
+    everything.remove()
+    seen: list[tuple[type, str]] = []
+
+    def not_block_0(module, name: str) -> bool:
+        seen.append((type(module), name))
+        return not name.startswith("model.layers.0.") and name != "model.layers.0"
+
+    handle = quantize_(model, filter_fn=not_block_0)
+    assert list(handle.act_quantizers) == [k for k in all_acts if not k.startswith(("model.layers.0.", "model.layers.0:"))]
+    assert list(handle.weight_quantizers) == [k for k in all_weights if not k.startswith("model.layers.0.")]
+    assert len(handle.act_quantizers) == SITE_FORMULA["llama"](1) and len(all_acts) == SITE_FORMULA["llama"](2)
+    assert (LlamaAttention, "model.layers.1.self_attn") in seen  # the taps are offered with their attention module
+    calibrate(model, [tiny_batch("llama-tiny")])
+    freeze(model)
 
 
 def test_head_and_gate_stay_floating_point_unless_asked() -> None:
