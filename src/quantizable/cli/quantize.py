@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation batches to score (default: the whole validation split)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sequence (default: the run's data.seq_len, else 128)")
+    parser.add_argument("--ptq", metavar="NAME",
+                        help="also run a post-training-quantization baseline: smoothquant[:ALPHA], rotation, "
+                             "per_token, outlier_fp[:K] or prefix[:N] (docs/ptq-baselines.md)")
     parser.add_argument("--out", type=Path, required=True, help="output directory for results.json")
 
 
@@ -58,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
     from quantizable.quantization import QuantConfig, simulate_w8a8
 
     _check(args)
+    ptq = None
+    if args.ptq is not None:
+        from quantizable.quantization.ptq import parse_ptq
+
+        try:
+            ptq = parse_ptq(args.ptq)
+        except ValueError as error:
+            raise UserError(f"--ptq: {error}") from None
     try:
         config = QuantConfig(weight_bits=args.weights, act_bits=args.acts, weight_estimator=args.weight_estimator,
                              act_estimator=args.estimator, per_channel_weights=args.per_channel,
@@ -84,11 +95,21 @@ def run(args: argparse.Namespace) -> int:
         return loader if args.eval_batches is None else islice(loader, args.eval_batches)
 
     results = simulate_w8a8(model, calibration, evaluation, config, seeds=range(args.seeds))
+    if ptq is not None:
+        from quantizable.quantization.ptq import check_applicable, simulate_ptq
+
+        reason = check_applicable(model, ptq)
+        if reason is not None:
+            raise UserError(f"--ptq {ptq.name}: {reason}")
+        results["ptq"] = simulate_ptq(model, calibration, evaluation, ptq, config, seeds=range(args.seeds))
     results["model"] = str(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", results)  # an interrupted run leaves no half-written results
     q = results["quantized"]
     print(f"{results['metric']}: FP {results['fp']:.3f}, W{args.weights}A{args.acts} {q['mean']:.3f} "
           f"± {q['std']:.3f} over {args.seeds} seeds ({results['sites']} activation quantizers)")
+    if ptq is not None:
+        p = results["ptq"]["quantized"]
+        print(f"{results['metric']}: W{args.weights}A{args.acts} + {ptq.name} {p['mean']:.3f} ± {p['std']:.3f}")
     print(f"wrote {args.out / 'results.json'}")
     return 0

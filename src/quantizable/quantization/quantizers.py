@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from quantizable.quantization.estimators import RangeEstimator
 
 MIN_SCALE = 1e-8
-STATES = ("estimate", "frozen", "off")
+STATES = ("estimate", "frozen", "off", "observe")
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -68,11 +68,19 @@ def fake_quantize(
 
 
 class FakeQuantizer(nn.Module):
-    """One quantization site: a range estimator plus the grid; states ``estimate`` / ``frozen`` / ``off``.
+    """One quantization site: a range estimator plus the grid; states ``estimate`` / ``frozen`` / ``off`` /
+    ``observe``.
 
     In ``estimate`` every call updates the range from the tensor and quantizes with it (as the reference code);
     ``frozen`` uses the fixed range (static quantization), its grid computed once; ``off`` passes the tensor
-    through.
+    through; ``observe`` passes it through and records the per-channel (last axis) absolute maximum in
+    ``channel_absmax`` (for choosing outlier channels).
+
+    Post-training-quantization options (:meth:`configure`, activations only; the PTQ baselines of
+    ``quantization.ptq``): ``per_token`` (dynamic range per token, i.e. per last-axis row, at inference),
+    ``kept_channels`` (last-axis indices left in floating point and out of the range), ``skip_positions`` (the
+    first positions of the token axis likewise) and ``channel_scale`` (SmoothQuant: quantize ``x / s`` on the grid,
+    return ``Q(x / s) * s``).
     """
 
     def __init__(
@@ -91,6 +99,28 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("x_max", torch.tensor(float("nan")), persistent=False)
         self._cache: tuple[tuple, torch.Tensor] | None = None
         self._frozen_grid: Grid | None = None
+        self.per_token, self.skip_positions = False, 0
+        self.sequence_length: int | None = None
+        self.kept_channels: torch.Tensor | None = None
+        self.channel_scale: torch.Tensor | None = None
+        self.channel_absmax: torch.Tensor | None = None
+
+    def configure(
+        self,
+        per_token: bool = False,
+        kept_channels: torch.Tensor | None = None,
+        skip_positions: int = 0,
+        channel_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Set the PTQ options (see the class docstring); the defaults are plain static per-tensor quantization."""
+        if skip_positions < 0:
+            raise ValueError(f"skip_positions must be at least 0, got {skip_positions}")
+        if channel_scale is not None and not bool((channel_scale > 0).all()):
+            raise ValueError("channel_scale must be positive")
+        self.per_token, self.skip_positions = per_token, skip_positions
+        self.kept_channels = None if kept_channels is None else kept_channels.to(self.x_min.device, torch.long)
+        self.channel_scale = None if channel_scale is None else channel_scale.to(self.x_min.device, torch.float32)
+        self._cache = None
 
     @property
     def calibrated(self) -> bool:
@@ -107,21 +137,62 @@ class FakeQuantizer(nn.Module):
     def reset(self) -> None:
         self.x_min, self.x_max = torch.full_like(self.x_min, float("nan")), torch.full_like(self.x_max, float("nan"))
         self._cache = self._frozen_grid = None
+        self.channel_absmax = None
 
     def _grid(self) -> Grid:
         """The grid, as Python floats per tensor (the fastest clamp) or ``(C,)`` tensors per channel."""
         grid = grid_of(self.x_min, self.x_max, self.bits, self.symmetric)
         return tuple(float(v) for v in grid) if self.channel_axis is None else grid
 
+    @property
+    def _has_options(self) -> bool:
+        return (self.per_token or self.skip_positions > 0 or self.kept_channels is not None
+                or self.channel_scale is not None)
+
+    def _prefix_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """True at the skipped positions, broadcastable to ``x``: tokens are axis 1 of ``(B, T, D)``, axis 2 of
+        ``(B, H, T, .)`` attention tensors, and rows ``i`` with ``i % T`` of flattened ``(B*T, D)`` ones (``T``:
+        ``sequence_length``, set from the model's input)."""
+        if not self.skip_positions:
+            return None
+        if x.dim() in (3, 4):
+            axis = x.dim() - 2
+            positions = torch.arange(x.shape[axis], device=x.device)
+        elif x.dim() == 2 and self.sequence_length and x.shape[0] % self.sequence_length == 0:
+            axis, positions = 0, torch.arange(x.shape[0], device=x.device) % self.sequence_length
+        else:
+            return None
+        return (positions < self.skip_positions).reshape(-1, *[1] * (x.dim() - 1 - axis))
+
+    def _range_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the static range is estimated on: smoothed, kept channels and skipped positions set to 0 (which
+        every range contains, so they do not widen it)."""
+        if self.channel_scale is not None:
+            x = x / self.channel_scale
+        if self.kept_channels is not None:
+            x = x.index_fill(-1, self.kept_channels, 0.0)
+        mask = self._prefix_mask(x)
+        return x if mask is None else x.masked_fill(mask, 0.0)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        absmax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == "off":
+            return x
+        if self.state == "observe":
+            self._observe(x)
             return x
         if self.state == "estimate":
             with torch.no_grad():
                 previous = (self.x_min, self.x_max) if self.calibrated else None
+                seen = self._range_input(x.detach())
                 self.x_min, self.x_max = self.estimator.update(
-                    x.detach(), previous, self.bits, self.symmetric, self.channel_axis
+                    seen, previous, self.bits, self.symmetric, self.channel_axis
                 )
+        if self._has_options:
+            return self._quantize_with_options(x)
         elif self.cache_frozen and not torch.is_grad_enabled():  # fixed weights: quantize once per version
             key = (x.data_ptr(), x._version, tuple(x.shape))
             if self._cache is None or self._cache[0] != key:
@@ -136,6 +207,22 @@ class FakeQuantizer(nn.Module):
             shape[self.channel_axis] = -1
             grid = tuple(v.reshape(shape) for v in grid)
         return quantize_to_grid(x, grid)
+
+    def _quantize_with_options(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = x / self.channel_scale if self.channel_scale is not None else x
+        if self.per_token:
+            low, high = scaled.detach().amin(dim=-1, keepdim=True), scaled.detach().amax(dim=-1, keepdim=True)
+            out = quantize_to_grid(scaled, grid_of(low, high, self.bits, self.symmetric))
+        else:
+            out = self._quantize(scaled)
+        if self.channel_scale is not None:
+            out = out * self.channel_scale
+        if self.kept_channels is not None:
+            kept = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+            kept[self.kept_channels] = True
+            out = torch.where(kept, x, out)
+        mask = self._prefix_mask(x)
+        return out if mask is None else torch.where(mask, x, out)
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
