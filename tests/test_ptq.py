@@ -195,3 +195,22 @@ def test_cli_ptq(tmp_path, capsys) -> None:
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["ptq"]["ptq"]["alpha"] == 0.7 and len(results["ptq"]["quantized"]["per_seed"]) == 1
+
+
+def test_reproduce_ptq_field_report_and_reuse(tmp_path, capsys) -> None:
+    from quantizable.experiments import reproduce
+
+    with pytest.raises(ValueError, match="valid: smoothquant"):
+        reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False, ptq=("bogus",))
+    rows = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False, ptq=("smoothquant", "prefix"))
+    (row,) = rows
+    assert set(row["ptq"]) == {"smoothquant:0.5", "prefix:1"}
+    assert row["ptq"]["smoothquant:0.5"]["w8a8"]["n"] == 1 and row["ptq"]["prefix:1"]["cost"]["runtime"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved[0]["ptq"] == json.loads(json.dumps(row["ptq"]))
+    report = (tmp_path / "report.md").read_text()
+    assert "## Architecture fix vs PTQ fix" in report and "+ smoothquant:0.5" in report
+    assert (tmp_path / "ptq.png").is_file()
+    capsys.readouterr()
+    again = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False, ptq=("prefix",))
+    assert "reusing" in capsys.readouterr().out and set(again[0]["ptq"]) == {"prefix:1"}

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, metavar="N",
                         help="runs trained at once, each in its own process (default: one per CPU core on a "
                              "CPU-only machine, one with a GPU)")
+    parser.add_argument("--ptq", help="comma-separated PTQ baselines measured on every run as well: smoothquant[:ALPHA], "
+                                      "rotation, per_token, outlier_fp[:K], prefix[:N] (docs/ptq-baselines.md)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (finished runs are reused)")
 
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     scale = args.scale or ("quick" if args.quick else "full")
     rows = reproduce(args.out, scale, _names(args.families), _names(args.methods) or (),
                      overrides=tuple(args.overrides), train_seeds=args.train_seeds, workers=args.workers,
-                     tasks=_names(args.tasks) or ())
+                     tasks=_names(args.tasks) or (), ptq=_names(args.ptq) or ())
     for row in rows:
         print(f"{row['task']:8s} {row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  "
               f"W8A8 {row['w8a8']['mean']:8.2f}  INT8 (ORT) {row['int8']['mean']:8.2f}  "

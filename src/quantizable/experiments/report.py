@@ -309,6 +309,58 @@ PAPER_SCALE = [
 ]
 
 
+def plot_ptq(rows: list[dict[str, Any]], path: Path) -> Path:
+    """W8A8 quality per model (task, family, method) and PTQ baseline, mean ± std, one panel per metric."""
+    plt = _pyplot()
+    metrics = list(dict.fromkeys(row["metric"] for row in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        group = [row for row in rows if row["metric"] == metric]
+        names = ["FP", "W8A8", *dict.fromkeys(name for row in group for name in row["ptq"])]
+        width = 0.8 / len(group)
+        for index, row in enumerate(group):
+            stats = [row["fp"], row["w8a8"],
+                     *(row["ptq"].get(name, {}).get("w8a8", {"mean": float("nan"), "std": 0}) for name in names[2:])]
+            ax.bar([i + index * width for i in range(len(names))], [s["mean"] for s in stats], width,
+                   yerr=[s["std"] for s in stats], label=f"{_family_name(row['family'])} {method_name(row['method'])}")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right")
+        ax.set_ylabel(metric)
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle("W8A8 quality per model and PTQ baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _ptq_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
+    names = list(dict.fromkeys(name for row in rows for name in row["ptq"]))
+    lines = [
+        "## Architecture fix vs PTQ fix",
+        "",
+        "W8A8 (simulated, as above) of every trained model without and with each post-training-quantization",
+        "baseline (`reproduce --ptq`, `quantization.ptq`, docs/ptq-baselines.md): mean ± std over training x",
+        "calibration seeds; n/a where a method does not apply (rotation needs a pre-LN model).",
+        "",
+        "| Task | Family | Method | FP | W8A8 | " + " | ".join(f"+ {name}" for name in names) + " |",
+        "|---|---|---|---|---|" + "---|" * len(names),
+    ]
+    for row in rows:
+        cells = [("n/a" if "not_applicable" in row["ptq"].get(name, {"not_applicable": 1})
+                  else _pm(row["ptq"][name]["w8a8"])) for name in names]
+        lines.append(f"| {row['task']} | {_family_name(row['family'])} | {method_name(row['method'])} | "
+                     f"{_pm(row['fp'])} | {_pm(row['w8a8'])} | " + " | ".join(cells) + " |")
+    costs = {name: entry["cost"] for row in rows for name, entry in row["ptq"].items() if "cost" in entry}
+    lines += ["", "| PTQ baseline | extra parameters (first model) | at inference | real INT8 backend |",
+              "|---|---|---|---|"]
+    lines += [f"| {name} | {cost['extra_params']:,} | {cost['runtime']} | {cost['backend']} |"
+              for name, cost in costs.items()]
+    plot = plot_ptq(rows, out / "ptq.png")
+    return [*lines, "", f"![W8A8 per model and PTQ baseline]({plot.name})"]
+
+
 def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: tuple[str, ...] = ()) -> Path:
     lines = [
         f"# Reproduction (scale: {scale})",
@@ -321,6 +373,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: t
     pretrain = [row for row in rows if row.get("task", "pretrain") == "pretrain"]
     if pretrain:
         lines += [*_pretrain_section(out, pretrain), ""]
+    if any("ptq" in row for row in rows):
+        lines += [*_ptq_section(out, [row for row in rows if "ptq" in row]), ""]
     docs = Path(__file__).resolve().parents[3] / "docs" / "recipe-search.md"  # the source checkout's docs
     link = f"[docs/recipe-search.md]({os.path.relpath(docs, out)})" if docs.is_file() else "docs/recipe-search.md"
     lines += [*_sensitivity_section(out, rows), "", *(line.format(recipe_search=link) for line in PAPER_SCALE)]

@@ -225,6 +225,23 @@ def measure_int8(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
     return result
 
 
+def measure_ptq(run: RunData, scale: Scale, names: tuple[str, ...]) -> dict[str, Any]:
+    """W8A8 under each PTQ baseline (``quantization.ptq``) of one trained run, on the calibration seeds and
+    evaluation batches of ``measure``; a method that does not apply records its reason."""
+    from quantizable.quantization.ptq import check_applicable, parse_ptq, simulate_ptq
+
+    results: dict[str, Any] = {}
+    for name in names:
+        ptq = parse_ptq(name)
+        reason = check_applicable(run.model, ptq)
+        if reason is not None:
+            results[ptq.name] = {"not_applicable": reason}
+            continue
+        result = simulate_ptq(run.model, run.calibration, run.eval_batches, ptq, seeds=scale.calib_seeds)
+        results[ptq.name] = {key: result[key] for key in ("fp", "quantized", "ptq", "cost")}
+    return results
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -243,6 +260,7 @@ class Job:
     overrides: tuple[str, ...]
     label: str
     task: str = "pretrain"
+    ptq: tuple[str, ...] = ()  # PTQ baselines to measure as well (quantization.ptq names)
 
 
 def job_run(job: Job) -> tuple[TrainConfig, Path]:
@@ -271,10 +289,12 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
     from quantizable.training import train
 
     config, run_dir = job_run(job)
-    result_path, int8_path = run_dir / "measure.json", run_dir / "int8" / "int8.json"
+    result_path, int8_path, ptq_path = run_dir / "measure.json", run_dir / "int8" / "int8.json", run_dir / "ptq.json"
+    ptq_done = json.loads(ptq_path.read_text()) if ptq_path.is_file() else {}
+    ptq_todo = tuple(name for name in job.ptq if name not in ptq_done)
     if result_path.is_file() and json.loads(result_path.read_text()).get("version") != MEASURE_VERSION:
         result_path.unlink()  # measured by an older version: measure again, the training is kept
-    if result_path.is_file() and int8_path.is_file():
+    if result_path.is_file() and int8_path.is_file() and not ptq_todo:
         print(f"{job.label}: reusing {run_dir.name}", flush=True)
     elif not (run_dir / "model" / "config.json").is_file():
         resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
@@ -282,16 +302,21 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
         if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint
         train(config, run_dir, resume=resume, progress=progress)
-    if not (result_path.is_file() and int8_path.is_file()):
-        run = load_run(run_dir, job.scale)  # once for both measurements
+    if not (result_path.is_file() and int8_path.is_file()) or ptq_todo:
+        run = load_run(run_dir, job.scale)  # once for all measurements
         if not result_path.is_file():
             print(f"{job.label}: measuring FP, outliers, no-op mechanism, W8A8 and the bit-width sweep", flush=True)
             write_json_atomic(result_path, measure(run, run_dir, job.scale))
         if not int8_path.is_file():  # also for runs measured before the INT8 column existed
             print(f"{job.label}: measuring real INT8 (ONNX Runtime)", flush=True)
             measure_int8(run, run_dir, job.scale)
+        if ptq_todo:
+            print(f"{job.label}: measuring PTQ baselines {', '.join(ptq_todo)}", flush=True)
+            ptq_done = {**ptq_done, **measure_ptq(run, job.scale, ptq_todo)}
+            write_json_atomic(ptq_path, ptq_done)
     return {**json.loads(result_path.read_text()), "int8": json.loads(int8_path.read_text()),
-            "run_dir": str(run_dir), "seed": job.seed}
+            "run_dir": str(run_dir), "seed": job.seed,
+            **({"ptq": {name: ptq_done[name] for name in job.ptq}} if job.ptq else {})}
 
 
 def resolve_workers(workers: int | None, jobs: int) -> int:
@@ -410,6 +435,11 @@ def aggregate(task: str, family: str, method: str, runs: list[dict[str, Any]], s
         "train_seeds": [r["seed"] for r in runs], "calib_seeds": list(scale.calib_seeds),
         "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
     }
+    if "ptq" in runs[0]:  # W8A8 under each PTQ baseline, over training x calibration seeds
+        row["ptq"] = {name: entry if "not_applicable" in entry else
+                      {"w8a8": _mean_std([v for r in runs for v in r["ptq"][name]["quantized"]["per_seed"]]),
+                       "cost": entry["cost"]}
+                      for name, entry in runs[0]["ptq"].items()}
     if "scores" in runs[0]:  # the task's own metrics (backcopy: copy accuracy, bigram loss)
         row["scores"] = {
             name: {"fp": _mean_std([r["scores"]["fp"][name] for r in runs]),
@@ -430,15 +460,19 @@ def aggregate(task: str, family: str, method: str, runs: list[dict[str, Any]], s
 def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | None = None,
               methods: tuple[str, ...] = METHODS, progress: bool = True, overrides: tuple[str, ...] = (),
               train_seeds: int | None = None, workers: int | None = 1,
-              tasks: tuple[str, ...] = ("pretrain",)) -> list[dict[str, Any]]:
+              tasks: tuple[str, ...] = ("pretrain",), ptq: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Train and measure every (task, family, method, seed); write ``results.json`` and ``report.md`` under ``out``.
 
     ``tasks`` are names of ``TASKS`` (``backcopy``, ``pretrain``), each run on its own families (``families``
     keeps only those); ``methods`` are attention kinds (``attention.spec.KINDS``). ``overrides`` (``key=value``,
     as ``train --set``) apply to every run on top of the scale: the recipe search uses them; ``train_seeds`` keeps
     only the first so many training seeds of the scale; ``workers`` runs that many jobs at once in separate
-    processes (``None``: one per CPU core, see ``resolve_workers``).
+    processes (``None``: one per CPU core, see ``resolve_workers``); ``ptq`` names PTQ baselines
+    (``quantization.ptq``, e.g. ``smoothquant:0.5``) measured on every run as well (row field ``ptq``).
     """
+    from quantizable.quantization.ptq import parse_ptq
+
+    ptq = tuple(parse_ptq(name).name for name in ptq)  # an unknown name fails here, listing the valid ones
     if scale_name not in SCALES:
         raise ValueError(f"unknown scale {scale_name!r}; known: {', '.join(SCALES)}")
     for what, given, known in (("tasks", tasks, tuple(TASKS)), ("families", families or (), TRAINED_FAMILIES),
@@ -465,7 +499,7 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | N
     combos = [(task, family, method, seed) for task, family in plan for method in methods
               for seed in scale.train_seeds]
     jobs = [Job(family, method, seed, out, scale, overrides,
-                f"[{index}/{len(combos)}] {task} {family} {method} seed {seed}", task)
+                f"[{index}/{len(combos)}] {task} {family} {method} seed {seed}", task, ptq)
             for index, (task, family, method, seed) in enumerate(combos, 1)]
     workers = resolve_workers(workers, len(jobs))
     started = time.time()
