@@ -12,8 +12,8 @@ there lets us change only the part between the projections and the output projec
   as one more key every query may attend to, and the value gate (``value_gate``) applied to the values before SDPA;
 * an optional per-head gate on the attention output, computed from the module's input hidden state, which a
   forward pre-hook passes down as the keyword ``attn_gate_input`` (the linear gate is one fused node on CPU);
-* named *taps* (``scores``, ``probs``, ``context``) where quantizers and analysis hooks observe or replace the
-  internal tensors; a module with taps on ``scores``/``probs`` takes the materialised path. Taps always see the
+* named *taps* (``scores``, ``probs``, ``context``; ``ungated_context``, the context before the gate of a gated
+  module) where quantizers and analysis hooks observe or replace the internal tensors; a module with taps on ``scores``/``probs`` takes the materialised path. Taps always see the
   ``(B, H, T_q, T_k)`` token columns; the sink column's probability stays in floating point.
 """
 
@@ -169,7 +169,7 @@ def quantizable_attention_forward(
     if gate is not None:
         if attn_gate_input is None:
             raise RuntimeError("gated attention module was called without its gate input hook installed")
-        output = gate.gated(output, attn_gate_input)
+        output = gate.gated(_tap(module, "ungated_context", output), attn_gate_input)
     return _tap(module, "context", output.contiguous()), probs
 
 

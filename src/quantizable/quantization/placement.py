@@ -20,6 +20,11 @@ turn it into two lists, :func:`weight_sites` and :func:`activation_sites`, and o
 The head (top-level modules outside the base model: BERT ``cls``, ``lm_head``, ``classifier``) stays in floating
 point unless ``quantize_head``; gate networks have no Linear modules and so stay in floating point as in the paper.
 ``filter_fn(module, qualified_name) -> bool`` (as in torchao's ``quantize_``) keeps only the sites it accepts.
+
+``QuantConfig.setup`` selects rule variants (``quantization.setups``): the ``paper`` setup drops the ``linear``
+site the FFN activation reads (Linear + activation fused), adds ``partial_embedding_sum`` (BERT word + token type),
+quantizes the pre-LN mid-block residual in place (one quantized sum for the norm and the FFN's residual add),
+taps OPT's context before the gate, and gives non-negative weights the unsigned grid.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from quantizable.models import attention_modules, family_of_config, is_norm
 from quantizable.quantization.config import QuantConfig
 from quantizable.quantization.estimators import parse_estimator
 from quantizable.quantization.quantizers import FakeQuantizer
+from quantizable.quantization.setups import UnsignedWhenNonNegative, get_setup
 
 ACTIVATION_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
 
@@ -60,7 +66,9 @@ class ActivationSite:
     name: str
     module: nn.Module
     kind: str
-    where: Literal["input", "output", "tap"]
+    where: Literal["input", "output", "tap", "sum_with_input_embeddings"]
+    tap: str | None = None  # the attention tap (``where="tap"``)
+    in_place: bool = False  # an input quantized in place, so that every reader of the tensor sees Q(x)
 
     @property
     def key(self) -> str:
@@ -115,13 +123,37 @@ def _quantize_output(quantizer: FakeQuantizer) -> Callable:
     return hook
 
 
-def _quantize_input(quantizer: FakeQuantizer) -> Callable:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _quantize_input(quantizer: FakeQuantizer, in_place: bool = False) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        x = args[0] if args else kwargs["hidden_states"]
+        if in_place:  # the caller's other references to x (e.g. a residual branch) see Q(x) too
+            x.copy_(quantizer(x))
+            return None
         if args:
-            return (quantizer(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": quantizer(kwargs["hidden_states"])}
+            return (quantizer(x), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": quantizer(x)}
 
     return hook
+
+
+def _quantize_sum_with_input_embeddings(handle: QuantizedModelHandle, model: nn.Module, module: nn.Module,
+                                        quantizer: FakeQuantizer) -> None:
+    """Quantize ``input_embeddings + module`` (BERT's word + token-type sum, which is no module's output): the
+    module's output becomes ``Q(word + type) - word``, so the model's own sum equals ``Q(word + type)`` (up to
+    one float rounding)."""
+    latest: dict[str, torch.Tensor] = {}
+
+    def keep(embeddings: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        latest["words"] = output
+
+    def replace(embeddings: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        words = latest.pop("words", None)
+        if words is None:
+            raise ValueError("the partial embedding sum site needs input_ids (the word embeddings did not run)")
+        return quantizer(words + output) - words
+
+    handle._hooks.append(model.get_input_embeddings().register_forward_hook(keep))
+    handle._hooks.append(module.register_forward_hook(replace))
 
 
 def _use_quantizable_attention(model: nn.Module, handle: QuantizedModelHandle) -> None:
@@ -156,19 +188,27 @@ def weight_sites(model: nn.Module, config: QuantConfig) -> list[WeightSite]:
 
 
 def activation_sites(model: nn.Module, config: QuantConfig) -> list[ActivationSite]:
-    """Every activation ``quantize_`` fake-quantizes, in module order (the rules of the module docstring)."""
+    """Every activation ``quantize_`` fake-quantizes, in module order (the rules of the module docstring, as the
+    config's setup selects them)."""
     family = family_of_config(model.config)
+    setup = get_setup(config.setup)
     pre_ln = family.is_pre_ln(model.config)
     blocks = dict(family.blocks(model))
     attention = set(attention_modules(model))
     first_norm_in_block = {next((m for m in block.modules() if is_norm(m)), None) for block in blocks.values()}
+    fused = {f"{b}.{family.ffn_activation_input}" for b in blocks} if setup.fuse_linear_activation else set()
+    partial_sum = family.token_type_embeddings if setup.partial_embedding_sum else None
+    context_tap = "ungated_context" if family.name in setup.context_before_gate else "context"
     sites = []
     if family.positions_before_first_block:
         first_name, first_block = next(iter(blocks.items()))
         sites.append(ActivationSite(first_name, first_block, "embedding_sum", "input"))
     for name, module in _in_scope(model, config):
+        if name == partial_sum:
+            sites.append(ActivationSite(name, module, "partial_embedding_sum", "sum_with_input_embeddings"))
         if family.linear_weight_axis(module) is not None:
-            sites.append(ActivationSite(name, module, "linear", "output"))
+            if name not in fused:
+                sites.append(ActivationSite(name, module, "linear", "output"))
         elif isinstance(module, nn.Conv2d):
             sites.append(ActivationSite(name, module, "conv", "output"))
         elif is_activation(module):
@@ -178,14 +218,16 @@ def activation_sites(model: nn.Module, config: QuantConfig) -> list[ActivationSi
             if not pre_ln:
                 sites.append(ActivationSite(name, module, "residual" if inside_block else "embedding_sum", "input"))
             elif inside_block and module not in first_norm_in_block:
-                sites.append(ActivationSite(name, module, "residual", "input"))
+                sites.append(ActivationSite(name, module, "residual", "input", in_place=setup.shared_residual))
             sites.append(ActivationSite(name, module, "norm", "output"))
         elif name in blocks and pre_ln:
             sites.append(ActivationSite(name, module, "residual", "output"))
         if all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
             sites.append(ActivationSite(f"{name}.down_proj", module.down_proj, "gated_product", "input"))
         if module in attention:
-            sites.extend(ActivationSite(name, module, tap, "tap") for tap in TAP_NAMES)
+            for tap in TAP_NAMES:
+                gated_context = tap == "context" and getattr(module, "attn_gate", None) is not None
+                sites.append(ActivationSite(name, module, tap, "tap", context_tap if gated_context else tap))
     return sites
 
 
@@ -217,10 +259,12 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None,
             if site.where == "output":
                 handle._hooks.append(site.module.register_forward_hook(_quantize_output(quantizer)))
             elif site.where == "input":
-                hook = _quantize_input(quantizer)
+                hook = _quantize_input(quantizer, site.in_place)
                 handle._hooks.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+            elif site.where == "sum_with_input_embeddings":
+                _quantize_sum_with_input_embeddings(handle, model, site.module, quantizer)
             else:
-                taps.setdefault(site.module, {})[site.kind] = quantizer
+                taps.setdefault(site.module, {})[site.tap] = quantizer
         for module, quantizers in taps.items():
             _install_taps(handle, module, quantizers)
     model._quantization_handle = handle
@@ -239,7 +283,8 @@ def _install_taps(handle: QuantizedModelHandle, module: nn.Module, quantizers: d
 
 def _quantize_weight(handle: QuantizedModelHandle, site: WeightSite, estimator: Any, device: torch.device) -> None:
     config, module = handle.config, site.module
-    quantizer = FakeQuantizer(config.weight_bits, True, estimator, site.channel_axis, cache_frozen=True).to(device)
+    kind = UnsignedWhenNonNegative if get_setup(config.setup).unsigned_nonnegative_weights else FakeQuantizer
+    quantizer = kind(config.weight_bits, True, estimator, site.channel_axis, cache_frozen=True).to(device)
     parametrize.register_parametrization(module, "weight", quantizer)
     handle.weight_quantizers[f"{site.name}.weight"] = quantizer
     handle._undo.append(lambda: parametrize.remove_parametrizations(module, "weight", leave_parametrized=False))
