@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,15 @@ def test_tiny_reproduce_end_to_end_and_reuse(tmp_path, capsys):
     again = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
     assert "reusing" in capsys.readouterr().out
     assert again[0]["fp"] == next(r for r in rows if r["family"] == "opt" and r["method"] == "vanilla")["fp"]
+    assert again[0]["setup"] == "default"
+
+    # the paper setup measures the same trained runs again (training reused), recorded in every row and the report
+    paper = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False, setup="paper")
+    assert paper[0]["setup"] == "paper" and paper[0]["fp"] == again[0]["fp"]
+    assert paper[0]["estimators"] == {"weights": "mse", "activations": "percentile:99.999"}
+    assert paper[0]["w8a8"] != again[0]["w8a8"]
+    assert all((run_dir / "measure-paper.json").is_file() for run_dir in map(Path, paper[0]["runs"]))
+    assert "Quantization setup: `paper`" in (tmp_path / "report.md").read_text()
 
 
 def test_unknown_family_or_scale_is_a_clear_error(tmp_path):

@@ -2,7 +2,9 @@
 
 Per seed, ``--calib-batches`` batches are drawn at random (shuffled with that seed) from the training split to
 estimate the ranges; FP and quantized models are then scored on the same validation batches (MLM masks are seeded,
-so both see identical masks). Writes ``DIR/results.json``.
+so both see identical masks). ``--setup paper`` follows the paper's official code (``quantization.setups``): its
+placement rules and grid, and its family's calibration recipe for every option not given explicitly. Writes
+``DIR/results.json`` (with the setup and the recipe used).
 """
 
 from __future__ import annotations
@@ -25,29 +27,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directory, Hugging Face checkpoint directory or .gguf file")
     parser.add_argument("--weights", type=int, default=8, help="weight bits, 2..16 (default 8)")
     parser.add_argument("--acts", type=int, default=8, help="activation bits, 2..16 (default 8)")
-    parser.add_argument("--estimator", default="running_minmax",
-                        help="activation range estimator: running_minmax (default), current_minmax, "
+    parser.add_argument("--setup", default="default", choices=("default", "paper"),
+                        help="placement rules, grid and calibration recipe: default (ours) or paper (the official "
+                             "code; docs/quantization.md lists every difference)")
+    parser.add_argument("--estimator", default=None,
+                        help="activation range estimator: running_minmax (default setup), current_minmax, "
                              "percentile:P (e.g. percentile:99.999) or mse")
-    parser.add_argument("--weight-estimator", default="current_minmax",
-                        help="weight range estimator: current_minmax (default), percentile:P or mse")
+    parser.add_argument("--weight-estimator", default=None,
+                        help="weight range estimator: current_minmax (default setup), percentile:P or mse")
     parser.add_argument("--per-channel", action="store_true", help="per-output-channel weight ranges")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize the LM head / classifier")
-    parser.add_argument("--calib-batches", type=int, default=16, help="calibration batches per seed (default 16)")
+    parser.add_argument("--calib-batches", type=int, default=None,
+                        help="calibration batches per seed (default: the setup's recipe, 16; paper OPT: 4)")
     parser.add_argument("--seeds", type=int, default=3, help="number of calibration seeds 0..N-1 (default 3)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences or images per batch (default 8)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences or images per batch (default: the setup's recipe, 8; paper OPT: 1)")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="validation batches to score (default: the whole validation split)")
     parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokens per sequence (default: the run's data.seq_len, else 128)")
+                        help="tokens per sequence (default: the run's data.seq_len, else 128; paper OPT: 512, "
+                             "at most the model's positions)")
     parser.add_argument("--ptq", metavar="NAME",
                         help="also run a post-training-quantization baseline: smoothquant[:ALPHA], rotation, "
                              "per_token, outlier_fp[:K] or prefix[:N] (docs/ptq-baselines.md)")
     parser.add_argument("--out", type=Path, required=True, help="output directory for results.json")
 
 
+def _apply_recipe(args: argparse.Namespace, family: str, max_positions: int | None) -> dict:
+    """Fill the options left unset from the setup's calibration recipe for this family; returns the recipe used."""
+    from quantizable.quantization.setups import get_setup
+
+    recipe = get_setup(args.setup).calibration_for(family)
+    for option, value in (("estimator", recipe.act_estimator), ("weight_estimator", recipe.weight_estimator),
+                          ("calib_batches", recipe.batches), ("batch_size", recipe.batch_size)):
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    if args.seq_len is None and recipe.seq_len is not None:
+        args.seq_len = min(recipe.seq_len, max_positions or recipe.seq_len)
+    return {"act_estimator": args.estimator, "weight_estimator": args.weight_estimator,
+            "calib_batches": args.calib_batches, "batch_size": args.batch_size, "seq_len": args.seq_len}
+
+
+def _config(args: argparse.Namespace):
+    """The QuantConfig of the flags (estimators not given yet: the default setup's, for validation)."""
+    from quantizable.quantization import QuantConfig
+
+    try:
+        return QuantConfig(weight_bits=args.weights, act_bits=args.acts,
+                           weight_estimator=args.weight_estimator or "current_minmax",
+                           act_estimator=args.estimator or "running_minmax", per_channel_weights=args.per_channel,
+                           quantize_head=args.quantize_head, setup=args.setup)
+    except ValueError as error:
+        field = str(error).split(" ", 1)[0].rstrip(":")
+        raise UserError(str(error).replace(field, FLAGS.get(field, field), 1)) from None
+
+
 def _check(args: argparse.Namespace) -> None:
     for name in ("calib_batches", "seeds", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_batches is not None and args.eval_batches < 1:
         raise UserError("--eval-batches must be at least 1")
@@ -58,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
     from quantizable.data import checkpoint_data, make_loader
     from quantizable.models import family_of_config, load_model
-    from quantizable.quantization import QuantConfig, simulate_w8a8
+    from quantizable.quantization import simulate_w8a8
 
     _check(args)
+    _config(args)  # bad bits or estimators fail before the model is loaded
     ptq = None
     if args.ptq is not None:
         from quantizable.quantization.ptq import parse_ptq
@@ -69,16 +107,12 @@ def run(args: argparse.Namespace) -> int:
             ptq = parse_ptq(args.ptq)
         except ValueError as error:
             raise UserError(f"--ptq: {error}") from None
-    try:
-        config = QuantConfig(weight_bits=args.weights, act_bits=args.acts, weight_estimator=args.weight_estimator,
-                             act_estimator=args.estimator, per_channel_weights=args.per_channel,
-                             quantize_head=args.quantize_head)
-    except ValueError as error:
-        field = str(error).split(" ", 1)[0].rstrip(":")
-        raise UserError(str(error).replace(field, FLAGS.get(field, field), 1)) from None
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model = load_model(args.model)
-    task = family_of_config(model.config).task
+    family = family_of_config(model.config)
+    task = family.task
+    recipe = _apply_recipe(args, family.name, getattr(model.config, "max_position_embeddings", None))
+    config = _config(args)
     sets = checkpoint_data(args.model, model, task, args.seq_len)
     train, validation, collate = sets.train, sets.validation, sets.collate
     available = len(train) // args.batch_size
@@ -103,11 +137,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--ptq {ptq.name}: {reason}")
         results["ptq"] = simulate_ptq(model, calibration, evaluation, ptq, config, seeds=range(args.seeds))
     results["model"] = str(args.model)
+    results["setup"] = {"name": args.setup, **recipe}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", results)  # an interrupted run leaves no half-written results
     q = results["quantized"]
     print(f"{results['metric']}: FP {results['fp']:.3f}, W{args.weights}A{args.acts} {q['mean']:.3f} "
-          f"± {q['std']:.3f} over {args.seeds} seeds ({results['sites']} activation quantizers)")
+          f"± {q['std']:.3f} over {args.seeds} seeds ({results['sites']} activation quantizers, {args.setup} setup)")
     if ptq is not None:
         p = results["ptq"]["quantized"]
         print(f"{results['metric']}: W{args.weights}A{args.acts} + {ptq.name} {p['mean']:.3f} ± {p['std']:.3f}")

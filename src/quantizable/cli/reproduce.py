@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "CPU-only machine, one with a GPU)")
     parser.add_argument("--ptq", help="comma-separated PTQ baselines measured on every run as well: smoothquant[:ALPHA], "
                                       "rotation, per_token, outlier_fp[:K], prefix[:N] (docs/ptq-baselines.md)")
+    parser.add_argument("--setup", default="default", choices=("default", "paper"),
+                        help="quantization setup of every W8A8 number: default (ours) or paper (the official code's "
+                             "placement, grid and range estimators; docs/quantization.md)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (finished runs are reused)")
 
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     scale = args.scale or ("quick" if args.quick else "full")
     rows = reproduce(args.out, scale, _names(args.families), _names(args.methods) or (),
                      overrides=tuple(args.overrides), train_seeds=args.train_seeds, workers=args.workers,
-                     tasks=_names(args.tasks) or (), ptq=_names(args.ptq) or ())
+                     tasks=_names(args.tasks) or (), ptq=_names(args.ptq) or (), setup=args.setup)
     for row in rows:
         print(f"{row['task']:8s} {row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  "
               f"W8A8 {row['w8a8']['mean']:8.2f}  INT8 (ORT) {row['int8']['mean']:8.2f}  "

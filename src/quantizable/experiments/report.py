@@ -361,10 +361,22 @@ def _ptq_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     return [*lines, "", f"![W8A8 per model and PTQ baseline]({plot.name})"]
 
 
+def _setup_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Which quantization setup every W8A8 number of the report was measured with (docs/quantization.md)."""
+    setups = sorted({row.get("setup", "default") for row in rows})
+    estimators = sorted({f"{_family_name(row['family'])}: weights {row['estimators']['weights']}, activations "
+                         f"{row['estimators']['activations']}" for row in rows if "estimators" in row})
+    what = {"default": "our default placement and grid", "paper": "the paper's official placement, grid and "
+            "estimators"}
+    return [f"Quantization setup: {', '.join(f'`{s}` ({what.get(s, s)})' for s in setups)}; range estimators "
+            f"{'; '.join(estimators) or 'default'} (see docs/quantization.md, 'Paper setup vs our default').", ""]
+
+
 def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: tuple[str, ...] = ()) -> Path:
     lines = [
         f"# Reproduction (scale: {scale})",
         "",
+        *_setup_lines(rows),
         *([f"Training overrides on top of the scale: `{' '.join(overrides)}`", ""] if overrides else []),
     ]
     backcopy = [row for row in rows if row.get("task") == "backcopy"]

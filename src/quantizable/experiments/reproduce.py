@@ -31,7 +31,7 @@ from quantizable.training.config import TrainConfig, load_config
 
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")  # the paper's trio; any attention kind is accepted
 BIT_WIDTHS = ("W8A8", "W8A6", "W8A4", "W6A8", "W4A8")  # the sensitivity curve: activation bits, then weight bits
-MEASURE_VERSION = 4  # bump when measure() gains fields, so older measure.json files are measured again
+MEASURE_VERSION = 5  # bump when measure() gains fields, so older measure.json files are measured again
 
 # The paper's settings per family and method (BERT table 5, OPT table 6, ViT table 7).
 PAPER_ATTENTION: dict[str, dict[str, dict[str, Any]]] = {
@@ -171,28 +171,36 @@ def bit_widths(name: str) -> tuple[int, int]:
     return int(weights), int(acts)
 
 
-def measure(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
+def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -> dict[str, Any]:
     """FP metric, outlier and no-op mechanism metrics, simulated W8A8 over the calibration seeds and the
     sensitivity sweep over ``BIT_WIDTHS`` of one trained run; the backcopy task also scores copy accuracy and
-    bigram loss in FP and under W8A8."""
+    bigram loss in FP and under W8A8. ``setup`` (``quantization.setups``) chooses the placement rules, grid and the
+    family's range estimators; the calibration batches stay the scale's, so both setups see the same data."""
     from quantizable.analysis import analyze
+    from quantizable.models import family_of_config
     from quantizable.quantization import QuantConfig, simulate_w8a8
+    from quantizable.quantization.setups import get_setup
+
+    recipe = get_setup(setup).calibration_for(family_of_config(run.model.config).name)
+    base = QuantConfig(setup=setup, weight_estimator=recipe.weight_estimator, act_estimator=recipe.act_estimator)
 
     score = None
     if is_backcopy(run.source):
         def score(model: Any) -> dict[str, float]:
             return backcopy_scores(model, run.eval_batches, run.source)
-    quant = simulate_w8a8(run.model, run.calibration, run.eval_batches, seeds=scale.calib_seeds, score=score)
+    quant = simulate_w8a8(run.model, run.calibration, run.eval_batches, base, seeds=scale.calib_seeds, score=score)
     sweep = {"W8A8": quant["quantized"]["per_seed"]}
     for name in BIT_WIDTHS[1:]:
         weights, acts = bit_widths(name)
         swept = simulate_w8a8(run.model, run.calibration, run.eval_batches, seeds=scale.calib_seeds,
-                              config=QuantConfig(weight_bits=weights, act_bits=acts))
+                              config=dataclasses.replace(base, weight_bits=weights, act_bits=acts))
         sweep[name] = swept["quantized"]["per_seed"]
     analysis = analyze(run.model, run.eval_batches[: scale.analysis_batches], tokenizer=run.tokenizer,
                        out_dir=run_dir / "analysis")
     return {
         "version": MEASURE_VERSION,
+        "setup": setup,
+        "estimators": {"weights": recipe.weight_estimator, "activations": recipe.act_estimator},
         "metric": quant["metric"],
         "fp": quant["fp"],
         "w8a8": quant["quantized"],
@@ -261,6 +269,7 @@ class Job:
     label: str
     task: str = "pretrain"
     ptq: tuple[str, ...] = ()  # PTQ baselines to measure as well (quantization.ptq names)
+    setup: str = "default"  # the quantization setup of the W8A8 measurements (quantization.setups)
 
 
 def job_run(job: Job) -> tuple[TrainConfig, Path]:
@@ -289,7 +298,8 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
     from quantizable.training import train
 
     config, run_dir = job_run(job)
-    result_path, int8_path, ptq_path = run_dir / "measure.json", run_dir / "int8" / "int8.json", run_dir / "ptq.json"
+    measure_name = "measure.json" if job.setup == "default" else f"measure-{job.setup}.json"
+    result_path, int8_path, ptq_path = run_dir / measure_name, run_dir / "int8" / "int8.json", run_dir / "ptq.json"
     ptq_done = json.loads(ptq_path.read_text()) if ptq_path.is_file() else {}
     ptq_todo = tuple(name for name in job.ptq if name not in ptq_done)
     if result_path.is_file() and json.loads(result_path.read_text()).get("version") != MEASURE_VERSION:
@@ -306,7 +316,7 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
         run = load_run(run_dir, job.scale)  # once for all measurements
         if not result_path.is_file():
             print(f"{job.label}: measuring FP, outliers, no-op mechanism, W8A8 and the bit-width sweep", flush=True)
-            write_json_atomic(result_path, measure(run, run_dir, job.scale))
+            write_json_atomic(result_path, measure(run, run_dir, job.scale, job.setup))
         if not int8_path.is_file():  # also for runs measured before the INT8 column existed
             print(f"{job.label}: measuring real INT8 (ONNX Runtime)", flush=True)
             measure_int8(run, run_dir, job.scale)
@@ -421,6 +431,7 @@ def aggregate(task: str, family: str, method: str, runs: list[dict[str, Any]], s
     seeds (W8A8, each bit width of the sweep)."""
     row = {
         "task": task, "family": family, "method": method, "metric": runs[0]["metric"],
+        "setup": runs[0]["setup"], "estimators": runs[0]["estimators"],
         "fp": _mean_std([r["fp"] for r in runs]),
         "w8a8": _mean_std([v for r in runs for v in r["w8a8"]["per_seed"]]),
         "int8": _mean_std([r["int8"]["int8"]["metric"] for r in runs]),
@@ -460,7 +471,8 @@ def aggregate(task: str, family: str, method: str, runs: list[dict[str, Any]], s
 def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | None = None,
               methods: tuple[str, ...] = METHODS, progress: bool = True, overrides: tuple[str, ...] = (),
               train_seeds: int | None = None, workers: int | None = 1,
-              tasks: tuple[str, ...] = ("pretrain",), ptq: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+              tasks: tuple[str, ...] = ("pretrain",), ptq: tuple[str, ...] = (),
+              setup: str = "default") -> list[dict[str, Any]]:
     """Train and measure every (task, family, method, seed); write ``results.json`` and ``report.md`` under ``out``.
 
     ``tasks`` are names of ``TASKS`` (``backcopy``, ``pretrain``), each run on its own families (``families``
@@ -468,9 +480,13 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | N
     as ``train --set``) apply to every run on top of the scale: the recipe search uses them; ``train_seeds`` keeps
     only the first so many training seeds of the scale; ``workers`` runs that many jobs at once in separate
     processes (``None``: one per CPU core, see ``resolve_workers``); ``ptq`` names PTQ baselines
-    (``quantization.ptq``, e.g. ``smoothquant:0.5``) measured on every run as well (row field ``ptq``).
+    (``quantization.ptq``, e.g. ``smoothquant:0.5``) measured on every run as well (row field ``ptq``); ``setup``
+    the quantization setup of every W8A8 number (``default`` or ``paper``, row field ``setup``).
     """
     from quantizable.quantization.ptq import parse_ptq
+    from quantizable.quantization.setups import get_setup
+
+    get_setup(setup)  # an unknown setup fails here, listing the known ones
 
     ptq = tuple(parse_ptq(name).name for name in ptq)  # an unknown name fails here, listing the valid ones
     if scale_name not in SCALES:
@@ -499,7 +515,7 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | N
     combos = [(task, family, method, seed) for task, family in plan for method in methods
               for seed in scale.train_seeds]
     jobs = [Job(family, method, seed, out, scale, overrides,
-                f"[{index}/{len(combos)}] {task} {family} {method} seed {seed}", task, ptq)
+                f"[{index}/{len(combos)}] {task} {family} {method} seed {seed}", task, ptq, setup)
             for index, (task, family, method, seed) in enumerate(combos, 1)]
     workers = resolve_workers(workers, len(jobs))
     started = time.time()
@@ -508,7 +524,7 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | N
         measured.setdefault((job.task, job.family, job.method), []).append(result)
 
     rows = [aggregate(task, family, method, runs, scale) for (task, family, method), runs in measured.items()]
-    summary = {"scale": scale_name, "tasks": list(tasks), "overrides": list(overrides), "workers": workers,
+    summary = {"scale": scale_name, "setup": setup, "tasks": list(tasks), "overrides": list(overrides), "workers": workers,
                "elapsed_s": round(time.time() - started, 1), "rows": rows}
     write_json_atomic(out / "results.json", rows)
     write_json_atomic(out / "summary.json", summary)
