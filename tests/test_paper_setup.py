@@ -165,3 +165,38 @@ def test_setups_are_validated() -> None:
     assert set(SETUPS) == {"default", "paper"}
     assert get_setup("paper").calibration_for("opt").act_estimator == "percentile:99.999"
     assert get_setup("paper").calibration_for("bert").weight_estimator == "current_minmax"
+
+
+def test_official_kurtosis_against_plain_python() -> None:
+    """The official per-row kurtosis, recomputed with the statistics module (unbiased stdev, + 1e-6)."""
+    import statistics
+
+    from quantizable.analysis.paper_metrics import official_kurtosis
+
+    torch.manual_seed(1)
+    rows = torch.randn(3, 257, dtype=torch.float64) ** 3 * torch.tensor([[0.01], [1.0], [30.0]], dtype=torch.float64)
+    for row, ours in zip(rows.tolist(), official_kurtosis(rows).tolist()):
+        mean = statistics.fmean(row)
+        expected = statistics.fmean((v - mean) ** 4 for v in row) / (statistics.stdev(row) ** 4 + 1e-6)
+        assert ours == pytest.approx(expected, rel=1e-9)
+    # the 1e-6 makes it scale-dependent: a tiny tensor's kurtosis collapses, ours (population, no eps) does not
+    from quantizable.analysis import kurtosis
+
+    tiny = rows[:1] * 1e-3
+    assert float(official_kurtosis(tiny)) < 0.1 * kurtosis(tiny)
+
+
+@pytest.mark.parametrize("family, tensors", [("bert", lambda L: 2 * L), ("opt", lambda L: 5 * L + 1)])
+def test_paper_metrics_pool_the_official_tensors(family: str, tensors) -> None:
+    from quantizable.analysis import analyze
+
+    model = create_model(f"{family}-tiny", num_hidden_layers=3).eval()
+    batch = tiny_batch(f"{family}-tiny", batch=3)
+    result = analyze(model, [batch])
+    paper = result["paper_metrics"]
+    assert paper["tensors"] == tensors(3)
+    if family == "opt":  # the official "max layer inf norm" is our max inf norm (block outputs, per sequence)
+        assert paper["max_layer_inf_norm"] == pytest.approx(result["max_inf_norm"], rel=1e-5)
+    else:
+        assert paper["max_ln_output_inf_norm"] == pytest.approx(result["max_inf_norm"], rel=1e-5)
+    assert analyze(create_model("llama-tiny").eval(), [tiny_batch("llama-tiny")])["paper_metrics"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 
 from quantizable.analysis.mechanism import MechanismStats
 from quantizable.analysis.metrics import OUTLIER_STD, OutlierCounts, RunningStats, most_common, outlier_mask
+from quantizable.analysis.paper_metrics import covers_family, recording_paper_metrics
 from quantizable.analysis.recording import recording
 from quantizable.analysis.report import FigureData
 from quantizable.models.families import Task, attention_geometry, family_of_config
@@ -179,16 +181,18 @@ def analyze(
                if getattr(m, "attention_spec", None) is not None and m.attention_spec.kind == "clipped_softmax"}
     collector = _Collector(_TokenLabels(tokenizer), MechanismStats(n_layers), family.task is Task.CLM, clipped,
                            family.flattens_ffn_tokens)
+    official = recording_paper_metrics(model) if covers_family(model) else nullcontext(None)
     try:
-        for index, batch in enumerate(batches):
-            inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-            collector.start_batch(inputs, index == 0)
-            if index == 0:
-                collector.figure.inputs = {k: v[:FIGURE_SEQUENCES].cpu() for k, v in inputs.items()}
-            with recording(model, collector.record, with_attention=True):
-                model(**inputs)
-            if index == 0:
-                collector.figure.token_names = collector.token_labels[:FIGURE_SEQUENCES]
+        with official as paper:
+            for index, batch in enumerate(batches):
+                inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+                collector.start_batch(inputs, index == 0)
+                if index == 0:
+                    collector.figure.inputs = {k: v[:FIGURE_SEQUENCES].cpu() for k, v in inputs.items()}
+                with recording(model, collector.record, with_attention=True):
+                    model(**inputs)
+                if index == 0:
+                    collector.figure.token_names = collector.token_labels[:FIGURE_SEQUENCES]
     finally:
         model.train(was_training)
     if not collector.stats:
@@ -219,6 +223,8 @@ def analyze(
                                 and "input_ids" in collector.batch else None),
         },
         **collector.mechanism.summary(),
+        # the official scripts' pooling and kurtosis formula (analysis.paper_metrics); None: no official code
+        "paper_metrics": paper.summary() if paper is not None else None,
         "figure_layer": layer,
         "figure_head": head,
     }

@@ -240,6 +240,14 @@ def _mechanism_markdown(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def _paper_metric_rows(paper: dict[str, Any] | None) -> list[str]:
+    """The official scripts' numbers (``analysis.paper_metrics``), labelled as such."""
+    if paper is None:
+        return []
+    return [f"| paper metric ({paper['pooling']}, {paper['tensors']} tensors): {key.replace('_', ' ')} | {value:.2f} |"
+            for key, value in paper.items() if isinstance(value, float)]
+
+
 def _markdown(result: dict[str, Any]) -> str:
     outliers = result["outliers"]
     share = outliers["delimiter_share"]
@@ -257,6 +265,7 @@ def _markdown(result: dict[str, Any]) -> str:
           for key in ("attn_out", "ffn_out", "ln_in") if f"max_{key}_inf_norm" in result),
         f"| outliers (> {outliers['threshold_std']:g} std, {outliers['tensor']}) | {outliers['total']} |",
         f"| delimiter share of outliers | {'n/a' if share is None else f'{100 * share:.1f}%'} |",
+        *_paper_metric_rows(result.get("paper_metrics")),
         "",
         "Top outlier dimensions: " + (", ".join(f"#{d} ({c})" for d, c in outliers["dims"][:8]) or "none"),
         "",
