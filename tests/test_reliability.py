@@ -9,6 +9,8 @@ import importlib
 import json
 import logging
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from quantizable.cli.main import main as cli_main
-from quantizable.training import load_config, train
+from quantizable.training import list_presets, load_config, train
 from quantizable.training import checkpoint as checkpoint_io
 from quantizable.training import trainer
 
@@ -405,3 +407,125 @@ def test_ctrl_c_in_train_saves_the_step_and_says_how_to_resume(tmp_path: Path, c
     assert cli_main(["train", "--resume", "--out", str(run_dir), "--stop-after", str(step + 1),
                      "--no-progress"]) == 0
     assert f"at step {step} of 1000" in capsys.readouterr().out
+
+
+# 8. the inputs a new user gives (issue 19): damaged or changed weights, sequence lengths, text files, configs, CLI
+
+def _damaged_copies(reference_run: Path, tmp: Path) -> dict[str, Path]:
+    """Copies of the finished run with a truncated weights file, 4 KB of NaN in it, and one changed (finite) value."""
+    copies = {}
+    for name in ("truncated", "nan", "changed"):
+        copies[name] = tmp / name
+        shutil.copytree(reference_run, copies[name])
+        weights = copies[name] / "model" / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        if name == "truncated":
+            data = data[: len(data) // 2]
+        elif name == "nan":
+            data[-8192:-4096] = b"\x00\x00\xc0\x7f" * 1024  # float32 NaN
+        else:
+            data[-6] ^= 0x01  # a mantissa bit of one weight near the end: still a finite number
+        weights.write_bytes(bytes(data))
+    return copies
+
+
+def test_every_input_class_of_a_new_user_is_one_line(tmp_path: Path, reference_run: Path, capsys) -> None:
+    copies = _damaged_copies(reference_run, tmp_path)
+    guarded = tmp_path / "guarded"
+    (guarded / "sub").mkdir(parents=True)
+    (guarded / "sub" / "keep.json").write_text('{"keep": true}')
+    out = ["--out", str(guarded)]
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  preset: opt-tiny\n run: {steps: 3\n")
+    empty_yaml = tmp_path / "empty.yaml"
+    empty_yaml.write_text("")
+    model = str(reference_run)
+    cases = {  # argv -> what the error line must contain
+        ("analyze", str(copies["truncated"]), *out): "damaged",
+        ("export", str(copies["truncated"]), *out): "damaged",
+        ("quantize", str(copies["truncated"]), *out): "damaged",
+        ("analyze", str(copies["nan"]), *out): "non-finite weights",
+        ("quantize", str(copies["nan"]), *out): "non-finite weights",
+        ("export", str(copies["nan"]), *out): "non-finite weights",
+        ("analyze", str(copies["changed"]), *out): "do not match the digest",
+        ("train", "--config", "opt-tiny", "--init-from", str(copies["changed"]), *out): "do not match the digest",
+        ("analyze", model, "--seq-len", "100000", *out): "position limit (128 tokens)",
+        ("quantize", model, "--seq-len", "100000", *out): "position limit (128 tokens)",
+        ("export", model, "--seq-len", "100000", *out): "position limit (128 tokens)",
+        ("analyze", model, "--seq-len", "2", *out): "--seq-len must be at least 4",
+        ("analyze", model, "--data", str(noise), *out): "not UTF-8 text",
+        ("train", "--config", "opt-tiny", "--set", f"data.source={noise}", *out): "not UTF-8 text",
+        ("train", "--config", str(bad_yaml), *out): f"{bad_yaml} is not valid YAML",
+        ("train", "--config", str(empty_yaml), *out): f"{empty_yaml} is empty",
+        ("train", "--config", "opt-tiny", "--set", "model.overrides.hidden_size=abc", *out):
+            "model.overrides.hidden_size must be a int",
+        ("train", "--config", "opt-tiny", "--set", "model.overrides.no_such_field=3", *out):
+            "model.overrides.no_such_field is not a setting of OPTConfig",
+        ("train", "--config", "opt-tiny", "--set", "attention.gamma=-0.1", *out): "only apply to kind clipped_softmax",
+        ("train", "--config", "opt-tiny", "--set", "attention.kind=gated_attention", "--set", "attention.zeta=1.1",
+         *out): "only apply to kind clipped_softmax",
+        ("train", "--config", "opt-tiny", "--set", "optim.betas=[0.9,", *out): "not valid YAML",
+        ("train", "--list-presets", "--no-such-flag"): "unrecognized arguments",
+    }
+    before = {path: _snapshot(path) for path in [guarded, reference_run, *copies.values()]}
+    failures = []
+    for argv, expected in cases.items():
+        capsys.readouterr()
+        try:
+            code = cli_main(list(argv))
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "error:" in line]
+        if code != 2 or len(lines) != 1 or "Traceback" in err or expected not in lines[0]:
+            failures.append((argv, code, err))
+    assert not failures, failures
+    assert {path: _snapshot(path) for path in before} == before
+    assert not (guarded / "config.yaml").exists()
+
+
+def test_text_without_blank_lines_is_one_document_per_line(tmp_path: Path) -> None:
+    from quantizable.data import load_documents
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"Sentence number {i} stands on its own line.\n" for i in range(40)))
+    train_docs, validation_docs = (list(load_documents(split, lines)) for split in ("train", "validation"))
+    assert len(train_docs) + len(validation_docs) == 40 and validation_docs  # was: "validation split is empty"
+    single = tmp_path / "single.txt"
+    single.write_text("Only one line.\n")
+    with pytest.raises(ValueError, match="holds 1 document"):
+        load_documents("train", single)
+
+
+def test_cli_entry_points_version_usage_and_light_help(tmp_path: Path) -> None:
+    bare = subprocess.run([PYTHON, "-m", "quantizable"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: quantizable")
+    assert [line for line in bare.stderr.splitlines() if "error:" in line] == [
+        "error: name a verb: train, analyze, quantize, reproduce, export, data, demo (quantizable VERB --help for "
+        "its options)"]
+    version = subprocess.run([PYTHON, "-m", "quantizable", "--version"], env=ENV, capture_output=True, text=True,
+                             timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == "quantizable 0.1.0"
+    # building every verb's parser (what --help and argument errors need) imports neither torch nor transformers
+    probe = ("import sys; from quantizable.cli.main import build_parser; build_parser(); "
+             "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    light = subprocess.run([PYTHON, "-c", probe], env=ENV, capture_output=True, text=True, timeout=60)
+    assert light.stdout.strip() == "[]", light.stderr
+    presets = subprocess.run([PYTHON, "-m", "quantizable", "train", "--list-presets"], env=ENV, capture_output=True,
+                             text=True, timeout=60)
+    assert [line.split()[0] for line in presets.stdout.splitlines()] == list_presets()
+    from quantizable.attention.spec import KINDS
+    from quantizable.cli import reproduce as reproduce_cli
+
+    assert reproduce_cli.KINDS == KINDS  # the list --methods' help shows
+
+
+def test_piped_training_log_has_no_bars(tmp_path: Path) -> None:
+    """In a log (stderr not a terminal): no tqdm frames and no transformers per-file bars, one progress line."""
+    run = subprocess.run([PYTHON, "-m", "quantizable", "train", "--config", "opt-tiny", "--set", "run.steps=2",
+                          "--out", str(tmp_path / "run")], env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stderr and "Writing model shards" not in run.stderr and "Loading" not in run.stderr
+    assert re.fullmatch(r"train: 2/2 steps, loss [0-9.]+ \(\d+ s\)", run.stderr.strip()), run.stderr

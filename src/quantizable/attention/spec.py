@@ -54,6 +54,13 @@ class AttentionSpec:
             if self.gamma is not None and self.alpha is not None:
                 raise ValueError("give either gamma or alpha for clipped_softmax, not both")
             validate_clip_params(self.resolved_gamma(), self.zeta)
+        else:
+            given = {name: value for name, value in (("gamma", self.gamma), ("alpha", self.alpha)) if value is not None}
+            if self.zeta != 1.0:
+                given["zeta"] = self.zeta
+            if given:  # they would be ignored: only clipped softmax stretches its probabilities
+                raise ValueError(f"gamma, zeta and alpha only apply to kind clipped_softmax, got "
+                                 f"{', '.join(f'{k}={v}' for k, v in given.items())} with kind {self.kind!r}")
         if self.seq_len is not None and (int(self.seq_len) != self.seq_len or self.seq_len < 1):
             raise ValueError(f"seq_len (T) must be a positive integer, got {self.seq_len}")
         if not (math.isfinite(self.eps) and self.eps > 0):

@@ -49,21 +49,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantizable.analysis import analyze
-    from quantizable.data import model_tokenizer, run_data_settings, text_batches
-    from quantizable.models import family_of_config, load_model
+    from quantizable.data import model_tokenizer, resolve_seq_len, run_data_settings, text_batches
+    from quantizable.integrity import load_checked_model
+    from quantizable.models import family_of_config
 
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.seq_len is not None and args.seq_len < 4:
-        raise UserError("--seq-len must be at least 4")
     if args.data is not None and not args.data.is_file():
         raise UserError(f"--data {args.data}: no such text file")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     settings = run_data_settings(args.model)
-    model = load_model(args.model)
+    model = load_checked_model(args.model)
     task = family_of_config(model.config).task
-    seq_len = args.seq_len or settings.get("seq_len") or 128
+    seq_len = resolve_seq_len(args.seq_len, model, task, settings.get("seq_len"))
     tokenizer = None if task == "image" else model_tokenizer(args.model)
     if args.data is not None:
         if tokenizer is None:

@@ -1,4 +1,4 @@
-"""``quantizable export MODEL_OR_RUN --int8 [--backend onnxruntime|pt2e] --out DIR``: real INT8 inference, FP32 vs
+"""``quantizable export MODEL_OR_RUN [--int8] [--backend onnxruntime|pt2e] --out DIR``: real INT8 inference, FP32 vs
 INT8 quality and latency.
 
 Calibration and validation batches come from the same datasets and collators as ``quantizable quantize`` (so the
@@ -24,8 +24,8 @@ BACKENDS = ("onnxruntime", "pt2e")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, metavar="MODEL_OR_RUN",
                         help="run directory, Hugging Face checkpoint directory or .gguf file")
-    parser.add_argument("--int8", action="store_true", required=True,
-                        help="static per-tensor INT8 weights and activations (the only export so far)")
+    parser.add_argument("--int8", action="store_true",
+                        help="static per-tensor INT8 weights and activations (the only export so far, so the default)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="onnxruntime (default; QDQ via quantize_static) or pt2e (torchao X86InductorQuantizer, "
                              "torch.compile)")
@@ -61,11 +61,12 @@ def run(args: argparse.Namespace) -> int:
 
     from quantizable.data import checkpoint_data, make_loader
     from quantizable.export import export_int8
-    from quantizable.models import family_of_config, load_model
+    from quantizable.integrity import load_checked_model
+    from quantizable.models import family_of_config
 
     _check(args)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    model = load_model(args.model)
+    model = load_checked_model(args.model)
     sets = checkpoint_data(args.model, model, family_of_config(model.config).task, args.seq_len)
     train, validation, collate = sets.train, sets.validation, sets.collate
     available = len(train) // args.batch_size

@@ -26,6 +26,23 @@ def _quiet_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' per-file "Loading weights" / "Writing model shards" bars: noise around our own progress lines
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # read at import: already imported (e.g. main() called in a test process)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quantizable")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from quantizable import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(clipped softmax and gated attention, Bondarenko et al. 2023).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"quantizable {_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, summary in VERBS.items():
         verb_parser = sub.add_parser(verb, help=summary, description=summary)
@@ -57,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verb is None:
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)
+        print(f"error: name a verb: {', '.join(VERBS)} (quantizable VERB --help for its options)", file=sys.stderr)
+        return 2
     if args.module is None:
         print(f"error: '{args.verb}' is not available in this version yet", file=sys.stderr)
         return 2

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantizable.data import checkpoint_data, make_loader
-    from quantizable.models import family_of_config, load_model
+    from quantizable.integrity import load_checked_model
+    from quantizable.models import family_of_config
     from quantizable.quantization import simulate_w8a8
 
     _check(args)
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise UserError(f"--ptq: {error}") from None
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    model = load_model(args.model)
+    model = load_checked_model(args.model)
     family = family_of_config(model.config)
     task = family.task
     recipe = _apply_recipe(args, family.name, getattr(model.config, "max_position_embeddings", None))

@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# quantizable.attention.spec.KINDS (a test checks they agree), not imported: the parser is built for every verb and
+# must stay light
+KINDS = ("vanilla", "clipped_softmax", "gated_attention", "softmax_plus_one", "sink_token", "key_bias", "sigmoid",
+         "softpick", "value_gate")
+
 
 def _names(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(name for name in text.split(",") if name)
@@ -19,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--families", help="comma-separated subset of each task's families (backcopy: opt; "
                                            "pretrain: bert,opt,vit; default: all, at --quick pretrain only vit)")
     parser.add_argument("--methods", default="vanilla,clipped_softmax,gated_attention",
-                        help="comma-separated attention kinds")
+                        help=f"comma-separated attention kinds, of: {', '.join(KINDS)} (default "
+                             "vanilla,clipped_softmax,gated_attention)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="training override for every run, as in `train --set` (e.g. optim.lr=1e-2)")
     parser.add_argument("--train-seeds", type=int, help="use only the first N training seeds of the scale")

@@ -14,15 +14,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with --resume and no --config, RUN_DIR/config.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=1e-4 --set attention.kind=gated_attention")
-    parser.add_argument("--out", type=Path, required=True, help="run directory")
+    parser.add_argument("--out", type=Path, help="run directory (required unless listing)")
+    parser.add_argument("--list-presets", action="store_true",
+                        help="print the training presets (for --config) with what each is for, and exit")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="print every config key (for --set and YAML files) with its default, and exit")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--init-from", type=Path, help="fine-tune: our run dir, a Hugging Face checkpoint dir or .gguf")
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps in total")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _print_presets() -> None:
+    # quantizable.training.config.PRESET_DIR, not imported: that would import torch for a listing of files
+    for path in sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.yaml")):
+        comments = [line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+        print(f"{path.stem:20s} {comments[0] if comments else ''}")
+
+
+def _print_keys() -> None:
+    from quantizable.training.config import TrainConfig
+
+    def walk(values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and value and prefix + key != "model.overrides":
+                walk(value, f"{prefix}{key}.")
+            else:
+                print(f"{prefix}{key} = {value!r}")
+
+    walk(TrainConfig().to_dict(), "")
+    print("model.overrides.* = settings of the preset's transformers config (hidden_size, num_hidden_layers, ...)")
+
+
 def run(args: argparse.Namespace) -> int:
     from quantizable.cli.errors import UserError
+
+    if args.list_presets or args.list_keys:
+        _print_presets() if args.list_presets else _print_keys()
+        return 0
+    if args.out is None:
+        raise UserError("--out is required: the run directory (see quantizable train --help)")
     from quantizable.training import TrainingDivergedError, load_config, train
 
     source = args.config

@@ -5,7 +5,7 @@ from quantizable.data.common import default_data_dir, make_loader, split_documen
 from quantizable.data.images import image_dataset
 from quantizable.data.prepare import prepare_default_data, read_manifest
 from quantizable.data.saved_model import (DEFAULT_TOKENIZER, CheckpointData, checkpoint_data, model_tokenizer,
-                                          run_data_settings)
+                                          position_limit, resolve_seq_len, run_data_settings)
 from quantizable.data.tasks import TaskData, task_data
 from quantizable.data.text import (TextBlocks, checkpoint_tokenizer, clm_collator, load_documents, load_tokenizer,
                                    mlm_collator, source_tokenizer, text_dataset)
@@ -14,6 +14,7 @@ from quantizable.data.text_file import text_batches
 __all__ = [
     "DEFAULT_TOKENIZER", "CheckpointData", "TaskData", "TextBlocks", "checkpoint_data", "checkpoint_tokenizer",
     "clm_collator", "default_data_dir", "image_dataset", "load_documents", "load_tokenizer", "make_loader",
-    "mlm_collator", "model_tokenizer", "prepare_default_data", "read_manifest", "run_data_settings",
+    "mlm_collator", "model_tokenizer", "position_limit", "prepare_default_data", "read_manifest", "resolve_seq_len",
+    "run_data_settings",
     "source_tokenizer", "split_documents", "task_data", "text_batches", "text_dataset",
 ]

@@ -16,6 +16,38 @@ from quantizable.data.text import checkpoint_tokenizer, clm_collator, load_token
 
 # The project tokenizer a task uses when neither the checkpoint nor its run names one.
 DEFAULT_TOKENIZER = {"mlm": "wordpiece", "clm": "bpe"}
+DEFAULT_SEQ_LEN = 128
+
+
+def position_limit(config: Any) -> int | None:
+    """The most tokens the model's position embeddings cover (``None``: no limit in its config, or an image model)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int):
+            return limit
+    return None
+
+
+def resolve_seq_len(requested: int | None, model: Any, task: str, run_seq_len: int | None) -> int | None:
+    """``--seq-len``, else the run's ``data.seq_len``, else 128 capped at the position limit; ``None`` for images.
+
+    An explicit length above the limit is refused: positions past it have no embedding (an index error deep in the
+    model), and the attention matrices grow with its square (``export --seq-len 100000`` once filled 24 GB)."""
+    if task == "image":
+        if requested is not None:
+            raise ValueError("--seq-len does not apply to an image model (its sequence is the image's patches)")
+        return None
+    limit = position_limit(model.config)
+    if requested is None:
+        if run_seq_len:
+            return run_seq_len
+        return DEFAULT_SEQ_LEN if limit is None else min(DEFAULT_SEQ_LEN, limit)
+    if requested < 4:
+        raise ValueError(f"--seq-len must be at least 4, got {requested}")
+    if limit is not None and requested > limit:
+        raise ValueError(f"--seq-len {requested} is above the model's position limit ({limit} tokens); use "
+                         f"--seq-len 4..{limit}")
+    return requested
 
 
 def run_data_settings(path: str | Path) -> dict[str, Any]:
@@ -49,17 +81,17 @@ class CheckpointData:
 
 def checkpoint_data(path: str | Path, model: Any, task: str, seq_len: int | None = None) -> CheckpointData:
     """The splits the model saved at ``path`` is calibrated and scored on: its run's data source (default: the
-    embedded data), tokenized with ``model_tokenizer`` at ``seq_len`` (default: the run's ``data.seq_len``, else
-    128), checked against the model's vocabulary."""
+    embedded data), tokenized with ``model_tokenizer`` at ``seq_len`` (the user's ``--seq-len``, checked by
+    :func:`resolve_seq_len`), checked against the model's vocabulary."""
     settings = run_data_settings(path)
     source = settings.get("source")
+    seq_len = resolve_seq_len(seq_len, model, task, settings.get("seq_len"))
     if task == "image":
         return CheckpointData(image_dataset("train", source), image_dataset("validation", source), lambda seed: None)
     tokenizer = model_tokenizer(path, task)
     vocab_size = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}")
-    seq_len = seq_len or settings.get("seq_len") or 128
     train = text_dataset("train", tokenizer, seq_len, task, source=source)
     validation = text_dataset("validation", tokenizer, seq_len, task, source=source)
     if task == "mlm":

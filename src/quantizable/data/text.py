@@ -92,8 +92,24 @@ def parse_documents(text: str) -> list[Document]:
     return documents
 
 
-def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+def read_text_file(path: Path) -> str:
+    """A text file's contents, refusing what is not UTF-8 text: decoding a binary file with replacement characters
+    would train (or evaluate) on noise without a word."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (undecodable byte at offset {error.start}); convert it to UTF-8 "
+                         "or choose a text file") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} holds NUL bytes: a binary file, not text")
+    return text
+
+
+def _one_per_line(documents: list[Document]) -> list[Document]:
+    """A file without blank lines (one sentence or record per line) is one document per line, so that it can be
+    split into training and validation documents."""
+    return [[line] for line in documents[0]] if len(documents) == 1 else documents
 
 
 def _local_documents(path: Path, split: str) -> list[Document]:
@@ -104,13 +120,17 @@ def _local_documents(path: Path, split: str) -> list[Document]:
             if not split_file.exists():
                 raise FileNotFoundError(f"{split_file} does not exist (the directory has train.txt, so each split "
                                         "needs its own file)")
-            return parse_documents(_read(split_file))
+            return parse_documents(read_text_file(split_file))
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise FileNotFoundError(f"no .txt files found under {path}")
-        documents = [doc for file in files for doc in parse_documents(_read(file))]
+        documents = [doc for file in files for doc in _one_per_line(parse_documents(read_text_file(file)))]
     else:
-        documents = parse_documents(_read(path))
+        documents = _one_per_line(parse_documents(read_text_file(path)))
+    if len(documents) < 2:
+        raise ValueError(f"{path} holds {len(documents)} document(s); splitting it into training and validation "
+                         "needs at least 2 (documents are separated by blank lines, or one per line in a file "
+                         "without blank lines)")
     return split_documents(documents, split)
 
 
@@ -166,7 +186,7 @@ def load_documents(split: str, source: str | os.PathLike | None = None,
         path = root / "text" / f"{split}.txt"
         if not path.exists():
             raise FileNotFoundError(NOT_PREPARED.format(root=root))
-        return parse_documents(_read(path))
+        return parse_documents(read_text_file(path))
     source = os.fspath(source)
     if source in HF_SOURCES:
         return _hf_documents(source, split)

@@ -1,7 +1,8 @@
 """Evaluation batches from a raw text file, tokenized with the model's own tokenizer.
 
-Paragraphs (blank-line separated) are packed greedily into sequences of at most ``seq_len`` tokens including the
-tokenizer's special tokens ([CLS]/[SEP] for BERT, <s> for Llama), so delimiters appear as in real inputs.
+Paragraphs (blank-line separated; in a file without blank lines, its lines) are packed greedily into sequences of
+at most ``seq_len`` tokens including the tokenizer's special tokens ([CLS]/[SEP] for BERT, <s> for Llama), so
+delimiters appear as in real inputs.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ from typing import Any
 
 import torch
 
+from quantizable.data.text import read_text_file
+
 
 def _paragraphs(text: str) -> list[str]:
-    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+    """Blank-line separated paragraphs; in a text without blank lines, each line (one sentence per line)."""
+    blocks = [block for block in re.split(r"\n\s*\n", text) if block.strip()]
+    if len(blocks) == 1:
+        blocks = blocks[0].splitlines()
+    return [" ".join(p.split()) for p in blocks if p.strip()]
 
 
 def pack_paragraphs(text: str, tokenizer: Any, seq_len: int) -> list[str]:
@@ -41,7 +48,7 @@ def text_batches(path: str | Path, tokenizer: Any, seq_len: int, batch_size: int
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such text file: {path}")
-    chunks = pack_paragraphs(path.read_text(encoding="utf-8", errors="replace"), tokenizer, seq_len)
+    chunks = pack_paragraphs(read_text_file(path), tokenizer, seq_len)
     if not chunks:
         raise ValueError(f"{path} holds no text")
     if tokenizer.pad_token is None:

@@ -146,10 +146,11 @@ class RunData:
 def load_run(run_dir: Path, scale: Scale) -> RunData:
     """The model, tokenizer, evaluation batches and seeded calibration batches of a trained run."""
     from quantizable import data
-    from quantizable.models import family_of_config, load_model
+    from quantizable.integrity import load_checked_model
+    from quantizable.models import family_of_config
 
     config = TrainConfig.from_dict(json.loads(json.dumps(load_yaml(run_dir / "config.yaml"))))
-    model = load_model(run_dir)
+    model = load_checked_model(run_dir)
     task = family_of_config(model.config).task
     tokenizer = None if task == "image" else data.checkpoint_tokenizer(run_dir)
     sets = data.task_data(config, task, tokenizer)

@@ -210,10 +210,24 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown training preset {str(source)!r}; presets: {', '.join(list_presets())} "
                          "(or give a path to a .yaml file)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file") from None
+    if data is None:
+        raise ValueError(f"{path} is empty; a config needs at least model.preset (presets: {', '.join(list_presets())})")
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a YAML mapping at the top level")
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's message in one line, with where it is (1-based line and column)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -222,7 +236,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if not sep or not key.strip():
         raise ValueError(f"override {assignment!r} must look like key.sub=value")
     parts = key.strip().split(".")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {assignment!r}: the value is not valid YAML ({_yaml_problem(error)})") from None
     target, cls = data, TrainConfig
     for depth, part in enumerate(parts):
         if cls is not None:  # inside dataclasses keys are checked; free-form dicts (model.overrides) take any key
@@ -260,4 +277,8 @@ def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfi
     data = _read_yaml(source)
     for assignment in overrides:
         apply_override(data, assignment)
+    model = data.get("model")
+    if not (isinstance(model, dict) and model.get("preset")):
+        raise ValueError(f"{source} sets no model.preset (one of the model presets, e.g. opt-tiny; or use a training "
+                         f"preset: {', '.join(list_presets())})")
     return TrainConfig.from_dict(_yaml_number(data))

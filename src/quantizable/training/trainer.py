@@ -22,14 +22,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from quantizable.data.tasks import TaskData, task_data
 from quantizable.evaluation import evaluate
+from quantizable.integrity import load_checked_model
 from quantizable.io import write_json_atomic
-from quantizable.models import (FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config,
-                                load_model)
+from quantizable.models import FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config
+from quantizable.progress import Progress
 from quantizable.training.allocator import keep_freed_memory
 from quantizable.training.checkpoint import (check_resume_config, check_resume_init_from, check_run_dir, checkpoints,
                                              save_checkpoint, truncate_metrics, verified_state, weight_digest)
@@ -75,6 +75,37 @@ def _preset_task(preset: str) -> str:
     return FAMILIES[family].task
 
 
+def check_model_overrides(preset: str, overrides: dict[str, Any]) -> None:
+    """``model.overrides`` must be settings of the preset's transformers config with values of their type: an
+    unknown key would only be written into ``config.json`` and ignored, a wrong type fails deep inside the model."""
+    import difflib
+
+    from quantizable.models import QUANTIZABLE_CLASSES
+
+    family = MODEL_PRESETS[preset][0] if preset in MODEL_PRESETS else preset
+    config_class = QUANTIZABLE_CLASSES[family].config_class
+    # beyond transformers' settings: num_labels (stored as id2label) and our ViT's patch LayerNorm (models/modeling.py)
+    defaults = {**config_class().to_dict(), "num_labels": 2, "patch_layernorm": False}
+    for key, value in overrides.items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"model.overrides.{key} is not a setting of {config_class.__bases__[0].__name__} "
+                             f"(model.preset {preset}){hint}")
+        default = defaults[key]
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool) or isinstance(value, bool):
+            fits = isinstance(value, bool) and isinstance(default, bool)
+        elif isinstance(default, float):
+            fits = isinstance(value, (int, float))
+        else:
+            fits = isinstance(value, type(default))
+        if not fits:
+            raise ValueError(f"model.overrides.{key} must be a {type(default).__name__} like its default "
+                             f"{default!r}, got {value!r}")
+
+
 def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tuple[PreTrainedModel, Any]:
     """The model to train and its tokenizer (``None`` for images).
 
@@ -85,7 +116,7 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
     from quantizable import data
 
     if init_from is not None:
-        model = apply_attention_spec(load_model(init_from), config.attention)
+        model = apply_attention_spec(load_checked_model(init_from), config.attention)
         task = family_of_config(model.config).task
         tokenizer = None
         if task != "image":
@@ -97,6 +128,7 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
                                  f"{model.config.vocab_size}; set data.tokenizer to the one it was trained with")
     else:
         task = _preset_task(config.model.preset)
+        check_model_overrides(config.model.preset, config.model.overrides)
         tokenizer, extra = None, {}
         if task != "image":
             tokenizer = data.source_tokenizer(config.data.source,
@@ -248,8 +280,7 @@ def train(
                 handle.write(json.dumps(record) + "\n")
 
     end = run.steps if stop_after is None else min(run.steps, stop_after)
-    bar = tqdm(total=run.steps, initial=step, desc="train",
-               disable=not (progress and accelerator.is_local_main_process))
+    bar = Progress(run.steps, "train", enabled=progress and accelerator.is_local_main_process, initial=step)
     losses: list[float] = []
     last_eval: dict[str, Any] | None = None
     last_eval_step = -1
@@ -272,8 +303,7 @@ def train(
             scheduler.step()
             step += 1
             losses.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.update(1, loss=f"{step_loss:.4f}")
             record: dict[str, Any] = {}
             if run.log_every and step % run.log_every == 0:
                 window = losses[-run.log_every:]
