@@ -13,6 +13,7 @@ from itertools import islice
 from pathlib import Path
 
 from quantizable.cli.errors import UserError
+from quantizable.tasks import Task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def _default_batches(tokenizer, seq_len: int, task: str, batch_size: int, n_batc
     """The validation split of the run's data source, or of the embedded default corpus / Fashion-MNIST."""
     from quantizable.data import image_dataset, make_loader, text_dataset
 
-    if task == "image":
+    if task == Task.IMAGE:
         return make_loader(image_dataset("validation", source=source), batch_size)
     if tokenizer is None:
         raise UserError("no tokenizer for this model: no tokenizer files next to it and no data.tokenizer in config.yaml")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_checked_model(args.model)
     task = family_of_config(model.config).task
     seq_len = resolve_seq_len(args.seq_len, model, task, settings.get("seq_len"))
-    tokenizer = None if task == "image" else model_tokenizer(args.model)
+    tokenizer = None if task == Task.IMAGE else model_tokenizer(args.model)
     if args.data is not None:
         if tokenizer is None:
             raise UserError(f"{args.model} has no tokenizer to read --data with (image model or no tokenizer files)")

@@ -13,9 +13,10 @@ from typing import Any
 
 from quantizable.data.images import image_dataset
 from quantizable.data.text import checkpoint_tokenizer, clm_collator, load_tokenizer, mlm_collator, text_dataset
+from quantizable.tasks import Task
 
 # The project tokenizer a task uses when neither the checkpoint nor its run names one.
-DEFAULT_TOKENIZER = {"mlm": "wordpiece", "clm": "bpe"}
+DEFAULT_TOKENIZER = {Task.MLM: "wordpiece", Task.CLM: "bpe"}
 DEFAULT_SEQ_LEN = 128
 
 
@@ -33,7 +34,7 @@ def resolve_seq_len(requested: int | None, model: Any, task: str, run_seq_len: i
 
     An explicit length above the limit is refused: positions past it have no embedding (an index error deep in the
     model), and the attention matrices grow with its square (``export --seq-len 100000`` once filled 24 GB)."""
-    if task == "image":
+    if task == Task.IMAGE:
         if requested is not None:
             raise ValueError("--seq-len does not apply to an image model (its sequence is the image's patches)")
         return None
@@ -86,7 +87,7 @@ def checkpoint_data(path: str | Path, model: Any, task: str, seq_len: int | None
     settings = run_data_settings(path)
     source = settings.get("source")
     seq_len = resolve_seq_len(seq_len, model, task, settings.get("seq_len"))
-    if task == "image":
+    if task == Task.IMAGE:
         return CheckpointData(image_dataset("train", source), image_dataset("validation", source), lambda seed: None)
     tokenizer = model_tokenizer(path, task)
     vocab_size = model.get_input_embeddings().num_embeddings
@@ -94,6 +95,6 @@ def checkpoint_data(path: str | Path, model: Any, task: str, seq_len: int | None
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}")
     train = text_dataset("train", tokenizer, seq_len, task, source=source)
     validation = text_dataset("validation", tokenizer, seq_len, task, source=source)
-    if task == "mlm":
+    if task == Task.MLM:
         return CheckpointData(train, validation, lambda seed: mlm_collator(tokenizer, seed=seed))
     return CheckpointData(train, validation, lambda seed: clm_collator())

@@ -12,6 +12,7 @@ import torch
 from quantizable.data.common import make_loader
 from quantizable.data.images import image_dataset
 from quantizable.data.text import clm_collator, mlm_collator, text_dataset
+from quantizable.tasks import Task
 
 if TYPE_CHECKING:
     from quantizable.training.config import TrainConfig
@@ -28,9 +29,9 @@ class TaskData:
 
 
 def task_data(config: TrainConfig, task: str, tokenizer: Any) -> TaskData:
-    """Training dataset, its collator and a validation-loader factory for ``task`` ("mlm", "clm" or "image")."""
+    """Training dataset, its collator and a validation-loader factory for ``task`` (a ``quantizable.tasks.Task``)."""
     source, run = config.data.source, config.run
-    if task == "image":
+    if task == Task.IMAGE:
         train = image_dataset("train", source=source)
         validation = image_dataset("validation", source=source)
         collate, make_eval_collate, tokens = lambda epoch: None, lambda: None, 1
@@ -38,7 +39,7 @@ def task_data(config: TrainConfig, task: str, tokenizer: Any) -> TaskData:
         train = text_dataset("train", tokenizer, config.data.seq_len, task, source=source)
         validation = text_dataset("validation", tokenizer, config.data.seq_len, task, source=source)
         tokens = config.data.seq_len
-        if task == "mlm":
+        if task == Task.MLM:
             # Masks are a function of (seed, epoch, block): they change every epoch, yet do not depend on when the
             # loader (which prefetches) draws random numbers, so a resumed run sees the same masks.
             def collate(epoch: int) -> Callable:

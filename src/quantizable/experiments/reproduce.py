@@ -27,6 +27,7 @@ import torch
 from quantizable.attention.spec import KINDS
 from quantizable.data.backcopy import backcopy_bos_shares, backcopy_scores, is_backcopy
 from quantizable.io import write_json_atomic
+from quantizable.tasks import Task
 from quantizable.training.config import TrainConfig, load_config
 
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")  # the paper's trio; any attention kind is accepted
@@ -152,7 +153,7 @@ def load_run(run_dir: Path, scale: Scale) -> RunData:
     config = TrainConfig.from_dict(json.loads(json.dumps(load_yaml(run_dir / "config.yaml"))))
     model = load_checked_model(run_dir)
     task = family_of_config(model.config).task
-    tokenizer = None if task == "image" else data.checkpoint_tokenizer(run_dir)
+    tokenizer = None if task == Task.IMAGE else data.checkpoint_tokenizer(run_dir)
     sets = data.task_data(config, task, tokenizer)
     eval_batches = _batches(sets.validation_loader(), scale.eval_batches)
 

@@ -9,13 +9,8 @@ the record. Everything else (gates, clipped softmax, taps) is shared through :mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
-
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    AutoModelForMaskedLM,
     BertConfig,
     BertForMaskedLM,
     GPT2Config,
@@ -39,26 +34,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.vit.modeling_vit import ViTAttention
 from transformers.pytorch_utils import Conv1D
 
-
-class Task(StrEnum):
-    """What a family's task head is trained on; the values are the strings configs and results files use."""
-
-    MLM = "mlm"  # masked language modelling (text)
-    CLM = "clm"  # causal language modelling (text)
-    IMAGE = "image"  # image classification
-
-    @property
-    def metric(self) -> str:
-        return "accuracy" if self is Task.IMAGE else "perplexity"
-
-    @property
-    def is_text(self) -> bool:
-        return self is not Task.IMAGE
-
-    @property
-    def auto_class(self) -> type:
-        return {Task.MLM: AutoModelForMaskedLM, Task.CLM: AutoModelForCausalLM,
-                Task.IMAGE: AutoModelForImageClassification}[self]
+from quantizable.tasks import Task
 
 
 # Layer types with a weight matrix that quantizes like a linear layer, and the axis of its output channels
