@@ -51,6 +51,5 @@ def evaluate(
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluation saw no labelled tokens or images")
-    if family.task is Task.IMAGE:
-        return {"metric": "accuracy", "value": 100.0 * total / count, "count": count}
-    return {"metric": "perplexity", "value": math.exp(total / count), "count": count}
+    value = 100.0 * total / count if family.task is Task.IMAGE else math.exp(total / count)
+    return {"metric": family.task.metric, "value": value, "count": count}

@@ -71,10 +71,6 @@ class Family:
     block_class: type[nn.Module] | None = None
 
     @property
-    def metric(self) -> str:
-        return self.task.metric
-
-    @property
     def model_type(self) -> str:
         return self.config_class.model_type
 
