@@ -27,7 +27,7 @@ from quantizable.data import checkpoint_data, make_loader
 from quantizable.io import write_json_atomic
 from quantizable.models import family_of_config, load_model
 from quantizable.quantization import QuantConfig, simulate_w8a8
-from quantizable.quantization.ptq import METHODS, check_applicable, parse_ptq, simulate_ptq
+from quantizable.quantization.ptq import METHODS, NotApplicable, parse_ptq, simulate_ptq
 
 EVAL_MASK_SEED = 1234  # as quantizable.cli.quantize
 
@@ -89,13 +89,13 @@ def main() -> None:
     print(f"{plain['metric']}: FP {plain['fp']:.3f}, W8A8 {plain['quantized']['mean']:.3f} "
           f"± {plain['quantized']['std']:.3f} {plain.get('scores', '')}", flush=True)
     for ptq in methods:
-        reason = check_applicable(model, ptq)
-        if reason is not None:
-            results["ptq"][ptq.name] = {"not_applicable": reason}
-            print(f"{ptq.name}: not applicable ({reason})", flush=True)
-            continue
         start = time.perf_counter()
-        result = simulate_ptq(model, calibration, eval_batches, ptq, seeds=seeds, score=score)
+        try:
+            result = simulate_ptq(model, calibration, eval_batches, ptq, seeds=seeds, score=score)
+        except NotApplicable as error:
+            results["ptq"][ptq.name] = {"not_applicable": str(error)}
+            print(f"{ptq.name}: not applicable ({error})", flush=True)
+            continue
         results["ptq"][ptq.name] = {**result, "seconds": time.perf_counter() - start}
         q = result["quantized"]
         print(f"{ptq.name}: W8A8 {q['mean']:.3f} ± {q['std']:.3f} {result.get('scores', '')} "

@@ -214,3 +214,14 @@ def test_reproduce_ptq_field_report_and_reuse(tmp_path, capsys) -> None:
     capsys.readouterr()
     again = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False, ptq=("prefix",))
     assert "reusing" in capsys.readouterr().out and set(again[0]["ptq"]) == {"prefix:1"}
+
+
+def test_rotation_refuses_gated_attention() -> None:
+    from quantizable import AttentionSpec
+    from quantizable.quantization.ptq import NotApplicable
+
+    model = create_model("opt-tiny", AttentionSpec(kind="gated_attention")).eval()
+    with pytest.raises(NotApplicable, match="gates"):  # the gates read the norm output per head
+        prepare(model, parse_ptq("rotation"), _batches("opt-tiny"))
+    target, _ = prepare(model, parse_ptq("smoothquant"), _batches("opt-tiny"))  # smoothing leaves the gates' input
+    assert target is not model

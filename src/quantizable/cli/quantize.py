@@ -131,12 +131,12 @@ def run(args: argparse.Namespace) -> int:
 
     results = simulate_w8a8(model, calibration, evaluation, config, seeds=range(args.seeds))
     if ptq is not None:
-        from quantizable.quantization.ptq import check_applicable, simulate_ptq
+        from quantizable.quantization.ptq import NotApplicable, simulate_ptq
 
-        reason = check_applicable(model, ptq)
-        if reason is not None:
-            raise UserError(f"--ptq {ptq.name}: {reason}")
-        results["ptq"] = simulate_ptq(model, calibration, evaluation, ptq, config, seeds=range(args.seeds))
+        try:
+            results["ptq"] = simulate_ptq(model, calibration, evaluation, ptq, config, seeds=range(args.seeds))
+        except NotApplicable as error:
+            raise UserError(f"--ptq {ptq.name}: {error}") from None
     results["model"] = str(args.model)
     results["setup"] = {"name": args.setup, **recipe}
     args.out.mkdir(parents=True, exist_ok=True)

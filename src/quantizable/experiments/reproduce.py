@@ -27,7 +27,7 @@ import torch
 from quantizable.attention.spec import KINDS
 from quantizable.data.backcopy import backcopy_bos_shares, backcopy_scores, is_backcopy
 from quantizable.io import write_json_atomic
-from quantizable.tasks import Task
+from quantizable.tasks import Task as ModelTask  # the local Task below is a reproduction task
 from quantizable.training.config import TrainConfig, load_config
 
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")  # the paper's trio; any attention kind is accepted
@@ -153,7 +153,7 @@ def load_run(run_dir: Path, scale: Scale) -> RunData:
     config = TrainConfig.from_dict(json.loads(json.dumps(load_yaml(run_dir / "config.yaml"))))
     model = load_checked_model(run_dir)
     task = family_of_config(model.config).task
-    tokenizer = None if task == Task.IMAGE else data.checkpoint_tokenizer(run_dir)
+    tokenizer = None if task == ModelTask.IMAGE else data.checkpoint_tokenizer(run_dir)
     sets = data.task_data(config, task, tokenizer)
     eval_batches = _batches(sets.validation_loader(), scale.eval_batches)
 
@@ -238,16 +238,16 @@ def measure_int8(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
 def measure_ptq(run: RunData, scale: Scale, names: tuple[str, ...]) -> dict[str, Any]:
     """W8A8 under each PTQ baseline (``quantization.ptq``) of one trained run, on the calibration seeds and
     evaluation batches of ``measure``; a method that does not apply records its reason."""
-    from quantizable.quantization.ptq import check_applicable, parse_ptq, simulate_ptq
+    from quantizable.quantization.ptq import NotApplicable, parse_ptq, simulate_ptq
 
     results: dict[str, Any] = {}
     for name in names:
         ptq = parse_ptq(name)
-        reason = check_applicable(run.model, ptq)
-        if reason is not None:
-            results[ptq.name] = {"not_applicable": reason}
+        try:
+            result = simulate_ptq(run.model, run.calibration, run.eval_batches, ptq, seeds=scale.calib_seeds)
+        except NotApplicable as error:
+            results[ptq.name] = {"not_applicable": str(error)}
             continue
-        result = simulate_ptq(run.model, run.calibration, run.eval_batches, ptq, seeds=scale.calib_seeds)
         results[ptq.name] = {key: result[key] for key in ("fp", "quantized", "ptq", "cost")}
     return results
 

@@ -65,6 +65,10 @@ COSTS: dict[str, dict[str, str]] = {
 }
 
 
+class NotApplicable(ValueError):
+    """A PTQ method cannot be applied to this model (the reason is the message)."""
+
+
 @dataclass(frozen=True)
 class PTQConfig:
     """One PTQ baseline: ``method`` and its parameter (``alpha`` for smoothquant, ``k`` for outlier_fp,
@@ -184,8 +188,9 @@ def _base_names(model: nn.Module, names: Iterable[str]) -> list[str]:
 def _check_function(model: nn.Module, batch: Batch, reference: torch.Tensor, what: str) -> float:
     change = float((_logits(model, batch) - reference).norm() / reference.norm().clamp(min=1e-12))
     if not change <= FP_TOLERANCE:
-        raise RuntimeError(f"{what} changed the floating-point logits by {change:.2e} (relative), more than "
-                           f"{FP_TOLERANCE:g}: this architecture is not supported by it")
+        raise NotApplicable(f"{what} changed the floating-point logits by {change:.2e} (relative, more than "
+                            f"{FP_TOLERANCE:g}): something other than a Linear reads a norm's output (e.g. the "
+                            "per-head gates of gated attention), so the transform cannot be folded into weights")
     return change
 
 
@@ -226,7 +231,9 @@ def smooth_(model: nn.Module, calibration: list[Batch], alpha: float = 0.5, fold
             if getattr(norm_module, "bias", None) is not None:
                 norm_module.bias.div_(s.to(norm_module.bias))
     change = _check_function(model, calibration[0], reference, "smoothquant")
-    return {"scales": scales, "groups": len(groups), "fp_relative_change": change}
+    post_ln = check_applicable(model, PTQConfig("rotation")) is not None  # its norms also feed the residual
+    return {"scales": scales, "groups": len(groups), "fp_relative_change": change,
+            "extra_params": sum(s.numel() for s in scales.values()) if post_ln else 0}
 
 
 class FoldedRMSNorm(nn.Module):
@@ -265,7 +272,7 @@ def rotate_(model: nn.Module, calibration: list[Batch], seed: int = 0) -> dict[s
     """Fold a random Hadamard rotation of the residual stream into the weights of a pre-LN model, in place."""
     reason = check_applicable(model, PTQConfig("rotation"))
     if reason is not None:
-        raise ValueError(reason)
+        raise NotApplicable(reason)
     batch = calibration[0]
     reference = _logits(model, batch)
     modules = dict(model.named_modules())
@@ -274,7 +281,7 @@ def rotate_(model: nn.Module, calibration: list[Batch], seed: int = 0) -> dict[s
     norms = [name for name, m in modules.items() if _is_norm(m) and name.startswith(f"{base}.")]
     missing = [name for name in norms if name not in consumers]
     if missing:
-        raise ValueError(f"rotation: norm {missing[0]} feeds no Linear; unsupported architecture")
+        raise NotApplicable(f"rotation: norm {missing[0]} feeds no Linear; unsupported architecture")
     d = model.config.hidden_size
     blocks = transformer_blocks(model)
     writers = [m for b in blocks for m in (b.attention_output[1], b.ffn_output[1])]
