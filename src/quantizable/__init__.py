@@ -2,7 +2,8 @@
 
 The public names are imported on first use, so that the ``quantizable`` command answers ``--help`` without
 waiting for torch and transformers. Importing any of them also registers our model classes with transformers'
-``Auto*`` classes (e.g. ``from quantizable import load_model``).
+``Auto*`` classes and our image processor with ``AutoImageProcessor`` (e.g. ``from quantizable import
+load_model``), so transformers' pipelines load saved runs.
 """
 
 import importlib
@@ -23,7 +24,9 @@ __all__ = list(_PUBLIC)
 def __getattr__(name: str) -> Any:
     if name not in _PUBLIC:
         raise AttributeError(f"module 'quantizable' has no attribute {name!r}")
+    from quantizable.data.image_processor import register_image_processor
     from quantizable.models import register_auto_classes
 
     register_auto_classes()
+    register_image_processor()
     return getattr(importlib.import_module(_PUBLIC[name]), name)

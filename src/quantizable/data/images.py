@@ -70,24 +70,44 @@ def _to_grey_28(image: Any) -> np.ndarray:
     return np.asarray(image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
-def _image_folder(path: Path, split: str) -> ImageArrays:
-    """ImageFolder layout: ``path/<split>/<class>/*.png`` (train; val, validation or test) or ``path/<class>/``."""
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise ValueError("reading an image folder needs Pillow; install it with `pip install pillow`") from error
+def _split_dir(path: Path, split: str) -> Path:
     split_dir = next((path / name for name in SPLIT_DIR_NAMES[split] if (path / name).is_dir()), None)
     if split_dir is None:
         if any((path / name).is_dir() for names in SPLIT_DIR_NAMES.values() for name in names):
             raise FileNotFoundError(f"{path} has no {split} directory ({', '.join(SPLIT_DIR_NAMES[split])})")
         split_dir = path
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    return split_dir
+
+
+def _folder_classes(path: Path) -> list[str]:
+    """The class names of an image folder: the sub-directories of its training split, sorted."""
+    classes = sorted(d.name for d in _split_dir(path, "train").iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{_split_dir(path, 'train')} has no class sub-directories")
+    return classes
+
+
+def _image_folder(path: Path, split: str) -> ImageArrays:
+    """ImageFolder layout: ``path/<split>/<class>/*.png`` (train; val, validation or test) or ``path/<class>/``.
+
+    Labels index the training split's classes in both splits, so a class missing from validation does not shift the
+    others; a validation class unknown to training is refused."""
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise ValueError("reading an image folder needs Pillow; install it with `pip install pillow`") from error
+    split_dir = _split_dir(path, split)
+    classes = _folder_classes(path)
+    present = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    unknown = [name for name in present if name not in classes]
+    if unknown:
+        raise ValueError(f"{split_dir} has classes the training split lacks: {', '.join(unknown[:5])}")
     images, labels = [], []
-    for label, name in enumerate(classes):
+    for name in present:
         for file in sorted(p for p in (split_dir / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             with Image.open(file) as image:
                 images.append(_to_grey_28(image))
-            labels.append(label)
+            labels.append(classes.index(name))
     if not images:
         raise ValueError(f"no images found in class sub-directories of {split_dir}")
     return ImageArrays(np.stack(images), np.asarray(labels), classes)
@@ -109,6 +129,26 @@ def _hf_images(name: str, split: str) -> ImageArrays:
     classes = getattr(label_feature, "names", None) or [str(c) for c in sorted(set(rows[label_key]))]
     images = np.stack([_to_grey_28(image) for image in rows[image_key]])
     return ImageArrays(images, np.asarray(rows[label_key]), classes)
+
+
+def image_classes(source: str | os.PathLike | None = None) -> list[str]:
+    """The class names of an image source, in label order: what a model trained on it predicts (its ``id2label``)."""
+    if source is None:
+        return list(FASHION_MNIST_CLASSES)
+    path = Path(os.fspath(source)).expanduser()
+    if path.is_dir():
+        return _folder_classes(path)
+    return list(image_dataset("train", source).classes)
+
+
+def label_settings(classes: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A classifier's config for these classes: as many outputs, and their names (``id2label``, what pipelines
+    print); a ``model.overrides.num_labels`` that disagrees with the data is refused."""
+    if "num_labels" in overrides and overrides["num_labels"] != len(classes):
+        raise ValueError(f"model.overrides.num_labels={overrides['num_labels']} but the image data has "
+                         f"{len(classes)} classes; leave num_labels out (it follows the data)")
+    return {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+            "label2id": {name: index for index, name in enumerate(classes)}}
 
 
 def image_dataset(split: str, source: str | os.PathLike | None = None, root: str | Path | None = None) -> ImageArrays:

@@ -23,9 +23,10 @@ from torch.utils.data import Dataset
 from quantizable.data.backcopy import backcopy_dataset, backcopy_tokenizer, is_backcopy
 from quantizable.data.common import (NOT_PREPARED, check_split, load_hf_dataset, looks_like_path, resolve_root,
                                      split_documents)
+from quantizable.tasks import Task
 
 Document = list[str]
-TASKS = ("mlm", "clm")
+TASKS = (Task.MLM, Task.CLM)
 TOKENIZER_KINDS = ("wordpiece", "bpe")
 
 # Short names for the corpora of the paper; value: (datasets path, config, split name per split).
@@ -203,7 +204,7 @@ def load_documents(split: str, source: str | os.PathLike | None = None,
 
 def _special_ids(tokenizer: Any, task: str) -> tuple[int, int]:
     """(block prefix, separator appended after each segment or document) for the task."""
-    if task == "mlm":
+    if task == Task.MLM:
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise ValueError("task 'mlm' needs a tokenizer with [CLS] and [SEP], e.g. load_tokenizer('wordpiece')")
         return tokenizer.cls_token_id, tokenizer.sep_token_id
@@ -214,10 +215,38 @@ def _special_ids(tokenizer: Any, task: str) -> tuple[int, int]:
     return bos, eos
 
 
+def special_token_ids(tokenizer: Any, task: str) -> dict[str, int]:
+    """The model config's ids of the tokens its data uses: padding, and for causal LM the BOS that starts every block
+    and the EOS that ends every document (what ``generate()`` stops at; the family's defaults are other ids)."""
+    ids = {} if tokenizer.pad_token_id is None else {"pad_token_id": tokenizer.pad_token_id}
+    if task == "clm":
+        bos, eos = _special_ids(tokenizer, task)
+        ids.update(bos_token_id=bos, eos_token_id=eos)
+    return ids
+
+
+def prepend_bos_when_encoding(directory: Path, tokenizer: Any) -> None:
+    """Make the causal-LM tokenizer saved in ``directory`` start every encoding with BOS, as every training block
+    starts with it: ``pipeline("text-generation")`` and ``tokenizer(text)`` then give the model what it was trained
+    on. (Tokenizing the corpus uses ``add_special_tokens=False`` and is unaffected.)"""
+    from tokenizers import Tokenizer, processors
+
+    bos = tokenizer.bos_token
+    if bos is None or tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return
+    path = directory / "tokenizer.json"
+    backend = Tokenizer.from_file(str(path))
+    template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1",
+                                             special_tokens=[(bos, tokenizer.bos_token_id)])
+    existing = backend.post_processor
+    backend.post_processor = template if existing is None else processors.Sequence([existing, template])
+    backend.save(str(path))
+
+
 def _tokenize(documents: Iterable[Document], tokenizer: Any, task: str, max_tokens: int | None) -> np.ndarray:
     """One flat id stream: MLM puts [SEP] after every segment, CLM joins a document's lines and ends it with EOS."""
     _, separator = _special_ids(tokenizer, task)
-    texts = (segment for doc in documents for segment in doc) if task == "mlm" else ("\n".join(d) for d in documents)
+    texts = (segment for doc in documents for segment in doc) if task == Task.MLM else ("\n".join(d) for d in documents)
     pieces: list[np.ndarray] = []
     total = 0
     while batch := list(islice(texts, 512)):
@@ -301,12 +330,12 @@ def text_dataset(split: str, tokenizer: Any, seq_len: int, task: str, source: st
     """Blocks of ``seq_len`` ids for ``task`` ``mlm`` ([CLS] ... [SEP]) or ``clm`` (<s> ...) from ``source``
     (the synthetic ``backcopy`` source makes its own sequences and ignores ``tokenizer``)."""
     if is_backcopy(source):
-        if task != "clm":
+        if task != Task.CLM:
             raise ValueError(f"data.source={source} is a causal-LM task; use an OPT or Llama preset, not {task}")
         return backcopy_dataset(split, seq_len, source, root)
     tokens = cached_token_stream(split, tokenizer, task, source, root, max_tokens)
     prefix, separator = _special_ids(tokenizer, task)
-    return TextBlocks(tokens, seq_len, prefix, separator if task == "mlm" else None)
+    return TextBlocks(tokens, seq_len, prefix, separator if task == Task.MLM else None)
 
 
 # ---------------------------------------------------------------------------------------------- collators

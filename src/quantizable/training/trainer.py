@@ -24,12 +24,15 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from transformers import PreTrainedModel
 
+from quantizable.data.image_processor import image_processor
 from quantizable.data.tasks import TaskData, task_data
+from quantizable.data.text import prepend_bos_when_encoding
 from quantizable.evaluation import evaluate
 from quantizable.integrity import load_checked_model
 from quantizable.io import write_json_atomic
 from quantizable.models import FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config
 from quantizable.progress import Progress
+from quantizable.tasks import Task
 from quantizable.training.allocator import keep_freed_memory
 from quantizable.training.checkpoint import (check_resume_config, check_resume_init_from, check_run_dir, checkpoints,
                                              save_checkpoint, truncate_metrics, verified_state, weight_digest)
@@ -119,7 +122,12 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
         model = apply_attention_spec(load_checked_model(init_from), config.attention)
         task = family_of_config(model.config).task
         tokenizer = None
-        if task != "image":
+        if task == Task.IMAGE:
+            classes = data.image_classes(config.data.source)
+            if model.config.num_labels != len(classes):
+                raise ValueError(f"the model at {init_from} has {model.config.num_labels} labels but the image data "
+                                 f"has {len(classes)} classes ({', '.join(classes[:5])}...)")
+        else:
             tokenizer = data.checkpoint_tokenizer(init_from)
             if tokenizer is None:
                 tokenizer = data.load_tokenizer(config.data.tokenizer or data.DEFAULT_TOKENIZER[task])
@@ -129,16 +137,16 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
     else:
         task = _preset_task(config.model.preset)
         check_model_overrides(config.model.preset, config.model.overrides)
-        tokenizer, extra = None, {}
-        if task != "image":
+        tokenizer = None
+        if task != Task.IMAGE:
             tokenizer = data.source_tokenizer(config.data.source,
                                               config.data.tokenizer or data.DEFAULT_TOKENIZER[task])
-            extra = {"vocab_size": len(tokenizer)}
-            if tokenizer.pad_token_id is not None:
-                extra["pad_token_id"] = tokenizer.pad_token_id
+            extra = {"vocab_size": len(tokenizer), **data.special_token_ids(tokenizer, task)}
+        else:
+            extra = data.label_settings(data.image_classes(config.data.source), config.model.overrides)
         model = create_model(config.model.preset, config.attention, **{**config.model.overrides, **extra})
     limit = getattr(model.config, "max_position_embeddings", None)
-    if task != "image" and limit is not None and config.data.seq_len > limit:
+    if task != Task.IMAGE and limit is not None and config.data.seq_len > limit:
         raise ValueError(f"data.seq_len={config.data.seq_len} is above the model's max_position_embeddings={limit}; "
                          f"use data.seq_len <= {limit} or set model.overrides.max_position_embeddings")
     return model.train(), tokenizer
@@ -355,8 +363,14 @@ def train(
             if staging.exists():
                 shutil.rmtree(staging)
             unwrapped.save_pretrained(staging, state_dict=full_state, safe_serialization=True)
+            # what transformers' pipelines need beside the weights: the tokenizer (a causal LM's starting every
+            # input with BOS, as training did) or the image processor
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
+                if task == Task.CLM:
+                    prepend_bos_when_encoding(staging, tokenizer)
+            else:
+                image_processor(unwrapped.config).save_pretrained(staging)
             if (run_dir / "model").exists():
                 shutil.rmtree(run_dir / "model")
             staging.rename(run_dir / "model")

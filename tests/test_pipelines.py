@@ -1,0 +1,116 @@
+"""Saved runs are ordinary Hugging Face models: each task's run works through the matching ``transformers.pipeline``
+in a fresh process (causal LM with its own BOS/EOS ids, masked LM, and an image folder's own classes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantizable.training import load_config, train
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+CLASSES = [f"class_{index:02d}" for index in range(12)]  # more than Fashion-MNIST's 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def default_data():
+    from quantizable.data import prepare_default_data
+
+    prepare_default_data(quiet=True)
+
+
+def _image_folder(root: Path, classes: list[str]) -> Path:
+    """``root/{train,val}/<class>/*.png``: 28x28 grey images whose brightness encodes the class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("val", 1)):
+        for index, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for number in range(count):
+                pixels = np.clip(rng.normal(20 * index, 10, (28, 28)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, "L").save(root / split / name / f"{number}.png")
+    return root
+
+
+PIPELINES = r"""
+import json, sys
+import numpy as np
+from PIL import Image
+from quantizable import load_model  # registers our model types with transformers' Auto classes
+from transformers import AutoTokenizer, pipeline
+
+clm, mlm, image, picture = sys.argv[1:5]
+tokenizer = AutoTokenizer.from_pretrained(clm)
+generator = pipeline("text-generation", model=clm)
+generated = generator("The house", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+fill = pipeline("fill-mask", model=mlm)("The [MASK] is red.")
+classify = pipeline("image-classification", model=image)(Image.open(picture), top_k=3)
+print(json.dumps({
+    "bos_first": tokenizer("The house")["input_ids"][0] == tokenizer.bos_token_id,
+    "ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+    "generation_ids": [generator.model.generation_config.bos_token_id, generator.model.generation_config.eos_token_id,
+                       generator.model.generation_config.pad_token_id],
+    "generated": generated, "fill": [entry["token_str"] for entry in fill],
+    "labels": [entry["label"] for entry in classify],
+    "pixels": image and np.asarray(pipeline("image-classification", model=image).image_processor(
+        Image.open(picture))["pixel_values"][0]).tolist(),
+}))
+"""
+
+
+def test_saved_runs_work_with_transformers_pipelines(tmp_path: Path) -> None:
+    from quantizable.data import image_dataset
+    from quantizable.models import load_model
+
+    common = ["run.steps=2", "run.eval_batches=1", "run.log_every=1"]
+    train(load_config("opt-tiny", common), tmp_path / "clm", progress=False)
+    train(load_config("bert-tiny", common), tmp_path / "mlm", progress=False)
+    folder = _image_folder(tmp_path / "images", CLASSES)
+    train(load_config("vit-tiny", [*common, "run.batch_size=4", f"data.source={folder}"]), tmp_path / "image",
+          progress=False)
+
+    # the image run has the folder's 12 classes, by name (was: a fixed 10-class head, IndexError on label 11)
+    config = load_model(tmp_path / "image").config
+    assert config.num_labels == 12 and [config.id2label[i] for i in range(12)] == CLASSES
+    assert (tmp_path / "image" / "model" / "preprocessor_config.json").is_file()
+    # the causal LM's config says the tokenizer's ids (was: bos = eos = pad = 2, the <pad> token)
+    clm_config = json.loads((tmp_path / "clm" / "model" / "config.json").read_text())
+    assert [clm_config["bos_token_id"], clm_config["eos_token_id"], clm_config["pad_token_id"]] == [0, 1, 2]
+
+    picture = folder / "val" / CLASSES[5] / "0.png"
+    result = subprocess.run([PYTHON, "-c", PIPELINES, *(str(tmp_path / name / "model") for name in
+                                                        ("clm", "mlm", "image")), str(picture)],
+                            env=ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["bos_first"] and seen["ids"] == [0, 1, 2] and seen["generation_ids"] == [0, 1, 2]
+    assert seen["generated"].startswith("The house") and len(seen["fill"]) == 5
+    assert len(seen["labels"]) == 3 and set(seen["labels"]) <= set(CLASSES)
+    # the image processor prepares an image exactly as training did
+    ours = image_dataset("validation", str(folder))
+    index = [i for i in range(len(ours)) if ours.labels[i] == 5][0]
+    assert np.allclose(np.asarray(seen["pixels"]), ours[index]["pixel_values"].numpy(), atol=1e-5)
+
+
+def test_image_folder_classes_follow_the_data(tmp_path: Path) -> None:
+    """Two classes give a two-output head; validation labels index the training classes even when one is absent."""
+    from quantizable.data import image_dataset, label_settings
+
+    folder = _image_folder(tmp_path / "images", ["cat", "dog"])
+    (folder / "val" / "cat" / "0.png").unlink()
+    (folder / "val" / "cat").rmdir()
+    assert list(image_dataset("validation", str(folder)).labels) == [1]  # dog stays label 1
+    assert label_settings(["cat", "dog"], {})["num_labels"] == 2
+    with pytest.raises(ValueError, match="num_labels=10 but the image data has 2 classes"):
+        label_settings(["cat", "dog"], {"num_labels": 10})
