@@ -1,5 +1,6 @@
 """Saved runs are ordinary Hugging Face models: each task's run works through the matching ``transformers.pipeline``
-in a fresh process (causal LM with its own BOS/EOS ids, masked LM, and an image folder's own classes)."""
+in a fresh process (causal LM with its own BOS/EOS ids, masked LM, and an image folder's own classes), and vanilla
+runs export to the stock architecture that loads where quantizable is not installed."""
 
 from __future__ import annotations
 
@@ -101,6 +102,73 @@ def test_saved_runs_work_with_transformers_pipelines(tmp_path: Path) -> None:
     ours = image_dataset("validation", str(folder))
     index = [i for i in range(len(ours)) if ours.labels[i] == 5][0]
     assert np.allclose(np.asarray(seen["pixels"]), ours[index]["pixel_values"].numpy(), atol=1e-5)
+
+
+WITHOUT_QUANTIZABLE = r"""
+import importlib.abc, json, sys
+import torch
+
+class NoQuantizable(importlib.abc.MetaPathFinder):  # as on a machine where our package is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "quantizable":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoQuantizable())
+try:
+    import quantizable
+    blocked = False
+except ModuleNotFoundError:
+    blocked = True
+from transformers import AutoModelForImageClassification, pipeline
+
+clm, mlm, image = sys.argv[1:4]
+generated = pipeline("text-generation", model=clm)("The house", max_new_tokens=4, do_sample=False)
+fill = pipeline("fill-mask", model=mlm)("The [MASK] is red.")
+vit = AutoModelForImageClassification.from_pretrained(image).eval()
+with torch.no_grad():
+    logits = vit(pixel_values=torch.ones(1, 1, 28, 28)).logits
+print(json.dumps({"blocked": blocked, "generated": generated[0]["generated_text"], "fill": len(fill),
+                  "types": [vit.config.model_type], "labels": vit.config.id2label[0], "logits": logits[0].tolist()}))
+"""
+
+
+def test_vanilla_runs_export_to_the_stock_architecture(tmp_path: Path, capsys) -> None:
+    """``export --stock``: plain transformers loads the runs with no quantizable importable, and computes the same."""
+    from quantizable.cli.main import main as cli_main
+    from quantizable.models import load_model
+
+    common = ["run.steps=2", "run.eval_batches=1"]
+    folder = _image_folder(tmp_path / "images", CLASSES[:3])
+    for name, preset, extra in (("clm", "opt-tiny", []), ("mlm", "bert-tiny", []),
+                                ("image", "vit-tiny", ["run.batch_size=4", f"data.source={folder}"])):
+        train(load_config(preset, [*common, *extra]), tmp_path / name, progress=False)
+        capsys.readouterr()
+        assert cli_main(["export", str(tmp_path / name), "--stock", "--out", str(tmp_path / f"{name}-stock")]) == 0
+        assert "Writing model shards" not in capsys.readouterr().err  # transformers' per-file bars are off
+    result = subprocess.run([PYTHON, "-c", WITHOUT_QUANTIZABLE,
+                             *(str(tmp_path / f"{name}-stock") for name in ("clm", "mlm", "image"))],
+                            env=ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["blocked"] and seen["generated"].startswith("The house") and seen["fill"] == 5
+    assert seen["types"] == ["vit"] and seen["labels"] == CLASSES[0]
+    with torch.no_grad():
+        ours = load_model(tmp_path / "image").eval()(pixel_values=torch.ones(1, 1, 28, 28)).logits[0]
+    assert np.allclose(seen["logits"], ours.numpy(), atol=1e-5)
+
+    # a modified model has no stock architecture, and switching its attention implementation would drop the gates
+    from quantizable import AttentionSpec, create_model
+
+    gated = create_model("opt-tiny", AttentionSpec(kind="gated_attention"))
+    gated.save_pretrained(tmp_path / "gated")
+    capsys.readouterr()
+    assert cli_main(["export", str(tmp_path / "gated"), "--stock", "--out", str(tmp_path / "gated-stock")]) == 2
+    assert "only vanilla models export with --stock" in capsys.readouterr().err
+    assert not (tmp_path / "gated-stock").exists()
+    for implementation in ("sdpa", "eager"):
+        with pytest.raises(ValueError, match="would silently drop this model's gated attention"):
+            gated.set_attn_implementation(implementation)
+    assert gated.config._attn_implementation == "quantizable"
 
 
 def test_image_folder_classes_follow_the_data(tmp_path: Path) -> None:

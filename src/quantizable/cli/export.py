@@ -1,5 +1,5 @@
 """``quantizable export MODEL_OR_RUN [--int8] [--backend onnxruntime|pt2e] --out DIR``: real INT8 inference, FP32 vs
-INT8 quality and latency.
+INT8 quality and latency; ``--stock``: a vanilla model as the stock transformers architecture.
 
 Calibration and validation batches come from the same datasets and collators as ``quantizable quantize`` (so the
 numbers are comparable with the simulator): ``--calib-batches`` shuffled training batches drawn with ``--seed``,
@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, metavar="MODEL_OR_RUN",
                         help="run directory, Hugging Face checkpoint directory or .gguf file")
     parser.add_argument("--int8", action="store_true",
-                        help="static per-tensor INT8 weights and activations (the only export so far, so the default)")
+                        help="static per-tensor INT8 weights and activations (the default)")
+    parser.add_argument("--stock", action="store_true",
+                        help="instead: save a vanilla model as the stock transformers architecture (model_type opt, "
+                             "bert, vit, ...; loads without quantizable) in --out")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="onnxruntime (default; QDQ via quantize_static) or pt2e (torchao X86InductorQuantizer, "
                              "torch.compile)")
@@ -45,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.stock and args.int8:
+        raise UserError("--stock and --int8 are two different exports; choose one")
     if args.no_compile and args.backend != "pt2e":
         raise UserError("--no-compile only applies to --backend pt2e")
     for name in ("calib_batches", "batch_size", "threads"):
@@ -66,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if args.stock:
+        from quantizable.export.stock import export_stock
+
+        print(f"wrote {export_stock(args.model, args.out)} (stock transformers architecture)")
+        return 0
     model = load_checked_model(args.model)
     sets = checkpoint_data(args.model, model, family_of_config(model.config).task, args.seq_len)
     train, validation, collate = sets.train, sets.validation, sets.collate

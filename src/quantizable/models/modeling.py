@@ -49,6 +49,18 @@ class QuantizableMixin:
     def attention_spec(self) -> AttentionSpec:
         return AttentionSpec.from_dict(self.config.attention_spec)
 
+    def set_attn_implementation(self, attn_implementation: str | dict, *args, **kwargs) -> None:
+        """Only the ``quantizable`` implementation computes a spec other than vanilla: transformers' own ("eager",
+        "sdpa", ...) would silently drop the gates, clipping or sink, so switching to one is refused. (Vanilla is
+        the stock softmax, which every implementation computes.)"""
+        requested = (attn_implementation.get("", self.config._attn_implementation)
+                     if isinstance(attn_implementation, dict) else attn_implementation)
+        spec = self.attention_spec
+        if requested != ATTN_IMPLEMENTATION and spec.kind != "vanilla":
+            raise ValueError(f"attn_implementation={requested!r} would silently drop this model's "
+                             f"{spec.describe()}: only {ATTN_IMPLEMENTATION!r} computes it")
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+
     def _install_attention_spec(self) -> None:
         spec = self.attention_spec
         hidden, heads, head_dim = attention_geometry(self.config)
