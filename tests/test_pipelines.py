@@ -119,21 +119,33 @@ try:
     blocked = False
 except ModuleNotFoundError:
     blocked = True
-from transformers import AutoModelForImageClassification, pipeline
+from transformers import AutoModelForCausalLM, AutoModelForImageClassification, pipeline
 
-clm, mlm, image = sys.argv[1:4]
+clm, mlm, image, clm_run, mlm_run, gated = sys.argv[1:7]
 generated = pipeline("text-generation", model=clm)("The house", max_new_tokens=4, do_sample=False)
 fill = pipeline("fill-mask", model=mlm)("The [MASK] is red.")
 vit = AutoModelForImageClassification.from_pretrained(image).eval()
+# our own classes, from the code saved beside the weights
+remote_generated = pipeline("text-generation", model=clm_run, trust_remote_code=True)("The house", max_new_tokens=4,
+                                                                                      do_sample=False)
+remote_fill = pipeline("fill-mask", model=mlm_run, trust_remote_code=True)("The [MASK] is red.")
+remote_gated = AutoModelForCausalLM.from_pretrained(gated, trust_remote_code=True).eval()
 with torch.no_grad():
     logits = vit(pixel_values=torch.ones(1, 1, 28, 28)).logits
+    gated_logits = remote_gated(input_ids=torch.arange(8)[None]).logits
 print(json.dumps({"blocked": blocked, "generated": generated[0]["generated_text"], "fill": len(fill),
-                  "types": [vit.config.model_type], "labels": vit.config.id2label[0], "logits": logits[0].tolist()}))
+                  "types": [vit.config.model_type], "labels": vit.config.id2label[0], "logits": logits[0].tolist(),
+                  "remote": [remote_generated[0]["generated_text"] == generated[0]["generated_text"],
+                             [e["token_str"] for e in remote_fill] == [e["token_str"] for e in fill],
+                             type(remote_gated).__name__],
+                  "gated_logits": gated_logits[0].tolist()}))
 """
 
 
-def test_vanilla_runs_export_to_the_stock_architecture(tmp_path: Path, capsys) -> None:
-    """``export --stock``: plain transformers loads the runs with no quantizable importable, and computes the same."""
+def test_runs_load_where_quantizable_is_not_installed(tmp_path: Path, capsys) -> None:
+    """Where quantizable cannot be imported: ``export --stock`` output loads with plain transformers, and every run
+    (modified ones too) with ``trust_remote_code=True`` from the code saved beside its weights; both compute what
+    our classes compute."""
     from quantizable.cli.main import main as cli_main
     from quantizable.models import load_model
 
@@ -145,8 +157,15 @@ def test_vanilla_runs_export_to_the_stock_architecture(tmp_path: Path, capsys) -
         capsys.readouterr()
         assert cli_main(["export", str(tmp_path / name), "--stock", "--out", str(tmp_path / f"{name}-stock")]) == 0
         assert "Writing model shards" not in capsys.readouterr().err  # transformers' per-file bars are off
+    from quantizable import AttentionSpec, create_model
+    from quantizable.remote_code import write_remote_code
+
+    gated = create_model("opt-tiny", AttentionSpec(kind="gated_attention")).eval()
+    gated.save_pretrained(tmp_path / "gated")
+    write_remote_code(tmp_path / "gated", gated)
     result = subprocess.run([PYTHON, "-c", WITHOUT_QUANTIZABLE,
-                             *(str(tmp_path / f"{name}-stock") for name in ("clm", "mlm", "image"))],
+                             *(str(tmp_path / f"{name}-stock") for name in ("clm", "mlm", "image")),
+                             str(tmp_path / "clm" / "model"), str(tmp_path / "mlm" / "model"), str(tmp_path / "gated")],
                             env=ENV, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
@@ -155,12 +174,13 @@ def test_vanilla_runs_export_to_the_stock_architecture(tmp_path: Path, capsys) -
     with torch.no_grad():
         ours = load_model(tmp_path / "image").eval()(pixel_values=torch.ones(1, 1, 28, 28)).logits[0]
     assert np.allclose(seen["logits"], ours.numpy(), atol=1e-5)
+    # trust_remote_code: the same generations and fills from our classes, and a gated model computes its gates
+    assert seen["remote"] == [True, True, "QuantizableOPTForCausalLM"]
+    with torch.no_grad():
+        gated_logits = gated(input_ids=torch.arange(8)[None]).logits[0]
+    assert np.allclose(seen["gated_logits"], gated_logits.numpy(), atol=1e-5)
 
     # a modified model has no stock architecture, and switching its attention implementation would drop the gates
-    from quantizable import AttentionSpec, create_model
-
-    gated = create_model("opt-tiny", AttentionSpec(kind="gated_attention"))
-    gated.save_pretrained(tmp_path / "gated")
     capsys.readouterr()
     assert cli_main(["export", str(tmp_path / "gated"), "--stock", "--out", str(tmp_path / "gated-stock")]) == 2
     assert "only vanilla models export with --stock" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from quantizable.integrity import load_checked_model
 from quantizable.io import write_json_atomic
 from quantizable.models import FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config
 from quantizable.progress import Progress
+from quantizable.remote_code import write_remote_code
 from quantizable.tasks import Task
 from quantizable.training.allocator import keep_freed_memory
 from quantizable.training.checkpoint import (check_resume_config, check_resume_init_from, check_run_dir, checkpoints,
@@ -363,6 +364,7 @@ def train(
             if staging.exists():
                 shutil.rmtree(staging)
             unwrapped.save_pretrained(staging, state_dict=full_state, safe_serialization=True)
+            write_remote_code(staging, unwrapped)  # loads with trust_remote_code=True where we are not installed
             # what transformers' pipelines need beside the weights: the tokenizer (a causal LM's starting every
             # input with BOS, as training did) or the image processor
             if tokenizer is not None:

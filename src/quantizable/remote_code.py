@@ -1,0 +1,64 @@
+"""Self-contained modeling code beside a saved model, so that ``AutoModelFor*.from_pretrained(dir,
+trust_remote_code=True)`` rebuilds our classes where ``quantizable`` is not installed (the Hugging Face convention
+for custom architectures: ``auto_map`` in ``config.json`` names a class in a ``.py`` file of the directory).
+
+The files are our own modules that the model classes import, copied flat (``quantizable/attention/spec.py`` ->
+``quantizable_attention_spec.py``) with their ``quantizable`` imports made relative; transformers copies them with
+the entry file. Without the C kernel source beside them, attention uses the ATen ops (the same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+PACKAGE = Path(__file__).resolve().parent
+ENTRY = "models.modeling"  # defines the Quantizable<Config> / Quantizable<Model> classes
+IMPORT = re.compile(r"^(\s*)from quantizable\.([\w.]+) import", re.MULTILINE)
+
+
+def _flat_name(module: str) -> str:
+    return "quantizable_" + module.replace(".", "_")
+
+
+def _source(module: str) -> Path:
+    path = PACKAGE.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def module_closure(entry: str = ENTRY) -> list[str]:
+    """``entry`` and every ``quantizable`` module it imports, directly or not (at any indentation)."""
+    found, pending = [], [entry]
+    while pending:
+        module = pending.pop()
+        if module in found:
+            continue
+        found.append(module)
+        pending += [match.group(2) for match in IMPORT.finditer(_source(module).read_text())]
+    return sorted(found)
+
+
+def write_remote_code(directory: str | Path, model: Any) -> list[str]:
+    """Copy the modeling code into ``directory`` (a ``save_pretrained`` output) and point ``config.json``'s
+    ``auto_map`` at the model's classes; returns the files written."""
+    directory = Path(directory)
+    written = []
+    for module in module_closure():
+        text = IMPORT.sub(lambda m: f"{m.group(1)}from .{_flat_name(m.group(2))} import", _source(module).read_text())
+        (directory / f"{_flat_name(module)}.py").write_text(text)
+        written.append(f"{_flat_name(module)}.py")
+    entry, auto_class = _flat_name(ENTRY), model.config.__class__
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {"AutoConfig": f"{entry}.{auto_class.__name__}",
+                          _auto_name(model): f"{entry}.{type(model).__name__}"}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return written
+
+
+def _auto_name(model: Any) -> str:
+    from quantizable.models import family_of_config
+
+    return family_of_config(model.config).task.auto_class.__name__
