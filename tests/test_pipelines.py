@@ -89,6 +89,13 @@ def test_saved_runs_work_with_transformers_pipelines(tmp_path: Path) -> None:
     clm_config = json.loads((tmp_path / "clm" / "model" / "config.json").read_text())
     assert [clm_config["bos_token_id"], clm_config["eos_token_id"], clm_config["pad_token_id"]] == [0, 1, 2]
 
+    # analyze counts images as images (was: "32 sequences")
+    from quantizable.cli.main import main as cli_main
+
+    assert cli_main(["analyze", str(tmp_path / "image"), "--batches", "1", "--batch-size", "4",
+                     "--out", str(tmp_path / "analysis")]) == 0
+    assert "4 images." in (tmp_path / "analysis" / "report.md").read_text()
+
     picture = folder / "val" / CLASSES[5] / "0.png"
     result = subprocess.run([PYTHON, "-c", PIPELINES, *(str(tmp_path / name / "model") for name in
                                                         ("clm", "mlm", "image")), str(picture)],

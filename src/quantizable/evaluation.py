@@ -53,3 +53,8 @@ def evaluate(
         raise ValueError("evaluation saw no labelled tokens or images")
     value = 100.0 * total / count if family.task is Task.IMAGE else math.exp(total / count)
     return {"metric": family.task.metric, "value": value, "count": count}
+
+
+def metric_unit(metric: str) -> str:
+    """What follows a metric's value when printed: accuracy is a percentage, perplexity a plain number."""
+    return "%" if metric == "accuracy" else ""

@@ -248,13 +248,22 @@ def _paper_metric_rows(paper: dict[str, Any] | None) -> list[str]:
             for key, value in paper.items() if isinstance(value, float)]
 
 
+def _inputs_noun(family: str) -> str:
+    """What the analysed inputs of a family are called: images for ViT, else sequences."""
+    from quantizable.models import get_family
+    from quantizable.tasks import Task
+
+    return "images" if get_family(family).task is Task.IMAGE else "sequences"
+
+
 def _markdown(result: dict[str, Any]) -> str:
     outliers = result["outliers"]
     share = outliers["delimiter_share"]
     lines = [
         f"# Outlier analysis: {result['model']} ({result['family']})",
         "",
-        f"{result['sequences']} sequences. Definitions: docs/analysis.md. Layers and heads are zero-based.",
+        f"{result['sequences']} {_inputs_noun(result['family'])}. Definitions: docs/analysis.md. Layers and heads "
+        "are zero-based.",
         "",
         "| metric | value |",
         "|---|---|",

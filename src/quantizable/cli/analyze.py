@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         batches = islice(loader, args.batches)
     result = analyze(model, batches, tokenizer=tokenizer, out_dir=args.out, layer=args.layer, head=args.head)
     share = result["outliers"]["delimiter_share"]
-    print(f"{result['model']}: {result['sequences']} sequences, max inf-norm {result['max_inf_norm']:.2f} "
+    inputs = "images" if task == Task.IMAGE else "sequences"
+    print(f"{result['model']}: {result['sequences']} {inputs}, max inf-norm {result['max_inf_norm']:.2f} "
           f"(layer {result['max_inf_norm_layer']}), avg kurtosis {result['avg_kurtosis']:.2f}, "
           f"{result['outliers']['total']} outliers"
           + ("" if share is None else f" ({100 * share:.0f}% on delimiters)"))

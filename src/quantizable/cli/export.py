@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantizable.data import checkpoint_data, make_loader
+    from quantizable.evaluation import metric_unit
     from quantizable.export import export_int8
     from quantizable.integrity import load_checked_model
     from quantizable.models import family_of_config
@@ -94,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
                          simulate=not args.no_simulate, compile=not args.no_compile)
     result["model"] = str(args.model)
     write_json_atomic(args.out / "int8.json", result)
-    fp32, int8 = result["fp32"], result["int8"]
-    print(f"{result['metric']}: FP32 {fp32['metric']:.3f}, INT8 {int8['metric']:.3f}"
-          + (f" (simulated W8A8 {result['simulated_w8a8']['metric']:.3f})" if "simulated_w8a8" in result else ""))
+    fp32, int8, unit = result["fp32"], result["int8"], metric_unit(result["metric"])
+    print(f"{result['metric']}: FP32 {fp32['metric']:.3f}{unit}, INT8 {int8['metric']:.3f}{unit}"
+          + (f" (simulated W8A8 {result['simulated_w8a8']['metric']:.3f}{unit})" if "simulated_w8a8" in result
+             else ""))
     print(f"latency ({args.threads} thread(s), median): FP32 {fp32['latency_ms']:.2f} ms, "
           f"INT8 {int8['latency_ms']:.2f} ms, speedup {result['speedup']:.2f}x")
     print(f"wrote {args.out / 'int8.json'}")

@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantizable.data import checkpoint_data, make_loader
+    from quantizable.evaluation import metric_unit
     from quantizable.integrity import load_checked_model
     from quantizable.models import family_of_config
     from quantizable.quantization import simulate_w8a8
@@ -141,11 +142,12 @@ def run(args: argparse.Namespace) -> int:
     results["setup"] = {"name": args.setup, **recipe}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", results)  # an interrupted run leaves no half-written results
-    q = results["quantized"]
-    print(f"{results['metric']}: FP {results['fp']:.3f}, W{args.weights}A{args.acts} {q['mean']:.3f} "
+    q, unit = results["quantized"], metric_unit(results["metric"])
+    print(f"{results['metric']}: FP {results['fp']:.3f}{unit}, W{args.weights}A{args.acts} {q['mean']:.3f}{unit} "
           f"± {q['std']:.3f} over {args.seeds} seeds ({results['sites']} activation quantizers, {args.setup} setup)")
     if ptq is not None:
         p = results["ptq"]["quantized"]
-        print(f"{results['metric']}: W{args.weights}A{args.acts} + {ptq.name} {p['mean']:.3f} ± {p['std']:.3f}")
+        print(f"{results['metric']}: W{args.weights}A{args.acts} + {ptq.name} {p['mean']:.3f}{unit} "
+              f"± {p['std']:.3f}")
     print(f"wrote {args.out / 'results.json'}")
     return 0

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise UserError("--out is required: the run directory (see quantizable train --help)")
+    from quantizable.evaluation import metric_unit
     from quantizable.training import TrainingDivergedError, load_config, train
 
     source = args.config
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     evaluation = summary["eval"]
     where = f"{args.out / 'model'}" if summary["finished"] else f"checkpoint in {args.out / 'checkpoints'}"
-    quality = f", {evaluation['metric']} {evaluation['value']:.4g}" if evaluation else ""
+    quality = ""
+    if evaluation:
+        quality = f", {evaluation['metric']} {evaluation['value']:.4g}{metric_unit(evaluation['metric'])}"
     print(f"step {summary['step']}{quality}; saved {where}")
     return 0

@@ -217,7 +217,8 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a UTF-8 text file") from None
     if data is None:
-        raise ValueError(f"{path} is empty; a config needs at least model.preset (presets: {', '.join(list_presets())})")
+        raise ValueError(f"{path} is empty; a config needs at least model.preset (or use a training preset: "
+                         f"{', '.join(list_presets())})")
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a YAML mapping at the top level")
     return data
