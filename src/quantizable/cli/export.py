@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         loader = make_loader(validation, args.batch_size, collate(EVAL_MASK_SEED))
         return loader if args.eval_batches is None else islice(loader, args.eval_batches)
 
+    print(f"exporting FP32 and INT8 ({args.backend}), calibrating on {args.calib_batches} batches, then scoring and "
+          "timing both ...", flush=True)  # a minute or more, otherwise without a word
     result = export_int8(model, calibration, evaluation, args.out, backend=args.backend, threads=args.threads,
                          simulate=not args.no_simulate, compile=not args.no_compile)
     result["model"] = str(args.model)

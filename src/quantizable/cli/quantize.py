@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         loader = make_loader(validation, args.batch_size, collate(EVAL_MASK_SEED))
         return loader if args.eval_batches is None else islice(loader, args.eval_batches)
 
+    scored = "the whole validation split" if args.eval_batches is None else f"{args.eval_batches} validation batches"
+    print(f"scoring FP, then W{args.weights}A{args.acts} for {args.seeds} calibration seed(s) of {args.calib_batches} "
+          f"batches, each on {scored} ...", flush=True)  # minutes on a CPU, otherwise without a word
     results = simulate_w8a8(model, calibration, evaluation, config, seeds=range(args.seeds))
     if ptq is not None:
         from quantizable.quantization.ptq import NotApplicable, simulate_ptq
