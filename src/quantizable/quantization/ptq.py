@@ -35,7 +35,7 @@ from torchao.prototype.spinquant.hadamard_utils import random_hadamard_matrix
 
 from quantizable.analysis.recording import transformer_blocks
 from quantizable.evaluation import evaluate
-from quantizable.models import family_of_config
+from quantizable.models import family_of_config, is_norm
 from quantizable.quantization.calibration import _summary, calibrate, freeze
 from quantizable.quantization.config import QuantConfig
 from quantizable.quantization.placement import QuantizedModelHandle, quantize_
@@ -120,14 +120,10 @@ def check_applicable(model: nn.Module, ptq: PTQConfig) -> str | None:
     if ptq.method != "rotation":
         return None
     family = family_of_config(model.config)
-    if family.name == "bert" or not getattr(model.config, "do_layer_norm_before", True):
+    if not family.is_pre_ln(model.config):
         return (f"rotation needs a pre-LN model; {family.name} normalises the residual stream itself (post-LN), "
                 "so the norm gain cannot be folded into the weights")
     return None
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
 def _inputs(model: nn.Module, batch: Batch) -> Batch:
@@ -168,7 +164,7 @@ def norm_consumers(model: nn.Module, batch: Batch) -> dict[str, list[str]]:
         return hook
 
     for name, module in model.named_modules():
-        if _is_norm(module):
+        if is_norm(module):
             hooks.append(module.register_forward_hook(on_norm(name)))
         elif isinstance(module, nn.Linear):
             hooks.append(module.register_forward_pre_hook(on_linear(name)))
@@ -278,7 +274,7 @@ def rotate_(model: nn.Module, calibration: list[Batch], seed: int = 0) -> dict[s
     modules = dict(model.named_modules())
     consumers = norm_consumers(model, batch)
     base = model.base_model_prefix
-    norms = [name for name, m in modules.items() if _is_norm(m) and name.startswith(f"{base}.")]
+    norms = [name for name, m in modules.items() if is_norm(m) and name.startswith(f"{base}.")]
     missing = [name for name in norms if name not in consumers]
     if missing:
         raise NotApplicable(f"rotation: norm {missing[0]} feeds no Linear; unsupported architecture")
