@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 from torchao.prototype.smoothquant.core import RunningAbsMaxSmoothQuantObserver
-from torchao.prototype.spinquant.hadamard_utils import random_hadamard_matrix
 
 from quantizable.analysis.recording import transformer_blocks
 from quantizable.evaluation import evaluate
@@ -251,6 +250,9 @@ class FoldedRMSNorm(nn.Module):
 def rotation_matrix(size: int, seed: int) -> torch.Tensor:
     """A random orthogonal ``size x size`` matrix (float64): torchao's randomised Hadamard where ``size`` is a
     power of two times one of its Hadamard orders, else the QR factor of a Gaussian matrix."""
+    # imported here: importing spinquant prints a note about a GPU kernel on every run, rotation or not
+    from torchao.prototype.spinquant.hadamard_utils import random_hadamard_matrix
+
     try:
         return random_hadamard_matrix(size, "cpu", seed=seed).double()
     except AssertionError:
