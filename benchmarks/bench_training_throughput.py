@@ -29,8 +29,8 @@ PRESETS = ("bert-cpu", "opt-cpu", "vit-cpu")
 
 
 def measure(preset: str, steps: int, attention: str, fused_adamw: bool) -> dict:
-    config = load_config(preset, [f"run.steps={steps}", "run.eval_every=0", "run.checkpoint_every=0",
-                                  "run.outlier_every=0", "run.eval_batches=1", f"attention.kind={attention}",
+    config = load_config(preset, [f"run.steps={steps}", f"optim.warmup_steps={min(steps, 10)}", "run.eval_every=0",
+                                  "run.checkpoint_every=0", "run.outlier_every=0", "run.eval_batches=1", f"attention.kind={attention}",
                                   f"optim.fused={str(fused_adamw).lower()}"]
                          + (["attention.gamma=-0.025"] if attention == "clipped_softmax" else []))
     with tempfile.TemporaryDirectory() as run_dir:

@@ -299,7 +299,7 @@ def test_reproduce_reuses_finished_runs_and_separates_settings(tmp_path: Path, m
     scale = reproduce_module.Scale("tiny", "tiny", (0,), (0,), 1, 1, 1)
     monkeypatch.setitem(reproduce_module.SCALES, "tiny", scale)
     tiny_overrides = reproduce_module.TASKS["pretrain"].overrides
-    monkeypatch.setitem(tiny_overrides, "tiny", ("run.steps=4", "run.checkpoint_every=2"))
+    monkeypatch.setitem(tiny_overrides, "tiny", ("run.steps=4", "optim.warmup_steps=2", "run.checkpoint_every=2"))
     original_measure = reproduce_module.measure
 
     def interrupted(*args):
@@ -324,7 +324,7 @@ def test_reproduce_reuses_finished_runs_and_separates_settings(tmp_path: Path, m
     reproduce_module.reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
     assert "reusing" in capsys.readouterr().out and (first_run / "measure.json").read_text() == measured
 
-    monkeypatch.setitem(tiny_overrides, "tiny", ("run.steps=3", "run.checkpoint_every=2"))
+    monkeypatch.setitem(tiny_overrides, "tiny", ("run.steps=3", "optim.warmup_steps=2", "run.checkpoint_every=2"))
     changed = reproduce_module.reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and first_run in runs  # a new directory for the new settings, the old one untouched
@@ -470,6 +470,8 @@ def test_every_input_class_of_a_new_user_is_one_line(tmp_path: Path, reference_r
         ("train", "--config", "opt-tiny", "--set", "attention.kind=gated_attention", "--set", "attention.zeta=1.1",
          *out): "only apply to kind clipped_softmax",
         ("train", "--config", "opt-tiny", "--set", "optim.betas=[0.9,", *out): "not valid YAML",
+        ("train", "--config", "opt-tiny", "--set", "run.steps=3", "--set", "optim.warmup_steps=10", *out):
+            "optim.warmup_steps=10 exceeds run.steps=3",
         ("train", "--list-presets", "--no-such-flag"): "unrecognized arguments",
     }
     before = {path: _snapshot(path) for path in [guarded, reference_run, *copies.values()]}

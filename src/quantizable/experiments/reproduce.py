@@ -65,7 +65,7 @@ TASKS: dict[str, Task] = {
     "backcopy": Task("backcopy", ("opt",), "{family}-backcopy", {
         "full": ("run.steps=3000", "run.checkpoint_every=500", "run.outlier_every=100"),
         "quick": ("run.steps=300", "run.checkpoint_every=100", "run.outlier_every=50"),
-        "tiny": ("run.steps=12", "run.checkpoint_every=6", "run.outlier_every=6",
+        "tiny": ("run.steps=12", "optim.warmup_steps=2", "run.checkpoint_every=6", "run.outlier_every=6",
                  "data.source=backcopy:train=256,validation=64"),
     }, {"opt": {"clipped_softmax": {"alpha": 4}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}}},
         floors={"opt": ("copy_accuracy", 0.9)}),
@@ -78,7 +78,7 @@ TASKS: dict[str, Task] = {
         # leave the unigram level, see docs/reproduce.md, so the quick job shows the causal LM on backcopy instead)
         "quick": ("run.steps=300", "run.batch_size=32", "data.seq_len=64", "optim.warmup_steps=30",
                   "run.eval_every=0", "run.checkpoint_every=100", "run.outlier_every=50"),
-        "tiny": ("run.steps=12", "run.checkpoint_every=6"),
+        "tiny": ("run.steps=12", "optim.warmup_steps=2", "run.checkpoint_every=6"),
     }, PAPER_ATTENTION, scale_families={"quick": ("vit",)}, floors={"vit": ("accuracy", 65.0)}),
 }
 # The families some task trains (a subset of quantizable.models.FAMILIES, which every other verb accepts).

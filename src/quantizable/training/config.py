@@ -131,6 +131,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        # a 0-step run only saves its initial model; any other must get through its warm-up, or the learning rate
+        # never reaches optim.lr (the schedule would silently be a fraction of the configured one)
+        _require(self.run.steps == 0 or self.optim.warmup_steps <= self.run.steps,
+                 f"optim.warmup_steps={self.optim.warmup_steps} exceeds run.steps={self.run.steps}: the learning rate "
+                 f"would never reach optim.lr; use optim.warmup_steps <= {self.run.steps}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
