@@ -65,9 +65,9 @@ def plot_per_layer(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for row in rows:
-        layers = range(1, len(row["per_layer_inf_norm"]) + 1)
+        layers = range(len(row["per_layer_inf_norm"]))  # zero-based, as in every report and analyze
         ax.plot(layers, row["per_layer_inf_norm"], marker="o", label=method_name(row["method"]))
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer (zero-based)")
     ax.set_ylabel("mean ‖block output‖∞")
     ax.set_yscale("log")
     ax.set_title(f"{title}: outliers per layer")
