@@ -114,6 +114,7 @@ def test_saved_runs_work_with_transformers_pipelines(tmp_path: Path) -> None:
 WITHOUT_QUANTIZABLE = r"""
 import importlib.abc, json, sys
 import torch
+from PIL import Image
 
 class NoQuantizable(importlib.abc.MetaPathFinder):  # as on a machine where our package is not installed
     def find_spec(self, name, path=None, target=None):
@@ -128,7 +129,7 @@ except ModuleNotFoundError:
     blocked = True
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, pipeline
 
-clm, mlm, image, clm_run, mlm_run, gated = sys.argv[1:7]
+clm, mlm, image, clm_run, mlm_run, gated, image_run, picture = sys.argv[1:9]
 generated = pipeline("text-generation", model=clm)("The house", max_new_tokens=4, do_sample=False)
 fill = pipeline("fill-mask", model=mlm)("The [MASK] is red.")
 vit = AutoModelForImageClassification.from_pretrained(image).eval()
@@ -137,6 +138,8 @@ remote_generated = pipeline("text-generation", model=clm_run, trust_remote_code=
                                                                                       do_sample=False)
 remote_fill = pipeline("fill-mask", model=mlm_run, trust_remote_code=True)("The [MASK] is red.")
 remote_gated = AutoModelForCausalLM.from_pretrained(gated, trust_remote_code=True).eval()
+remote_labels = [entry["label"] for entry in pipeline("image-classification", model=image_run,
+                                                        trust_remote_code=True)(Image.open(picture), top_k=2)]
 with torch.no_grad():
     logits = vit(pixel_values=torch.ones(1, 1, 28, 28)).logits
     gated_logits = remote_gated(input_ids=torch.arange(8)[None]).logits
@@ -144,7 +147,7 @@ print(json.dumps({"blocked": blocked, "generated": generated[0]["generated_text"
                   "types": [vit.config.model_type], "labels": vit.config.id2label[0], "logits": logits[0].tolist(),
                   "remote": [remote_generated[0]["generated_text"] == generated[0]["generated_text"],
                              [e["token_str"] for e in remote_fill] == [e["token_str"] for e in fill],
-                             type(remote_gated).__name__],
+                             type(remote_gated).__name__, remote_labels],
                   "gated_logits": gated_logits[0].tolist()}))
 """
 
@@ -172,7 +175,8 @@ def test_runs_load_where_quantizable_is_not_installed(tmp_path: Path, capsys) ->
     write_remote_code(tmp_path / "gated", gated)
     result = subprocess.run([PYTHON, "-c", WITHOUT_QUANTIZABLE,
                              *(str(tmp_path / f"{name}-stock") for name in ("clm", "mlm", "image")),
-                             str(tmp_path / "clm" / "model"), str(tmp_path / "mlm" / "model"), str(tmp_path / "gated")],
+                             str(tmp_path / "clm" / "model"), str(tmp_path / "mlm" / "model"), str(tmp_path / "gated"),
+                             str(tmp_path / "image" / "model"), str(folder / "val" / CLASSES[1] / "0.png")],
                             env=ENV, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
@@ -182,7 +186,8 @@ def test_runs_load_where_quantizable_is_not_installed(tmp_path: Path, capsys) ->
         ours = load_model(tmp_path / "image").eval()(pixel_values=torch.ones(1, 1, 28, 28)).logits[0]
     assert np.allclose(seen["logits"], ours.numpy(), atol=1e-5)
     # trust_remote_code: the same generations and fills from our classes, and a gated model computes its gates
-    assert seen["remote"] == [True, True, "QuantizableOPTForCausalLM"]
+    assert seen["remote"][:3] == [True, True, "QuantizableOPTForCausalLM"]
+    assert len(seen["remote"][3]) == 2 and set(seen["remote"][3]) <= set(CLASSES[:3])  # the grey processor, too
     with torch.no_grad():
         gated_logits = gated(input_ids=torch.arange(8)[None]).logits[0]
     assert np.allclose(seen["gated_logits"], gated_logits.numpy(), atol=1e-5)

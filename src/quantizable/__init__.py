@@ -24,7 +24,7 @@ __all__ = list(_PUBLIC)
 def __getattr__(name: str) -> Any:
     if name not in _PUBLIC:
         raise AttributeError(f"module 'quantizable' has no attribute {name!r}")
-    from quantizable.data.image_processor import register_image_processor
+    from quantizable.data.images import register_image_processor
     from quantizable.models import register_auto_classes
 
     register_auto_classes()

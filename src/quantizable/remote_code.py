@@ -3,8 +3,9 @@ trust_remote_code=True)`` rebuilds our classes where ``quantizable`` is not inst
 for custom architectures: ``auto_map`` in ``config.json`` names a class in a ``.py`` file of the directory).
 
 The files are our own modules that the model classes import, copied flat (``quantizable/attention/spec.py`` ->
-``quantizable_attention_spec.py``) with their ``quantizable`` imports made relative; transformers copies them with
-the entry file. Without the C kernel source beside them, attention uses the ATen ops (the same numbers).
+``quantizable_attention_spec.py``) with their ``quantizable`` imports made relative (transformers copies them with
+the entry file), and the grey image processor of image runs. Without the C kernel source beside them, attention
+uses the ATen ops (the same numbers).
 """
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ def write_remote_code(directory: str | Path, model: Any) -> list[str]:
                           _auto_name(model): f"{entry}.{type(model).__name__}"}
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return written
+
+
+def write_remote_image_processor(directory: str | Path) -> None:
+    """The same for our image processor saved in ``directory``: its module imports nothing of this package, so it
+    is copied as it is, and the model config's ``auto_map`` points at it. (Not ``preprocessor_config.json``'s: the
+    pipelines then also look for a video processor there and ask whether to run remote code.)"""
+    directory, module = Path(directory), "data.image_processor"
+    processor_file, config_file = directory / "preprocessor_config.json", directory / "config.json"
+    processor = json.loads(processor_file.read_text())
+    if processor.get("image_processor_type") != "GreyImageProcessor":
+        return  # a stock processor: transformers has it
+    (directory / f"{_flat_name(module)}.py").write_text(_source(module).read_text())
+    # without a type name AutoImageProcessor asks the model config: its registered class (where quantizable is
+    # imported) maps to the local processor, else its auto_map to the copied one
+    del processor["image_processor_type"]
+    processor_file.write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+    config = json.loads(config_file.read_text())
+    config.setdefault("auto_map", {})["AutoImageProcessor"] = f"{_flat_name(module)}.GreyImageProcessor"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _auto_name(model: Any) -> str:

@@ -151,6 +151,32 @@ def label_settings(classes: list[str], overrides: dict[str, Any]) -> dict[str, A
             "label2id": {name: index for index, name in enumerate(classes)}}
 
 
+def image_processor(config: Any) -> Any:
+    """transformers' image processor for a model with ``config`` trained on this module's images, so that
+    ``pipeline("image-classification", model=RUN/model)`` prepares a picture exactly as :class:`ImageArrays` did:
+    grey (one-channel models), resized to ``config.image_size`` with bilinear filtering, scaled to [0, 1] and
+    normalised with Fashion-MNIST's mean and std."""
+    from transformers import ViTImageProcessorPil
+
+    from quantizable.data.image_processor import GreyImageProcessor
+
+    channels = getattr(config, "num_channels", 1)
+    kind = GreyImageProcessor if channels == 1 else ViTImageProcessorPil
+    return kind(size={"height": config.image_size, "width": config.image_size}, image_mean=[MEAN] * channels,
+                image_std=[STD] * channels, do_convert_rgb=channels == 3)
+
+
+def register_image_processor() -> None:
+    """Let ``AutoImageProcessor`` (and so the pipelines) find :class:`GreyImageProcessor` for our ViT (idempotent)."""
+    from transformers import AutoImageProcessor
+
+    from quantizable.data.image_processor import GreyImageProcessor
+    from quantizable.models import QUANTIZABLE_CLASSES
+
+    AutoImageProcessor.register(QUANTIZABLE_CLASSES["vit"].config_class, slow_image_processor_class=GreyImageProcessor,
+                                exist_ok=True)
+
+
 def image_dataset(split: str, source: str | os.PathLike | None = None, root: str | Path | None = None) -> ImageArrays:
     """``{"pixel_values": (1, 28, 28) float, "labels": int}`` from Fashion-MNIST, an image folder or a datasets name."""
     check_split(split)

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from transformers import PreTrainedModel
 
-from quantizable.data.image_processor import image_processor
+from quantizable.data.images import image_processor
 from quantizable.data.tasks import TaskData, task_data
 from quantizable.data.text import prepend_bos_when_encoding
 from quantizable.evaluation import evaluate
@@ -32,7 +32,7 @@ from quantizable.integrity import load_checked_model
 from quantizable.io import write_json_atomic
 from quantizable.models import FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config
 from quantizable.progress import Progress
-from quantizable.remote_code import write_remote_code
+from quantizable.remote_code import write_remote_code, write_remote_image_processor
 from quantizable.tasks import Task
 from quantizable.training.allocator import keep_freed_memory
 from quantizable.training.checkpoint import (check_resume_config, check_resume_init_from, check_run_dir, checkpoints,
@@ -373,6 +373,7 @@ def train(
                     prepend_bos_when_encoding(staging, tokenizer)
             else:
                 image_processor(unwrapped.config).save_pretrained(staging)
+                write_remote_image_processor(staging)
             if (run_dir / "model").exists():
                 shutil.rmtree(run_dir / "model")
             staging.rename(run_dir / "model")
