@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the training presets (for --config) with what each is for, and exit")
     parser.add_argument("--list-keys", action="store_true",
                         help="print every config key (for --set and YAML files) with its default, and exit")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run in --out from its last checkpoint, as it was started (only "
+                             "run.eval_every/eval_batches/checkpoint_every/log_every/outlier_every/mixed_precision "
+                             "may change; a finished run is refused)")
     parser.add_argument("--init-from", type=Path, help="fine-tune: our run dir, a Hugging Face checkpoint dir or .gguf")
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps in total")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
