@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-import quantizable  # noqa: F401  (registers the model classes and the attention implementation)
+from quantizable import load_model  # noqa: F401  (a public name registers our model classes and attention)
 from quantizable.models import FAMILIES
 
 # One tiny preset per family: every family gets the tests parametrised over these.
