@@ -11,7 +11,7 @@ import torch
 
 from quantizable.io import write_json_atomic, write_text_atomic
 
-MAX_TICK_LABELS = 48  # token names on heatmap axes only for short sequences
+MAX_TICK_LABELS = 128  # token names on heatmap axes (font shrinks with the length); longer: every n-th one
 MAX_ANNOTATED_CELLS = 400  # per-head heat maps print their numbers up to this many cells
 NULL_SHOWN = 1e-3  # the no-token share gets a heat map once some head's rows sum this far from 1
 
@@ -83,18 +83,21 @@ def attention_heatmaps(data: FigureData, layer: int, head: int, n_heads: int, pa
         v = value_norms[s, :length, kv_head]
         panels = ((p, "attention probabilities"), (v[:, None], "||v||"), (p * v[None, :], "probabilities x ||v||"))
         names = data.token_names[s][:length]
+        step = max(1, math.ceil(length / MAX_TICK_LABELS))  # label every step-th token
+        ticks, fontsize = range(0, length, step), max(3.5, min(7.0, 300 / len(range(0, length, step))))
         for ax, (matrix, title) in zip(axes[s], panels):
             image = ax.imshow(matrix.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
             fig.colorbar(image, ax=ax, fraction=0.046 if matrix.shape[1] > 1 else 0.5)
-            ax.set_title(f"sequence {s}: {title}")
-            ax.set_xticks([])
-            if length <= MAX_TICK_LABELS:
-                ax.set_yticks(range(length), names, fontsize=6)
-                if matrix.shape[1] > 1:
-                    ax.set_xticks(range(length), names, fontsize=6, rotation=90)
+            wide = matrix.shape[1] > 1  # the narrow ||v|| column gets a short title
+            ax.set_title(f"sequence {s}: {title}" if wide else title, fontsize=10 if wide else 8)
+            ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=fontsize)
+            if wide:
+                ax.set_xticks(ticks, [names[i] for i in ticks], fontsize=fontsize, rotation=90)
+            else:
+                ax.set_xticks([])
     fig.suptitle(f"layer {layer}, head {head} (zero-based)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=90)  # the token labels stay legible
     plt.close(fig)
     return path
 
