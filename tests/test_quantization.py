@@ -315,7 +315,7 @@ def _data_ready() -> bool:
 @pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
 @pytest.mark.parametrize("preset,metric", [("bert-tiny", "perplexity"), ("opt-tiny", "perplexity"),
                                            ("vit-tiny", "accuracy")])
-def test_cli_writes_results(tmp_path, preset: str, metric: str) -> None:
+def test_cli_writes_results(tmp_path, capsys, preset: str, metric: str) -> None:
     from quantizable.cli.main import main
 
     run = _run_dir(tmp_path, preset, **({} if preset.startswith("vit") else {"vocab_size": 8192}))
@@ -328,6 +328,9 @@ def test_cli_writes_results(tmp_path, preset: str, metric: str) -> None:
     assert set(results["quantized"]) == {"mean", "std", "per_seed"} and len(results["quantized"]["per_seed"]) == 2
     assert results["config"]["act_estimator"] == "percentile:99.99" and results["site_table"]
     assert results["fp"] > 0 and all(math.isfinite(v) for v in results["quantized"]["per_seed"])
+    printed = capsys.readouterr().out  # a line as each stage finishes, not minutes of silence
+    assert f"FP {metric}" in printed and "seed 0 (1/2)" in printed and "seed 1 (2/2)" in printed
+    assert results["setup"]["name"] == "default"
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     scored = "the whole validation split" if args.eval_batches is None else f"{args.eval_batches} validation batches"
     print(f"scoring FP, then W{args.weights}A{args.acts} for {args.seeds} calibration seed(s) of {args.calib_batches} "
           f"batches, each on {scored} ...", flush=True)  # minutes on a CPU, otherwise without a word
-    results = simulate_w8a8(model, calibration, evaluation, config, seeds=range(args.seeds))
+    results = simulate_w8a8(model, calibration, evaluation, config, seeds=range(args.seeds),
+                            report=lambda line: print(f"  {line}", flush=True))
     if ptq is not None:
         from quantizable.quantization.ptq import NotApplicable, simulate_ptq
 

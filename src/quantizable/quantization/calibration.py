@@ -64,12 +64,14 @@ def simulate_w8a8(
     config: QuantConfig | None = None,
     seeds: Iterable[int] = (0,),
     score: Callable[[nn.Module], dict[str, float]] | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """FP evaluation, then per seed: quantize, calibrate on ``calib_batches(seed)``, freeze, evaluate.
 
     ``calib_batches`` is a function of the seed (so each seed draws its own calibration data) or a fixed
     collection; ``eval_batches`` a function returning fresh batches or a re-iterable collection. ``score`` (model ->
     named numbers) is a task's own metric, measured like the main one under ``"scores"`` (``fp``, ``per_seed``).
+    ``report`` (e.g. ``print``) gets one line after the FP score and after each seed, for long CPU runs.
     The model is restored to floating point afterwards.
     """
     config = config or QuantConfig()
@@ -81,6 +83,8 @@ def simulate_w8a8(
         return eval_batches() if callable(eval_batches) else eval_batches
 
     fp = evaluate(model, fresh_eval())
+    if report is not None:
+        report(f"FP {fp['metric']} {fp['value']:.3f}")
     scores: dict[str, Any] = {"fp": score(model), "per_seed": []} if score is not None else {}
     per_seed, table, sites = [], [], 0
     for seed in seeds:
@@ -93,6 +97,8 @@ def simulate_w8a8(
             if score is not None:
                 scores["per_seed"].append(score(model))
             table, sites = site_table(model), len(handle.act_quantizers)
+            if report is not None:
+                report(f"seed {seed} ({len(per_seed)}/{len(seeds)}): {fp['metric']} {per_seed[-1]:.3f}")
         finally:
             handle.remove()
     return {
