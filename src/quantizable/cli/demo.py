@@ -16,6 +16,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantizable import AttentionSpec, create_model
+    from quantizable.models import FAMILIES
+    from quantizable.tasks import Task
 
     specs = {
         "vanilla": AttentionSpec(),
@@ -24,11 +26,12 @@ def run(args: argparse.Namespace) -> int:
     }
     rows = []
     torch.manual_seed(0)
-    for preset in ("bert-tiny", "opt-tiny", "vit-tiny", "llama-tiny"):
+    for preset in (f"{name}-tiny" for name in FAMILIES):  # one tiny preset per family
         for method, spec in specs.items():
             model = create_model(preset, spec).eval()
-            if preset.startswith("vit"):
-                batch = {"pixel_values": torch.randn(2, 1, 28, 28)}
+            if FAMILIES[preset.split("-")[0]].task == Task.IMAGE:
+                size = model.config.image_size
+                batch = {"pixel_values": torch.randn(2, model.config.num_channels, size, size)}
             else:
                 batch = {"input_ids": torch.randint(0, 512, (2, 32))}
             with torch.no_grad():
