@@ -375,7 +375,7 @@ def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> l
         return results
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    from tqdm.auto import tqdm
+    from quantizable.progress import Progress
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     print(f"running {len(jobs)} jobs in {workers} worker processes, {threads} thread(s) each", flush=True)
@@ -388,17 +388,18 @@ def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> l
     try:
         # the workers' own bars would interleave: one bar over the training steps of all jobs, read from the
         # metrics every run logs, and the count of finished jobs
-        with tqdm(total=total, desc="reproduce", unit="step", disable=not progress) as bar:
-            pending = set(futures)
-            while pending:
-                _, pending = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
-                failed = next((f for f in futures if f.done() and f.exception() is not None), None)
-                if failed is not None:
-                    raise failed.exception()
-                bar.n = sum(config.run.steps if future.done() else min(trained_steps(run_dir), config.run.steps)
-                            for future, (config, run_dir) in zip(futures, runs))
-                bar.set_postfix_str(f"{len(futures) - len(pending)}/{len(jobs)} runs done")
-                bar.refresh()
+        # (a bar on a terminal, a plain line now and then in a piped log)
+        bar = Progress(total, "reproduce", enabled=progress)
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()
+            steps = sum(config.run.steps if future.done() else min(trained_steps(run_dir), config.run.steps)
+                        for future, (config, run_dir) in zip(futures, runs))
+            bar.update(steps - bar.count, runs=f"{len(futures) - len(pending)}/{len(jobs)} done")
+        bar.close()
     except BaseException:
         # Ctrl-C or a failed job: stop now rather than after the queued jobs; every run resumes from its last
         # checkpoint (or reuses its finished measurements) when reproduce is run again
