@@ -224,3 +224,25 @@ def test_cli_pt2e_writes_int8_json(tmp_path) -> None:
     result = json.loads((out / "int8.json").read_text())
     assert result["backend"] == "pt2e" and result["metric"] == "accuracy" and result["eval_count"] == 8
     assert (out / "model.int8.pt2").exists() and (out / "model.fp32.pt2").exists()
+
+
+def test_export_keeps_equal_parameters_constant(tmp_path) -> None:
+    """A fresh OPT has all-zero biases, which the TorchScript exporter deduplicates into ``Identity`` nodes; the
+    export turns them back into initializers, so every Gemm bias is a constant that ORT quantizes to INT32 inside
+    the INT8 kernel (ORT's "bias is not constant" warning), and the graph still computes the model."""
+    model = create_model("opt-tiny", spec_for_method("vanilla")).eval()
+    assert all(float(module.bias.abs().max()) == 0 for name, module in model.named_modules() if name.endswith("fc2"))
+    fp32 = export_onnx(model, tiny_batch("opt-tiny"), tmp_path / "fp32.onnx")
+    graph = onnx.load(str(fp32)).graph
+    constants = {init.name for init in graph.initializer}
+    assert not [node.name for node in graph.node if node.op_type == "Identity" and node.input[0] in constants]
+    gemms = [node for node in graph.node if node.op_type == "Gemm"]
+    assert gemms and all(set(node.input[1:]) <= constants for node in gemms)
+    batch = tiny_batch("opt-tiny", batch=2, length=20, seed=3)
+    torch.testing.assert_close(_ort_logits(fp32, batch), _logits(model, batch), atol=1e-4, rtol=1e-4)
+    int8 = onnx.load(str(quantize_onnx(fp32, tmp_path / "int8.onnx", [tiny_batch("opt-tiny", seed=1)]))).graph
+    producers = {output: node for node in int8.node for output in node.output}
+    int32 = {init.name for init in int8.initializer if init.data_type == onnx.TensorProto.INT32}
+    biases = [producers[node.input[2]] for node in int8.node if node.op_type == "Gemm"]
+    assert len(biases) == len(gemms)
+    assert all(node.op_type == "DequantizeLinear" and node.input[0] in int32 for node in biases)

@@ -25,6 +25,8 @@ from quantizable.export.common import LogitsFn, LogitsOnly, input_names
 OPSET = 17
 # Calibrated ranges beyond this are mask fill values (finfo.min), not activations; real outliers are ~1e3.
 MASK_LIMIT = 1e9
+# One ONNX file holds at most 2 GiB; larger graphs keep their weights in an external data file.
+PROTOBUF_LIMIT = 2**31 - 2**20
 
 
 def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -42,7 +44,28 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: str | 
                               dynamic_axes={**dynamic, "logits": {0: "batch"}})
     finally:
         model.train(was_training)
+    graph = onnx.load(str(path))
+    if inline_aliased_initializers(graph.graph):
+        large = sum(len(tensor.raw_data) for tensor in graph.graph.initializer) >= PROTOBUF_LIMIT
+        onnx.save(graph, str(path), save_as_external_data=large)
     return path
+
+
+def inline_aliased_initializers(graph: onnx.GraphProto) -> int:
+    """Replace every ``Identity`` of an initializer by a copy of the initializer under the Identity's output name;
+    returns how many. The TorchScript exporter deduplicates parameters with equal values (every zero bias and
+    unit LayerNorm weight of a fresh model, OPT's tied-looking FFN biases) into ``Identity`` nodes, and ORT's
+    quantizer then sees a Gemm/Add whose bias is not a constant: it warns ("exclude this node for better
+    performance") and leaves the bias in FP32 outside the INT8 kernel."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    aliases = [node for node in graph.node if node.op_type == "Identity" and node.input[0] in initializers]
+    for node in aliases:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[node.input[0]])
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        graph.node.remove(node)
+    return len(aliases)
 
 
 class _Reader(CalibrationDataReader):

@@ -1,0 +1,125 @@
+"""The limit INT8 inference is compared against: FP32 vs INT8 throughput of one GEMM, per kernel library, at the
+shapes our models run (tokens x in -> out). One interleaved run, medians, same thread count for every kernel.
+
+Kernels: FP32 PyTorch ``torch.mm`` (MKL on this build), FP32 ONNX Runtime ``MatMul`` (MLAS), INT8 ONNX Runtime
+``MatMulInteger`` (u8 x s8 -> s32, MLAS; what a QDQ MatMul runs) and INT8 oneDNN ``qlinear_pointwise`` (u8 x s8 with
+prepacked weights and FP32 output; what PT2E's Inductor fusion runs). The ratio FP32 time / INT8 time of the best
+kernel of each kind is the most an INT8 model can gain from its GEMMs; whatever else the model runs (softmax,
+norms, quantize/dequantize, attention in FP32) only lowers it. The CPU's instruction set is recorded: the 8-bit
+dot-product instructions (AVX-512 VNNI / AVX-VNNI) give about 4x the FP32 multiply-accumulate rate, plain AVX2
+(``vpmaddubsw`` + ``vpmaddwd``) about 2x.
+
+    python benchmarks/bench_gemm_limit.py [--tokens 1024 128] [--threads 1 2] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from quantizable.export import median_latencies_ms
+from quantizable.io import write_json_atomic
+
+# (name, in, out): the GEMMs of a d=256 / d=768 block and the BERT head (30,522-word vocabulary)
+SHAPES: list[tuple[str, int, int]] = [
+    ("d256 qkv/out", 256, 256), ("d256 ffn up", 256, 1024), ("d256 ffn down", 1024, 256),
+    ("d256 bert head", 256, 30522),
+    ("d768 qkv/out", 768, 768), ("d768 ffn up", 768, 3072), ("d768 ffn down", 3072, 768),
+    ("d768 bert head", 768, 30522),
+]
+FP32_KERNELS = ("fp32_torch_mkl", "fp32_ort_mlas")
+INT8_KERNELS = ("int8_ort_mlas", "int8_onednn")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD flags that decide INT8 GEMM speed (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
+    return sorted(flag for flag in flags.split(":", 1)[1].split() if flag in wanted)
+
+
+def _ort_single_op(directory: Path, name: str, op: str, x_type: int, weight: np.ndarray,
+                   threads: int) -> ort.InferenceSession:
+    """A one-node ONNX graph ``y = op(x, W)`` with ``W`` an initializer, as a session with ``threads`` threads."""
+    w = numpy_helper.from_array(weight, "w")
+    y_type = TensorProto.FLOAT if op == "MatMul" else TensorProto.INT32
+    graph = helper.make_graph([helper.make_node(op, ["x", "w"], ["y"])], name,
+                              [helper.make_tensor_value_info("x", x_type, ["m", weight.shape[0]])],
+                              [helper.make_tensor_value_info("y", y_type, ["m", weight.shape[1]])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = directory / f"{name}.onnx"
+    onnx.save(model, str(path))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def bench(label: str, tokens: int, k: int, n: int, threads: int, repeats: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, k, generator=g)
+    w = torch.randn(k, n, generator=g) / k**0.5
+    qx = torch.randint(0, 256, (tokens, k), generator=g, dtype=torch.uint8)
+    qw = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)  # oneDNN wants (out, in)
+    packed = torch.ops.onednn.qlinear_prepack(qw, [tokens, k])
+    w_scale, w_zero = torch.full((n,), 0.01), torch.zeros(n, dtype=torch.long)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_session = _ort_single_op(Path(tmp), "fp32", "MatMul", TensorProto.FLOAT, w.numpy(), threads)
+        int8_session = _ort_single_op(Path(tmp), "int8", "MatMulInteger", TensorProto.UINT8,
+                                      qw.T.contiguous().numpy(), threads)
+        x_np, qx_np = x.numpy(), qx.numpy()
+        kernels = {
+            "fp32_torch_mkl": lambda _: torch.mm(x, w),
+            "fp32_ort_mlas": lambda _: fp32_session.run(None, {"x": x_np}),
+            "int8_ort_mlas": lambda _: int8_session.run(None, {"x": qx_np}),
+            "int8_onednn": lambda _: torch.ops.onednn.qlinear_pointwise(
+                qx, 0.02, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32, "none", [], ""),
+        }
+        torch.set_num_threads(threads)
+        latency = median_latencies_ms(kernels, {"x": x}, repeats=repeats)
+    fp32 = min(FP32_KERNELS, key=latency.get)
+    int8 = min(INT8_KERNELS, key=latency.get)
+    macs = tokens * k * n
+    return {"shape": label, "tokens": tokens, "in": k, "out": n, "threads": threads, "repeats": repeats,
+            "latency_ms": latency, "gmac_per_s": {name: macs / ms / 1e6 for name, ms in latency.items()},
+            "fastest_fp32": fp32, "fastest_int8": int8, "limit": latency[fp32] / latency[int8],
+            "ort_int8_vs_ort_fp32": latency["fp32_ort_mlas"] / latency["int8_ort_mlas"],
+            "onednn_int8_vs_ort_int8": latency["int8_onednn"] / latency["int8_ort_mlas"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 128])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gemm_limit.json")
+    args = parser.parse_args()
+    machine = {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(),
+               "torch_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+               "onnxruntime": ort.__version__}
+    print(f"CPU flags {machine['flags']}, torch {machine['torch_capability']}", flush=True)
+    rows = []
+    for threads in args.threads:
+        for tokens in args.tokens:
+            for label, k, n in SHAPES:
+                row = bench(label, tokens, k, n, threads, args.repeats)
+                rows.append(row)
+                write_json_atomic(args.out, {"machine": machine, "rows": rows})
+                rate = "  ".join(f"{name} {row['gmac_per_s'][name]:6.1f}" for name in (*FP32_KERNELS, *INT8_KERNELS))
+                print(f"{threads}t {tokens:5d} x {label:15s} GMAC/s: {rate}  | limit {row['limit']:.2f}x", flush=True)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
