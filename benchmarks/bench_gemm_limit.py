@@ -26,7 +26,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from quantizable.export import median_latencies_ms
+from quantizable.export import cpu_flags, median_latencies_ms
 from quantizable.io import write_json_atomic
 
 # (name, in, out): the GEMMs of a d=256 / d=768 block and the BERT head (30,522-word vocabulary)
@@ -38,16 +38,6 @@ SHAPES: list[tuple[str, int, int]] = [
 ]
 FP32_KERNELS = ("fp32_torch_mkl", "fp32_ort_mlas")
 INT8_KERNELS = ("int8_ort_mlas", "int8_onednn")
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's SIMD flags that decide INT8 GEMM speed (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
-    return sorted(flag for flag in flags.split(":", 1)[1].split() if flag in wanted)
 
 
 def _ort_single_op(directory: Path, name: str, op: str, x_type: int, weight: np.ndarray,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from quantizable.attention.spec import spec_for_method
-from quantizable.export import median_latencies_ms, ort_int8
+from quantizable.export import cpu_flags, median_latencies_ms, ort_int8
 from quantizable.export.pt2e import pt2e_int8
 from quantizable.io import write_json_atomic
 from quantizable.models import MODEL_PRESETS, create_model
@@ -82,8 +82,8 @@ def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, r
     fastest = min(FP32_PATHS, key=latency.get)
     common = {"model": name, "preset": preset, "overrides": overrides, "method": method,
               "parameters": sum(p.numel() for p in model.parameters()),
-              "batch": {k: list(v.shape) for k, v in batch.items()}, "threads": threads, "repeats": repeats,
-              "latency_ms": latency, "fastest_fp32": fastest}
+              "batch": {k: list(v.shape) for k, v in batch.items()}, "threads": threads, "cpu_flags": cpu_flags(),
+              "repeats": repeats, "latency_ms": latency, "fastest_fp32": fastest}
     same = {"onnxruntime": ("fp32_ort", "int8_ort"), "pt2e": ("fp32_compiled", "int8_pt2e")}
     return [{**common, "backend": backend, "fp32_ms": latency[fp32], "int8_ms": latency[int8],
              "speedup": latency[fp32] / latency[int8], "speedup_vs_fastest_fp32": latency[fastest] / latency[int8],

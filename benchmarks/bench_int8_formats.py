@@ -21,7 +21,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.transformers import optimizer
 
 from quantizable.attention.spec import spec_for_method
-from quantizable.export import median_latencies_ms
+from quantizable.export import cpu_flags, median_latencies_ms
 from quantizable.export.onnx import _Reader, export_onnx, masked_nodes, ort_logits, session
 from quantizable.io import write_json_atomic
 from quantizable.models import create_model
@@ -80,7 +80,8 @@ def bench(name: str, method: str, repeats: int) -> dict[str, Any]:
         functions["fp32_eager"] = lambda inputs: model(**inputs).logits
         latency = median_latencies_ms(functions, batch, repeats=repeats)
     fastest = min(("fp32_eager", "fp32_ort", "fp32_ort_fused"), key=latency.get)
-    return {"model": name, "method": method, "batch": [8, 128], "threads": 1, "fusions": fusions,
+    return {"model": name, "method": method, "batch": [8, 128], "threads": 1, "cpu_flags": cpu_flags(),
+            "fusions": fusions,
             "latency_ms": latency, "fastest_fp32": fastest,
             "speedup_vs_fastest_fp32": {k: latency[fastest] / v for k, v in latency.items()}, "errors": errors}
 

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from quantizable.attention.spec import spec_for_method
 from quantizable.export import export_int8, export_onnx, quantize_onnx, session
+from quantizable.export.common import SPEED_FLAGS
 from quantizable.models import create_model, load_model
 from tests.conftest import tiny_batch
 
@@ -78,6 +79,7 @@ def test_export_int8_reports_quality_and_latency(tmp_path, simulate: bool) -> No
     assert abs(result["int8"]["metric"] / result["fp32"]["metric"] - 1) < 0.05
     assert result["speedup"] == pytest.approx(result["fp32"]["latency_ms"] / result["int8"]["latency_ms"])
     assert (tmp_path / result["files"]["int8"]).exists()
+    assert set(result["cpu_flags"]) <= set(SPEED_FLAGS)  # the speed-up depends on them: recorded beside it
     assert ("simulated_w8a8" in result) == simulate
     if simulate:  # the PyTorch and ORT FP32 graphs compute the same perplexity
         assert result["simulated_w8a8"]["torch_fp"] == pytest.approx(result["fp32"]["metric"], rel=1e-4)
@@ -246,3 +248,53 @@ def test_export_keeps_equal_parameters_constant(tmp_path) -> None:
     biases = [producers[node.input[2]] for node in int8.node if node.op_type == "Gemm"]
     assert len(biases) == len(gemms)
     assert all(node.op_type == "DequantizeLinear" and node.input[0] in int32 for node in biases)
+
+
+def test_latency_rounds_rotate_and_time_every_function() -> None:
+    """Timing is interleaved and each round starts one function later, so none always runs first; the medians are
+    per function and in milliseconds."""
+    import time
+
+    from quantizable.export import median_latencies_ms
+
+    calls: list[str] = []
+
+    def sleeper(name: str, seconds: float):
+        def logits(inputs):
+            calls.append(name)
+            time.sleep(seconds)
+            return inputs["input_ids"]
+
+        return logits
+
+    functions = {"a": sleeper("a", 0.002), "b": sleeper("b", 0.0), "c": sleeper("c", 0.0)}
+    latency = median_latencies_ms(functions, {"input_ids": torch.zeros(1, 2), "labels": torch.zeros(1, 2)},
+                                  repeats=3, warmup=1)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert set(latency) == {"a", "b", "c"} and latency["a"] >= 2.0 > latency["b"]
+
+
+@pytest.mark.parametrize("preset", ["opt-tiny", "bert-tiny", "llama-tiny"])
+def test_head_writes_float_logits(tmp_path, preset: str) -> None:
+    """The INT8 head keeps INT8 inputs and weights but no output quantizer: ORT fuses it into one
+    ``MatMulIntegerToFloat`` and the logits are closer to FP32 than with 256-level logits."""
+    import onnxruntime as ort
+
+    model = _saved_model(tmp_path, preset, "vanilla")
+    fp32 = export_onnx(model, tiny_batch(preset), tmp_path / "fp32.onnx")
+    calibration = [tiny_batch(preset, batch=4, seed=seed) for seed in range(1, 4)]
+    paths = {flag: quantize_onnx(fp32, tmp_path / f"int8-{flag}.onnx", calibration, float_logits=flag)
+             for flag in (True, False)}
+    graphs = {flag: onnx.load(str(path)).graph for flag, path in paths.items()}
+    producers = {flag: {out: node.op_type for node in graph.node for out in node.output}
+                 for flag, graph in graphs.items()}
+    assert producers[False]["logits"] == "DequantizeLinear" and producers[True]["logits"] in ("MatMul", "Add")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(paths[True]), options, providers=["CPUExecutionProvider"])
+    assert "MatMulIntegerToFloat" in {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+    batch = tiny_batch(preset, batch=3, length=24, seed=7)
+    reference = _logits(model, batch)
+    error = {flag: float((_ort_logits(path, batch) - reference).norm() / reference.norm())
+             for flag, path in paths.items()}
+    assert 0 < error[True] < error[False], error

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from quantizable.evaluation import evaluate
-from quantizable.export.common import Batch, LogitsModel, median_latencies_ms, torch_threads
+from quantizable.export.common import Batch, LogitsModel, cpu_flags, median_latencies_ms, torch_threads
 
 BACKENDS = ("onnxruntime", "pt2e")
 
@@ -53,8 +53,8 @@ def export_int8(
     like INT8 unless ``compile`` is False, which runs the converted reference graph: for tests, not for timing).
 
     Returns (and the CLI writes) ``{"backend", "metric", "fp32": {"metric", "latency_ms"}, "int8": {...},
-    "speedup", "threads", "compiled", "latency_batch", "files", "simulated_w8a8"?}``. With ``simulate``, the
-    simulator's W8A8 number (head quantized too, like both backends) on the same calibration batches is added.
+    "speedup", "threads", "cpu_flags", "compiled", "latency_batch", "files", "simulated_w8a8"?}``. With ``simulate``,
+    the simulator's W8A8 number (head quantized too, like both backends) on the same calibration batches is added.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -83,6 +83,7 @@ def export_int8(
         **{name: {"metric": scores[name]["value"], "latency_ms": latency[name]} for name in functions},
         "speedup": latency["fp32"] / latency["int8"],
         "threads": threads,
+        "cpu_flags": cpu_flags(),
         "compiled": backend == "pt2e" and compile,
         "latency_batch": {name: list(value.shape) for name, value in example.items() if name != "labels"},
         "eval_count": scores["fp32"]["count"],

@@ -1,8 +1,9 @@
 """Real INT8 inference with ONNX Runtime: FP32 ONNX export, static per-tensor QDQ quantization, an evaluation adapter.
 
 The exported graph is the plain-torch reference attention (``fused_attention(False)``), so clipped softmax, softmax+1
-and the gates are ordinary ONNX ops (the fast paths' custom ops have no ONNX form, and INT8 needs the ops inside). Quantization is ORT's ``quantize_static``: QDQ format, per-tensor MinMax ranges,
-unsigned 8-bit activations and signed 8-bit weights, calibrated on the batches given (the simulator's calibration data).
+and the gates are ordinary ONNX ops (the fast paths' custom ops have no ONNX form, and INT8 needs the ops inside).
+Quantization is ORT's ``quantize_static``: QDQ format, per-tensor MinMax ranges, unsigned 8-bit activations and signed
+8-bit weights, calibrated on the batches given (the simulator's calibration data); the logits stay float.
 """
 
 from __future__ import annotations
@@ -103,15 +104,75 @@ def _within(bounds: tuple[np.ndarray, np.ndarray], limit: float) -> bool:
     return bool(np.all(np.isfinite(values)) and np.abs(values).max() <= limit)
 
 
-def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[dict[str, torch.Tensor]]) -> Path:
+def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[dict[str, torch.Tensor]],
+                  float_logits: bool = True) -> Path:
     """Static INT8 (QDQ, per-tensor MinMax, QUInt8 activations / QInt8 weights) calibrated on the batches, with the
-    attention-mask path (``masked_nodes``) left in floating point."""
+    attention-mask path (``masked_nodes``) left in floating point. With ``float_logits`` the head's GEMM keeps INT8
+    inputs and weights but writes float logits (``unquantize_outputs``)."""
     calibration = list(calibration)
     excluded = masked_nodes(fp32_path, calibration)
     quantize_static(str(fp32_path), str(int8_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded)
+    if float_logits:
+        int8 = onnx.load(str(int8_path))
+        unquantize_outputs(int8.graph)
+        onnx.save(int8, str(int8_path))
     return Path(int8_path)
+
+
+def unquantize_outputs(graph: onnx.GraphProto) -> int:
+    """Remove the quantize/dequantize pairs between the last GEMM and each graph output (and, for a head that adds
+    its bias separately, BERT's, between the GEMM and that ``Add``); returns how many. ORT then runs the head as one
+    ``MatMulIntegerToFloat`` (INT8 inputs, float output) instead of ``QLinearMatMul`` + requantize + dequantize of
+    batch x length x vocabulary values, and the logits keep float resolution instead of 256 levels. Measured
+    (bench_int8_variants geometry, d=256, 4 layers, batch 8 x 128, one run): OPT 350 -> 319 ms, Llama 270 -> 219 ms,
+    BERT 219 -> 218 ms, logits' error against FP32 slightly lower in all three."""
+    removed = 0
+    for output in graph.output:
+        producer = _drop_qdq(graph, output.name)
+        if producer is None:
+            continue
+        removed += 1
+        if producer.op_type == "Add":
+            for tensor in list(producer.input):
+                inner = _producers(graph).get(tensor)
+                if inner is not None and inner.op_type == "DequantizeLinear" and _feeds_gemm(graph, inner):
+                    removed += _drop_qdq(graph, tensor) is not None
+    return removed
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {name: node for node in graph.node for name in node.output}
+
+
+def _readers(graph: onnx.GraphProto, tensor: str) -> list[onnx.NodeProto]:
+    return [node for node in graph.node if tensor in node.input]
+
+
+def _feeds_gemm(graph: onnx.GraphProto, dequantize: onnx.NodeProto) -> bool:
+    quantize = _producers(graph).get(dequantize.input[0])
+    source = quantize and _producers(graph).get(quantize.input[0])
+    return bool(source is not None and source.op_type in ("MatMul", "Gemm"))
+
+
+def _drop_qdq(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
+    """If ``tensor`` is ``DequantizeLinear(QuantizeLinear(x))`` with both read only along that chain, make ``x``'s
+    producer write ``tensor`` directly and delete the pair; returns that producer (None if nothing was done)."""
+    producers = _producers(graph)
+    dequantize = producers.get(tensor)
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return None
+    quantize = producers.get(dequantize.input[0])
+    if quantize is None or quantize.op_type != "QuantizeLinear" or len(_readers(graph, quantize.output[0])) != 1:
+        return None
+    source = producers.get(quantize.input[0])
+    if source is None or len(_readers(graph, quantize.input[0])) != 1:
+        return None
+    source.output[list(source.output).index(quantize.input[0])] = tensor
+    graph.node.remove(quantize)
+    graph.node.remove(dequantize)
+    return source
 
 
 def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
