@@ -3,7 +3,8 @@ cost does not depend on them; quality is measured by ``quantizable export``).
 
 Paths: PyTorch FP32 eager, PyTorch FP32 ``torch.compile`` (freezing), ORT FP32; PT2E INT8 (X86InductorQuantizer,
 compiled) and ORT INT8 (QDQ, per-tensor). All are timed on the same batch with the same thread count, interleaved so
-that load from other processes hits them alike; medians are reported, with INT8 speedups over the fastest FP32 path.
+that load from other processes hits them alike; medians are reported, and every speed-up (over the same backend's
+FP32, over the fastest FP32 path, PT2E vs ORT INT8) is the median of per-round ratios.
 
     python benchmarks/bench_int8.py [--models bert-256 opt-768] [--method vanilla] [--batch-size 8] [--seq-len 128]
 """
@@ -11,6 +12,7 @@ that load from other processes hits them alike; medians are reported, with INT8 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 import warnings
@@ -20,7 +22,8 @@ from typing import Any
 import torch
 
 from quantizable.attention.spec import spec_for_method
-from quantizable.export import cpu_flags, median_latencies_ms, ort_int8
+from quantizable.export import cpu_flags, ort_int8
+from quantizable.export.common import latency_samples_ms, paired_ratio
 from quantizable.export.pt2e import pt2e_int8
 from quantizable.io import write_json_atomic
 from quantizable.models import MODEL_PRESETS, create_model
@@ -78,7 +81,8 @@ def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, r
         for function in (pt2e["fp32"], pt2e["int8"]):  # compile outside the timed runs
             function(batch)
         compile_s = time.perf_counter() - started
-        latency = median_latencies_ms(functions, batch, repeats=repeats)
+        samples = latency_samples_ms(functions, batch, repeats=repeats)
+    latency = {name: statistics.median(values) for name, values in samples.items()}
     fastest = min(FP32_PATHS, key=latency.get)
     common = {"model": name, "preset": preset, "overrides": overrides, "method": method,
               "parameters": sum(p.numel() for p in model.parameters()),
@@ -86,7 +90,9 @@ def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, r
               "repeats": repeats, "latency_ms": latency, "fastest_fp32": fastest}
     same = {"onnxruntime": ("fp32_ort", "int8_ort"), "pt2e": ("fp32_compiled", "int8_pt2e")}
     return [{**common, "backend": backend, "fp32_ms": latency[fp32], "int8_ms": latency[int8],
-             "speedup": latency[fp32] / latency[int8], "speedup_vs_fastest_fp32": latency[fastest] / latency[int8],
+             "speedup": paired_ratio(samples, fp32, int8)["median"],
+             "speedup_vs_fastest_fp32": paired_ratio(samples, fastest, int8)["median"],
+             "pt2e_vs_ort_int8": paired_ratio(samples, "int8_pt2e", "int8_ort"),
              **sizes[backend], **({"compile_s": compile_s} if backend == "pt2e" else {})}
             for backend, (fp32, int8) in same.items()]
 
