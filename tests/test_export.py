@@ -8,10 +8,12 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from onnxruntime.quantization import QuantType
 
 from quantizable.attention.spec import spec_for_method
 from quantizable.export import export_int8, export_onnx, quantize_onnx, session
 from quantizable.export.common import SPEED_FLAGS
+from quantizable.export.onnx import weight_type as weight_type_of_cpu
 from quantizable.models import create_model, load_model
 from tests.conftest import tiny_batch
 
@@ -54,7 +56,8 @@ def test_int8_logits_close_to_fp32(tmp_path, preset: str, method: str) -> None:
     graph = onnx.load(str(int8)).graph
     ops = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
-    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+    weight_type = onnx.TensorProto.INT8 if weight_type_of_cpu() == QuantType.QInt8 else onnx.TensorProto.UINT8
+    assert any(init.data_type == weight_type and "weight" in init.name for init in graph.initializer)
     # the attention mask (finfo.min fill) is not quantized: every scale is finite and sane
     scales = {node.input[1] for node in graph.node if node.op_type == "QuantizeLinear"}
     values = [numpy_helper.to_array(init) for init in graph.initializer if init.name in scales]
@@ -298,3 +301,41 @@ def test_head_writes_float_logits(tmp_path, preset: str) -> None:
     error = {flag: float((_ort_logits(path, batch) - reference).norm() / reference.norm())
              for flag, path in paths.items()}
     assert 0 < error[True] < error[False], error
+
+
+def _one_matmul_graph(path, weight) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "one_matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", weight.shape[0]])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["m", weight.shape[1]])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_int8_gemm_is_exact_on_this_cpu(tmp_path) -> None:
+    """The INT8 GEMM of ``quantize_onnx``'s default weight type computes the integer product exactly, checked against
+    numpy's int64 matmul of the graph's own quantized values. Inputs near the top of the u8 range and weights near
+    +-127 make ORT's u8 x s8 kernel saturate on x86 without VNNI (its int16 pair sums overflow): there the
+    default is unsigned weights, and signed ones would fail this check."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    weight = (rng.choice([-1.0, 1.0], size=(256, 64)) * rng.uniform(0.9, 1.0, size=(256, 64))).astype(np.float32)
+    _one_matmul_graph(tmp_path / "fp32.onnx", weight)
+    x = torch.from_numpy(rng.uniform(0.0, 1.0, size=(32, 256)).astype(np.float32))
+    x[:, ::2] = 1.0  # adjacent inputs at the top of the grid: the pairs vpmaddubsw sums in int16
+    int8 = quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [{"x": x}])
+    graph = onnx.load(str(int8)).graph
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    dequantize = {node.output[0]: node for node in graph.node if node.op_type == "DequantizeLinear"}
+    matmul = next(node for node in graph.node if node.op_type == "MatMul")
+    x_dq, w_dq = (dequantize[name] for name in matmul.input)
+    x_scale, x_zero = (values[name] for name in x_dq.input[1:])
+    w_int, w_scale, w_zero = (values[name] for name in w_dq.input)
+    # QuantizeLinear: round half to even, saturate to uint8
+    x_int = np.clip(np.rint(x.numpy() / x_scale) + x_zero, 0, 255)
+    exact = (x_int.astype(np.int64) - int(x_zero)) @ (w_int.astype(np.int64) - int(w_zero))
+    expected = exact * float(x_scale) * float(w_scale)
+    (actual,) = session(int8).run(["logits"], {"x": x.numpy()})
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -22,6 +22,8 @@ Batch = dict[str, torch.Tensor]
 # The SIMD features that decide INT8 GEMM speed: VNNI / AMX dot products give ~4x the FP32 multiply-accumulate rate,
 # plain AVX2 (vpmaddubsw + vpmaddwd) ~2x (benchmarks/bench_gemm_limit.py measured 1.7-2.2x on an AVX2-only EPYC).
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
+# The flags of 8-bit dot products that accumulate straight into int32 (no int16 intermediate that can saturate).
+DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
 LogitsFn = Callable[[Batch], torch.Tensor]
 LABELS = "labels"
 
@@ -112,3 +114,8 @@ def cpu_flags() -> list[str]:
     except (OSError, StopIteration):
         return []
     return sorted(flag for flag in line.split(":", 1)[1].split() if flag in SPEED_FLAGS)
+
+
+def has_int8_dot_product() -> bool:
+    """Whether this CPU has VNNI / AMX 8-bit dot products (``DOT_PRODUCT_FLAGS``)."""
+    return bool(set(cpu_flags()) & set(DOT_PRODUCT_FLAGS))

@@ -53,8 +53,9 @@ def export_int8(
     like INT8 unless ``compile`` is False, which runs the converted reference graph: for tests, not for timing).
 
     Returns (and the CLI writes) ``{"backend", "metric", "fp32": {"metric", "latency_ms"}, "int8": {...},
-    "speedup", "threads", "cpu_flags", "compiled", "latency_batch", "files", "simulated_w8a8"?}``. With ``simulate``,
-    the simulator's W8A8 number (head quantized too, like both backends) on the same calibration batches is added.
+    "speedup", "threads", "cpu_flags", "compiled", "latency_batch", "files", "onnx_weight_type"?, "simulated_w8a8"?}``
+    (``onnx_weight_type``: ``weight_type()``, which depends on the CPU). With ``simulate``, the simulator's W8A8
+    number (head quantized too, like both backends) on the same calibration batches is added.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -69,11 +70,15 @@ def export_int8(
         if backend == "onnxruntime":
             from quantizable.export.onnx import ort_int8
 
+            from quantizable.export.onnx import weight_type
+
             functions, files = ort_int8(model, calibration, example, out, threads)
+            details = {"onnx_weight_type": weight_type().name}
         else:
             from quantizable.export.pt2e import pt2e_int8
 
             functions, files = pt2e_int8(model, calibration, example, out, compile=compile)
+            details = {}
         latency = median_latencies_ms(functions, example, repeats=repeats)
         scores = {name: evaluate(LogitsModel(function, model.config), evaluation())
                   for name, function in functions.items()}
@@ -88,6 +93,7 @@ def export_int8(
         "latency_batch": {name: list(value.shape) for name, value in example.items() if name != "labels"},
         "eval_count": scores["fp32"]["count"],
         "files": files,
+        **details,
     }
     if simulate:
         from quantizable.quantization import QuantConfig, simulate_w8a8

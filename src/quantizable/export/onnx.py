@@ -2,8 +2,9 @@
 
 The exported graph is the plain-torch reference attention (``fused_attention(False)``), so clipped softmax, softmax+1
 and the gates are ordinary ONNX ops (the fast paths' custom ops have no ONNX form, and INT8 needs the ops inside).
-Quantization is ORT's ``quantize_static``: QDQ format, per-tensor MinMax ranges, unsigned 8-bit activations and signed
-8-bit weights, calibrated on the batches given (the simulator's calibration data); the logits stay float.
+Quantization is ORT's ``quantize_static``: QDQ format, per-tensor MinMax ranges, unsigned 8-bit activations and
+symmetric 8-bit weights (signed, or unsigned with zero point 128 where the CPU's u8 x s8 GEMM saturates:
+``weight_type``), calibrated on the batches given (the simulator's calibration data); the logits stay float.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from onnxruntime.quantization.calibrate import create_calibrator
 from torch import nn
 
 from quantizable.attention.interface import fused_attention
-from quantizable.export.common import LogitsFn, LogitsOnly, input_names
+from quantizable.export.common import LogitsFn, LogitsOnly, has_int8_dot_product, input_names
 
 OPSET = 17
 # Calibrated ranges beyond this are mask fill values (finfo.min), not activations; real outliers are ~1e3.
@@ -104,16 +105,29 @@ def _within(bounds: tuple[np.ndarray, np.ndarray], limit: float) -> bool:
     return bool(np.all(np.isfinite(values)) and np.abs(values).max() <= limit)
 
 
+def weight_type() -> QuantType:
+    """The 8-bit weight type whose GEMMs are exact on this CPU. ONNX Runtime's u8 x s8 kernel on x86 without VNNI
+    sums pairs of products in int16 (``vpmaddubsw``), which saturates (255 x 127 x 2 > 32767): on this project's
+    AVX2-only EPYC, 0.03-0.4% of a GEMM's outputs came out wrong for Gaussian weights (by up to 13,597 on int32
+    sums; ``tests/test_export.py`` checks against numpy's integer product). There, u8 x u8 is exact and ~15% slower
+    (s8 x s8 is exact too but runs a 7x slower kernel), so weights are unsigned with the zero point fixed at 128:
+    the same symmetric grid as signed weights. With VNNI / AMX, u8 x s8 accumulates in int32 and stays. A file
+    quantized on a VNNI machine saturates on one without: quantize where it will run."""
+    return QuantType.QInt8 if has_int8_dot_product() else QuantType.QUInt8
+
+
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[dict[str, torch.Tensor]],
-                  float_logits: bool = True) -> Path:
-    """Static INT8 (QDQ, per-tensor MinMax, QUInt8 activations / QInt8 weights) calibrated on the batches, with the
-    attention-mask path (``masked_nodes``) left in floating point. With ``float_logits`` the head's GEMM keeps INT8
-    inputs and weights but writes float logits (``unquantize_outputs``)."""
+                  float_logits: bool = True, weights: QuantType | None = None) -> Path:
+    """Static INT8 (QDQ, per-tensor MinMax, QUInt8 activations, symmetric 8-bit weights of ``weights``, by default
+    ``weight_type()``) calibrated on the batches, with the attention-mask path (``masked_nodes``) left in floating
+    point. With ``float_logits`` the head's GEMM keeps INT8 inputs and weights but writes float logits
+    (``unquantize_outputs``)."""
     calibration = list(calibration)
     excluded = masked_nodes(fp32_path, calibration)
     quantize_static(str(fp32_path), str(int8_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False,
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded)
+                    activation_type=QuantType.QUInt8, weight_type=weights or weight_type(), per_channel=False,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                    extra_options={"WeightSymmetric": True})
     if float_logits:
         int8 = onnx.load(str(int8_path))
         unquantize_outputs(int8.graph)
