@@ -109,10 +109,11 @@ def weight_type() -> QuantType:
     """The 8-bit weight type whose GEMMs are exact on this CPU. ONNX Runtime's u8 x s8 kernel on x86 without VNNI
     sums pairs of products in int16 (``vpmaddubsw``), which saturates (255 x 127 x 2 > 32767): on this project's
     AVX2-only EPYC, 0.03-0.4% of a GEMM's outputs came out wrong for Gaussian weights (by up to 13,597 on int32
-    sums; ``tests/test_export.py`` checks against numpy's integer product). There, u8 x u8 is exact and ~15% slower
-    (s8 x s8 is exact too but runs a 7x slower kernel), so weights are unsigned with the zero point fixed at 128:
-    the same symmetric grid as signed weights. With VNNI / AMX, u8 x s8 accumulates in int32 and stays. A file
-    quantized on a VNNI machine saturates on one without: quantize where it will run."""
+    sums; ``tests/test_export.py`` checks against numpy's integer product). There u8 x u8 is exact and 7-17% slower
+    end to end (benchmarks/bench_int8_weight_types.py; s8 x s8 is exact too but runs a 7x slower kernel), so
+    weights are unsigned with the zero point fixed at 128: a symmetric grid (scale max|w| / 127.5). With VNNI / AMX,
+    u8 x s8 accumulates in int32 and stays. A file quantized on a VNNI machine saturates on one without: quantize
+    where it will run."""
     return QuantType.QInt8 if has_int8_dot_product() else QuantType.QUInt8
 
 
