@@ -27,6 +27,7 @@ from quantizable.export.common import LogitsFn, LogitsOnly, has_int8_dot_product
 OPSET = 17
 # Calibrated ranges beyond this are mask fill values (finfo.min), not activations; real outliers are ~1e3.
 MASK_LIMIT = 1e9
+GEMMS = ("MatMul", "Gemm")
 # One ONNX file holds at most 2 GiB; larger graphs keep their weights in an external data file.
 PROTOBUF_LIMIT = 2**31 - 2**20
 
@@ -151,9 +152,7 @@ def unquantize_outputs(graph: onnx.GraphProto) -> int:
         removed += 1
         if producer.op_type == "Add":
             for tensor in list(producer.input):
-                inner = _producers(graph).get(tensor)
-                if inner is not None and inner.op_type == "DequantizeLinear" and _feeds_gemm(graph, inner):
-                    removed += _drop_qdq(graph, tensor) is not None
+                removed += _drop_qdq(graph, tensor, sources=GEMMS) is not None
     return removed
 
 
@@ -165,15 +164,10 @@ def _readers(graph: onnx.GraphProto, tensor: str) -> list[onnx.NodeProto]:
     return [node for node in graph.node if tensor in node.input]
 
 
-def _feeds_gemm(graph: onnx.GraphProto, dequantize: onnx.NodeProto) -> bool:
-    quantize = _producers(graph).get(dequantize.input[0])
-    source = quantize and _producers(graph).get(quantize.input[0])
-    return bool(source is not None and source.op_type in ("MatMul", "Gemm"))
-
-
-def _drop_qdq(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
-    """If ``tensor`` is ``DequantizeLinear(QuantizeLinear(x))`` with both read only along that chain, make ``x``'s
-    producer write ``tensor`` directly and delete the pair; returns that producer (None if nothing was done)."""
+def _drop_qdq(graph: onnx.GraphProto, tensor: str, sources: tuple[str, ...] | None = None) -> onnx.NodeProto | None:
+    """If ``tensor`` is ``DequantizeLinear(QuantizeLinear(x))`` with both read only along that chain (and ``x``
+    produced by one of the op types ``sources``, if given), make ``x``'s producer write ``tensor`` directly and
+    delete the pair; returns that producer (None if nothing was done)."""
     producers = _producers(graph)
     dequantize = producers.get(tensor)
     if dequantize is None or dequantize.op_type != "DequantizeLinear":
@@ -182,7 +176,7 @@ def _drop_qdq(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
     if quantize is None or quantize.op_type != "QuantizeLinear" or len(_readers(graph, quantize.output[0])) != 1:
         return None
     source = producers.get(quantize.input[0])
-    if source is None or len(_readers(graph, quantize.input[0])) != 1:
+    if source is None or len(_readers(graph, quantize.input[0])) != 1 or (sources and source.op_type not in sources):
         return None
     source.output[list(source.output).index(quantize.input[0])] = tensor
     graph.node.remove(quantize)
