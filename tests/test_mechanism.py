@@ -38,7 +38,7 @@ def test_sink_share_of_hand_built_pattern() -> None:
     stats = MechanismStats(n_layers=2)
     uniform = torch.full((2, 2, 4, 4), 0.25)
     for layer, p in enumerate((probs, uniform)):
-        stats.add_attention(layer, p, valid, delimiters, causal=False, clipped=False)
+        stats.add_attention(layer, p, valid, delimiters, causal=False, zeroing=False)
         stats.add_value_norms(layer, torch.ones(2, 4, 1), valid)
         stats.add_hidden(layer, torch.ones(2, 4, 3), valid)
     result = stats.summary()
@@ -62,7 +62,7 @@ def test_sink_is_first_valid_token_with_left_padding() -> None:
     valid = torch.tensor([[0, 1, 1]], dtype=torch.bool)
     probs = torch.tensor([[[[1, 0, 0], [0, 1, 0], [0, 0.7, 0.2]]]])  # padded row 0; query 2 puts 0.1 on no token
     stats = MechanismStats(n_layers=1)
-    stats.add_attention(0, probs, valid, None, causal=True, clipped=False)
+    stats.add_attention(0, probs, valid, None, causal=True, zeroing=False)
     stats.add_value_norms(0, torch.tensor([[[9.0], [2.0], [4.0]]]), valid)
     stats.add_hidden(0, torch.tensor([[[9.0, 9.0], [3.0, -4.0], [1.0, 0.0]]]), valid)
     result = stats.summary()

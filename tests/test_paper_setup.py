@@ -200,3 +200,24 @@ def test_paper_metrics_pool_the_official_tensors(family: str, tensors) -> None:
     else:
         assert paper["max_ln_output_inf_norm"] == pytest.approx(result["max_inf_norm"], rel=1e-5)
     assert analyze(create_model("llama-tiny").eval(), [tiny_batch("llama-tiny")])["paper_metrics"] is None
+
+
+def test_paper_setup_scores_a_short_context_run_at_its_trained_length(tmp_path) -> None:
+    """The paper's OPT calibration shape is 1 x 512; a run trained at 32 tokens is calibrated and scored at 32, so
+    its FP score is the default setup's (the same batch shape given to both: the same 32-token blocks)."""
+    import json
+
+    from quantizable.cli.main import main as cli_main
+    from quantizable.training import load_config, train
+
+    run = tmp_path / "run"
+    train(load_config("opt-tiny", ["run.steps=2", "data.seq_len=32"]), run, progress=False)
+    fp = {}
+    for setup in ("default", "paper"):
+        out = tmp_path / setup
+        assert cli_main(["quantize", str(run), "--setup", setup, "--seeds", "1", "--calib-batches", "1",
+                         "--batch-size", "4", "--eval-batches", "2", "--out", str(out)]) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["setup"]["seq_len"] in (None, 32)
+        fp[setup] = results["fp"]
+    assert fp["paper"] == pytest.approx(fp["default"], rel=1e-5)

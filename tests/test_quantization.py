@@ -368,3 +368,31 @@ def test_frozen_quantizer_matches_eq1(symmetric: bool, bits: int, channel_axis) 
     quantizer(fused * 2).sum().backward()  # half the values fall outside the range: the STE blocks those
     fake_quantize(explicit * 2, x_min, x_max, bits, symmetric).sum().backward()
     assert 0 < int((fused.grad == 0).sum()) < x.numel() and torch.equal(fused.grad, explicit.grad)
+
+
+def test_site_attribution_names_the_one_site_with_a_planted_outlier() -> None:
+    """opt-tiny with one FFN hidden unit of layer 1 pushed to -1000 before its ReLU: only the fc1 output of that
+    layer sees the outlier (ReLU zeroes it, fc2 never reads it), so quantizing that site alone, at a range that
+    rounds every other unit to 0, must cost the most; and every other site alone costs little."""
+    from quantizable.models import create_model
+    from quantizable.quantization.attribution import site_attribution
+
+    torch.manual_seed(0)
+    model = create_model("opt-tiny").eval()
+    fc1 = model.model.decoder.layers[1].fc1
+    with torch.no_grad():
+        fc1.bias[3] = -1000.0
+        model.model.decoder.layers[1].fc2.weight[:, 3] = 0.0
+        for layer in model.model.decoder.layers:  # a stronger FFN, so that losing it shows in the loss
+            layer.fc2.weight.mul_(20)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": (ids := torch.randint(0, 512, (4, 32), generator=g)), "labels": ids}
+               for _ in range(2)]
+    result = site_attribution(model, batches, lambda: batches, by="site")
+    worst, runner_up = result["rows"][0], result["rows"][1]
+    assert worst["group"] == "model.decoder.layers.1.fc1:linear"
+    assert worst["max_abs_range"] >= 1000 and worst["loss"] > 5 * max(runner_up["loss"], 0.05)
+    by_kind = site_attribution(model, batches, lambda: batches, by="kind")
+    assert by_kind["rows"][0]["group"] == "linear"
+    assert {row["group"] for row in by_kind["rows"]} >= {"weights only", "residual", "norm", "scores", "probs"}
+    assert not hasattr(model, "_quantization_handle")  # restored to floating point

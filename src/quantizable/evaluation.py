@@ -55,6 +55,11 @@ def evaluate(
     return {"metric": family.task.metric, "value": value, "count": count}
 
 
+def degradation(fp: float, quantized: float, metric: str) -> float:
+    """Quantization loss: relative perplexity increase (%) or absolute accuracy drop (points)."""
+    return 100.0 * (quantized - fp) / fp if metric == "perplexity" else fp - quantized
+
+
 def metric_unit(metric: str) -> str:
     """What follows a metric's value when printed: accuracy is a percentage, perplexity a plain number."""
     return "%" if metric == "accuracy" else ""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantizable.analysis.mechanism import MechanismStats
+from quantizable.analysis.mechanism import MechanismStats, zeroing_kind
 from quantizable.analysis.metrics import OUTLIER_STD, OutlierCounts, RunningStats, most_common, outlier_mask
 from quantizable.analysis.paper_metrics import covers_family, recording_paper_metrics
 from quantizable.analysis.recording import recording
@@ -58,7 +58,7 @@ class _Collector:
     labels: _TokenLabels
     mechanism: MechanismStats
     causal: bool
-    clipped_layers: set[int]
+    zeroing_layers: set[int]  # layers whose attention kind outputs exact zeros (mechanism.zeroing_kind)
     flattened_tokens: bool  # the family's FFN sees (B*T, d) (Family.flattens_ffn_tokens)
     stats: dict[tuple[int, str], RunningStats] = field(default_factory=dict)
     outliers: OutlierCounts = field(default_factory=OutlierCounts)
@@ -99,7 +99,7 @@ class _Collector:
         if name in ("probs", "value_norm"):
             if name == "probs":
                 self.mechanism.add_attention(layer, x, self.valid, self.delimiters, self.causal,
-                                             layer in self.clipped_layers)
+                                             layer in self.zeroing_layers)
             else:
                 self.mechanism.add_value_norms(layer, x, self.valid)
             if self.first_batch:
@@ -165,7 +165,8 @@ def analyze(
     ``max_inf_norm`` and ``avg_kurtosis`` of block outputs, a per-layer table of every recorded tensor, and where
     the FFN-output outliers (> 6 std) sit: hidden dims, positions, tokens, delimiter share; and the no-op
     mechanism over all batches (``analysis.mechanism``): attention share on the first token and on delimiters per
-    layer and head, value drain, first-token residual peak, gate and clipped-softmax zero statistics. ``layer``/``head``
+    layer and head, value drain, first-token residual peak, gate statistics and, for kinds with exact zeros (clipped softmax, softpick), the alive
+    share (allowed entries above zero) and dead rows (all zero) per layer, and the layers with no alive entry. ``layer``/``head``
     (zero-based) choose the attention figure; by default the layer with most outliers and the head holding its
     top outlier dimension. See docs/analysis.md for the exact definitions.
     """
@@ -177,9 +178,9 @@ def analyze(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    clipped = {i for i, m in enumerate(attention_modules(model))
-               if getattr(m, "attention_spec", None) is not None and m.attention_spec.kind == "clipped_softmax"}
-    collector = _Collector(_TokenLabels(tokenizer), MechanismStats(n_layers), family.task is Task.CLM, clipped,
+    zeroing = {i for i, m in enumerate(attention_modules(model))
+               if getattr(m, "attention_spec", None) is not None and zeroing_kind(m.attention_spec.kind)}
+    collector = _Collector(_TokenLabels(tokenizer), MechanismStats(n_layers), family.task is Task.CLM, zeroing,
                            family.flattens_ffn_tokens)
     official = recording_paper_metrics(model) if covers_family(model) else nullcontext(None)
     try:

@@ -65,6 +65,19 @@ def zero_counts(probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return ((probs == 0) & allowed[:, None]).sum((0, 2, 3))
 
 
+def dead_row_counts(probs: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head ``(H,)``: how many query rows have every allowed probability exactly zero, and how many rows have
+    any allowed key. Such a row outputs zero and passes no gradient to its scores (clipped softmax, softpick)."""
+    has_keys = allowed.any(-1)  # (B, T)
+    alive = ((probs != 0) & allowed[:, None]).any(-1)  # (B, H, T)
+    return (~alive & has_keys[:, None]).sum((0, 2)), has_keys.sum()
+
+
+def zeroing_kind(kind: str) -> bool:
+    """Whether an attention kind outputs exact zeros, so that a row (or a whole layer) can stop learning."""
+    return kind in ("clipped_softmax", "softpick")
+
+
 def _median_of_others(values: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """Lower median over dim 1 of ``values`` ``(B, T, ...)`` where ``others`` ``(B, T)``: a real token's value."""
     mask = others.reshape(*others.shape, *([1] * (values.dim() - 2)))
@@ -156,14 +169,16 @@ class MechanismStats:
     sink_or_delimiter: _Sums = field(default_factory=_Sums)
     null: _Sums = field(default_factory=_Sums)
     zeros: _Sums = field(default_factory=_Sums)
+    dead_rows: _Sums = field(default_factory=_Sums)
     values: _Sums = field(default_factory=_Sums)
     residual_norm: _Sums = field(default_factory=_Sums)
     residual_max_abs: _Sums = field(default_factory=_Sums)
     gates: dict[int, GateCounts] = field(default_factory=dict)
 
     def add_attention(self, layer: int, probs: torch.Tensor, valid: torch.Tensor, delimiters: torch.Tensor | None,
-                      causal: bool, clipped: bool) -> None:
-        """One batch of ``(B, H, T, T)`` probabilities; ``delimiters`` ``(B, T)`` bool or None when unknown."""
+                      causal: bool, zeroing: bool) -> None:
+        """One batch of ``(B, H, T, T)`` probabilities; ``delimiters`` ``(B, T)`` bool or None when unknown;
+        ``zeroing``: the layer's kind outputs exact zeros (``zeroing_kind``), whose shares are then counted."""
         probs = probs.detach()
         valid = valid.to(probs.device)
         queries = sink_queries(valid)
@@ -179,9 +194,10 @@ class MechanismStats:
         if delimiters is not None:
             self.delimiter.add(layer, mass[:, 2], n_queries)
             self.sink_or_delimiter.add(layer, mass[:, 3], n_queries)
-        if clipped:
+        if zeroing:
             allowed = allowed_pairs(valid, causal)
             self.zeros.add(layer, zero_counts(probs, allowed), allowed.sum())
+            self.dead_rows.add(layer, *dead_row_counts(probs, allowed))
 
     def add_value_norms(self, layer: int, value_norms: torch.Tensor, valid: torch.Tensor) -> None:
         ratios = value_drain(value_norms, valid.to(value_norms.device))
@@ -211,6 +227,9 @@ class MechanismStats:
         norm_per_layer, max_abs_per_layer = [float(x) for x in norm], [float(x) for x in max_abs]
         heads = torch.stack(sink)
         gates = None if not self.gates else [self.gates[layer] for layer in range(n)]
+        zeros, dead_rows = self.zeros.means(n), self.dead_rows.means(n)
+        # alive: allowed entries above zero, which are the only ones that pass gradient to the scores
+        alive_per_layer = None if zeros is None else [1.0 - float(row.mean()) for row in zeros]
         return {
             "sink_share": max(sink_per_layer),
             "sink_share_per_layer": sink_per_layer,
@@ -234,5 +253,10 @@ class MechanismStats:
             "gate_closed_share_per_head": None if gates is None else [(g.closed / g.count).tolist() for g in gates],
             "gate_histogram_per_head": (None if gates is None else
                                         [(g.histogram / g.count[:, None]).tolist() for g in gates]),
-            "clipped_zero_share_per_head": _lists(self.zeros.means(n)),
+            "clipped_zero_share_per_head": _lists(zeros),
+            "alive_share": None if alive_per_layer is None else min(alive_per_layer),
+            "alive_share_per_layer": alive_per_layer,
+            "dead_row_share_per_layer": None if dead_rows is None else [float(row.mean()) for row in dead_rows],
+            "dead_row_share_per_head": _lists(dead_rows),
+            "dead_layers": None if alive_per_layer is None else [i for i, a in enumerate(alive_per_layer) if a == 0.0],
         }

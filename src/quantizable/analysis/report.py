@@ -137,7 +137,8 @@ def _head_panels(result: dict[str, Any]) -> list[tuple[str, list[list[float]]]]:
     panels = [("attention share on the first token", result["sink_share_per_head"])]
     optional = (("delimiter_share_per_head", "attention share on delimiters"),
                 ("gate_closed_share_per_head", "share of gates closed (< 0.1)"),
-                ("clipped_zero_share_per_head", "share of exact zeros (clipped softmax)"))
+                ("clipped_zero_share_per_head", "share of exact zeros (clipped softmax, softpick)"),
+                ("dead_row_share_per_head", "share of all-zero rows (no gradient)"))
     panels += [(title, result[key]) for key, title in optional if result.get(key) is not None]
     if max(abs(v) for row in result["null_share_per_head"] for v in row) > NULL_SHOWN:
         panels.append(("attention on no token (1 - row sum)", result["null_share_per_head"]))
@@ -212,7 +213,8 @@ def _mechanism_markdown(result: dict[str, Any]) -> list[str]:
     columns = [("first-token share", [f"{100 * v:.1f}%" for v in result["sink_share_per_layer"]])]
     per_head = (("delimiter share", "delimiter_share_per_head", "{:.1%}"),
                 ("gates closed", "gate_closed_share_per_head", "{:.1%}"), ("gate mean", "gate_mean_per_head", "{:.3f}"),
-                ("exact zeros", "clipped_zero_share_per_head", "{:.1%}"))
+                ("exact zeros", "clipped_zero_share_per_head", "{:.1%}"),
+                ("all-zero rows", "dead_row_share_per_head", "{:.1%}"))
     for title, key, style in per_head:
         if result.get(key) is not None:
             columns.append((title, [style.format(sum(row) / len(row)) for row in result[key]]))
@@ -234,6 +236,7 @@ def _mechanism_markdown(result: dict[str, Any]) -> list[str]:
         f"| value drain (max / min over layers) | {result['value_drain']:.3g} / {result['value_drain_min']:.3g} |",
         f"| residual peak, L2 norm (max over layers) | {result['residual_peak']:.3g} |",
         f"| residual peak, max abs (max over layers) | {result['residual_peak_max_abs']:.3g} |",
+        *_alive_rows(result),
         "",
         "| layer | " + " | ".join(title for title, _ in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
@@ -241,6 +244,16 @@ def _mechanism_markdown(result: dict[str, Any]) -> list[str]:
           for layer in range(len(result["sink_share_per_layer"]))),
         "",
     ]
+
+
+def _alive_rows(result: dict[str, Any]) -> list[str]:
+    """For kinds with exact zeros: the lowest layer's alive share and the layers that pass no gradient to q/k/v."""
+    if result.get("alive_share") is None:
+        return []
+    dead = result["dead_layers"]
+    return [f"| alive entries (min over layers; share of allowed entries above zero) | {_percent(result['alive_share'])} |",
+            f"| dead layers (no entry above zero: no gradient into q, k, v) | "
+            f"{', '.join(map(str, dead)) if dead else 'none'} |"]
 
 
 def _paper_metric_rows(paper: dict[str, Any] | None) -> list[str]:

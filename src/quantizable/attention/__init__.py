@@ -8,12 +8,13 @@ from quantizable.attention.interface import (ATTN_IMPLEMENTATION, TAP_NAMES, fus
 from quantizable.attention.no_op import AttentionSink, ValueGate
 from quantizable.attention.softmax import (clipped_softmax, gamma_from_alpha, sigmoid_attention, softmax_plus_one,
                                            softpick)
-from quantizable.attention.spec import GATE_TYPES, KINDS, AttentionSpec, spec_for_method
+from quantizable.attention.spec import GATE_TYPES, KINDS, QK_INITS, AttentionSpec, spec_for_method
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "GATE_TYPES",
     "KINDS",
+    "QK_INITS",
     "TAP_NAMES",
     "AttentionGate",
     "AttentionSink",

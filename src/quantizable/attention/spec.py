@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from quantizable.attention.softmax import gamma_from_alpha, validate_clip_params
@@ -12,6 +12,15 @@ from quantizable.attention.softmax import gamma_from_alpha, validate_clip_params
 KINDS = ("vanilla", "clipped_softmax", "gated_attention", "softmax_plus_one", "sink_token", "key_bias", "sigmoid",
          "softpick", "value_gate")
 GATE_TYPES = ("linear", "mlp", "all_heads_linear", "elementwise")
+# How the query and key projections of a freshly built model are initialised. The initial score spread (std of
+# q.k/sqrt(d_head) in a row) is about d_model * std_w^2 for LayerNorm'd inputs: 0.04 with N(0, 0.02) at d = 128,
+# so every probability of a row is near 1/T, below clipped softmax's threshold -gamma/(zeta-gamma) once
+# -gamma*T > ~1, and the layer is dead from step 0 (docs/reproduce.md, "Clipped softmax at initialisation").
+#   family:       the family's own init (transformers' _init_weights, e.g. N(0, 0.02)): the paper's description
+#   lecun:        weights N(0, 1/d_model), score spread about 1, biases as the family's (zero)
+#   torch_linear: nn.Linear's default (uniform +-1/sqrt(d_model), weights and biases; score spread about 1/3): what
+#                 the paper's official code got, since it swaps in fresh nn.Linear q/k/v without re-initialising them
+QK_INITS = ("family", "lecun", "torch_linear")
 # Kinds whose attention is not a softmax over the tokens: they materialise their probabilities (no SDPA kernel).
 MATERIALISED_KINDS = ("clipped_softmax", "softmax_plus_one", "sigmoid", "softpick")
 # Kinds that add one learnable key (and value) column that every query can attend to.
@@ -33,6 +42,8 @@ class AttentionSpec:
     gate_type / pi_init / n_hid: gated attention; the last gate bias starts at ``logit(pi_init)``, so the initial
         gate probability is about ``pi_init``. ``value_gate`` uses ``pi_init`` the same way.
     eps: softpick's denominator epsilon (the paper's code: 1e-8), which keeps an all-masked row at zero.
+    qk_init: how a model built from scratch initialises its query and key projections (``QK_INITS``); a model
+        converted from pretrained weights keeps them.
     """
 
     kind: str = "vanilla"
@@ -44,6 +55,7 @@ class AttentionSpec:
     pi_init: float = 0.5
     n_hid: int = 4
     eps: float = 1e-8
+    qk_init: str = "family"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -65,6 +77,8 @@ class AttentionSpec:
             raise ValueError(f"seq_len (T) must be a positive integer, got {self.seq_len}")
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"eps must be a finite number > 0 (softpick's denominator epsilon), got {self.eps}")
+        if self.qk_init not in QK_INITS:
+            raise ValueError(f"qk_init must be one of {', '.join(QK_INITS)}, got {self.qk_init!r}")
         if self.gate_type not in GATE_TYPES:
             raise ValueError(f"gate_type must be one of {', '.join(GATE_TYPES)}, got {self.gate_type!r}")
         if not 0.0 < self.pi_init < 1.0:
@@ -93,6 +107,18 @@ class AttentionSpec:
             return float(self.gamma)
         return gamma_from_alpha(self.alpha, self.seq_len)
 
+    def clip_threshold(self) -> float:
+        """The probability at or below which clipped softmax outputs an exact zero (and passes no gradient)."""
+        gamma = self.resolved_gamma()
+        return -gamma / (self.zeta - gamma)
+
+    def with_gamma_scaled(self, fraction: float) -> "AttentionSpec":
+        """This spec with gamma (and zeta - 1) scaled by ``fraction`` in [0, 1]: a step of a gamma warm-up."""
+        if self.kind != "clipped_softmax":
+            return self
+        return replace(self, gamma=fraction * self.resolved_gamma(), alpha=None,
+                       zeta=1.0 + fraction * (self.zeta - 1.0))
+
     @property
     def gate_bias_init(self) -> float:
         return math.log(self.pi_init / (1.0 - self.pi_init))
@@ -111,6 +137,10 @@ class AttentionSpec:
         return cls(**data)
 
     def describe(self) -> str:
+        init = "" if self.qk_init == "family" else f", q/k init {self.qk_init}"
+        return self._describe_kind() + init
+
+    def _describe_kind(self) -> str:
         if self.kind == "clipped_softmax":
             return f"clipped softmax (gamma={self.resolved_gamma():.5g}, zeta={self.zeta:g})"
         if self.kind == "gated_attention":

@@ -50,11 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ptq", metavar="NAME",
                         help="also run a post-training-quantization baseline: smoothquant[:ALPHA], rotation, "
                              "per_token, outlier_fp[:K] or prefix[:N] (docs/ptq-baselines.md)")
+    parser.add_argument("--attribute", choices=("kind", "site"), default=None,
+                        help="also localise the damage: the score with only one kind of activation site (residual, "
+                             "norm, linear, scores, probs, context, ...) or one single site quantized at a time, "
+                             "weights in floating point, ranges from the first seed's calibration")
     parser.add_argument("--out", type=Path, required=True, help="output directory for results.json")
 
 
 def _apply_recipe(args: argparse.Namespace, family: str, max_positions: int | None) -> dict:
-    """Fill the options left unset from the setup's calibration recipe for this family; returns the recipe used."""
+    """Fill the options left unset from the setup's calibration recipe for this family; returns the recipe used.
+
+    The recipe's sequence length (the paper's OPT: 512) never exceeds the length the run was trained at or the
+    model's positions: a model trained at 64 tokens scored on 512-token blocks measures positions it never saw
+    (backcopy at T = 64: FP perplexity 10.9 instead of 3.33), not quantization."""
+    from quantizable.data.saved_model import run_data_settings
     from quantizable.quantization.setups import get_setup
 
     recipe = get_setup(args.setup).calibration_for(family)
@@ -63,7 +72,8 @@ def _apply_recipe(args: argparse.Namespace, family: str, max_positions: int | No
         if getattr(args, option) is None:
             setattr(args, option, value)
     if args.seq_len is None and recipe.seq_len is not None:
-        args.seq_len = min(recipe.seq_len, max_positions or recipe.seq_len)
+        trained = run_data_settings(args.model).get("seq_len")
+        args.seq_len = min(length for length in (recipe.seq_len, max_positions, trained) if length)
     return {"act_estimator": args.estimator, "weight_estimator": args.weight_estimator,
             "calib_batches": args.calib_batches, "batch_size": args.batch_size, "seq_len": args.seq_len}
 
@@ -88,6 +98,16 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_batches is not None and args.eval_batches < 1:
         raise UserError("--eval-batches must be at least 1")
+
+
+def _print_attribution(attribution: dict, rows: int = 10) -> None:
+    """The groups whose quantization alone costs most, worst first."""
+    unit = "%" if attribution["metric"] == "perplexity" else " pts"
+    print(f"{attribution['metric']}: FP {attribution['fp']:.4g}, all quantizers {attribution['full']:.4g} "
+          f"({attribution['full_loss']:+.2f}{unit}); alone, worst first:")
+    for row in attribution["rows"][:rows]:
+        scale = "" if row["max_abs_range"] is None else f", range up to {row['max_abs_range']:.4g}"
+        print(f"  {row['loss']:+8.2f}{unit}  {row['group']} ({row['sites']} site(s){scale})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,6 +162,13 @@ def run(args: argparse.Namespace) -> int:
             results["ptq"] = simulate_ptq(model, calibration, evaluation, ptq, config, seeds=range(args.seeds))
         except NotApplicable as error:
             raise UserError(f"--ptq {ptq.name}: {error}") from None
+    if args.attribute is not None:
+        from quantizable.quantization.attribution import site_attribution
+
+        print(f"attributing the loss to each {args.attribute} of activation quantizer ...", flush=True)
+        results["attribution"] = site_attribution(model, calibration(0), evaluation, config, by=args.attribute,
+                                                   report=lambda line: print(f"  {line}", flush=True))
+        _print_attribution(results["attribution"])
     results["model"] = str(args.model)
     results["setup"] = {"name": args.setup, **recipe}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from quantizable.evaluation import degradation
 from quantizable.io import write_text_atomic
 from quantizable.models.families import FAMILIES
 
@@ -33,11 +34,6 @@ def method_name(method: str) -> str:
 
 def _pm(stat: dict[str, float] | None, digits: int = 2) -> str:
     return "–" if stat is None else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
-def degradation(fp: float, quantized: float, metric: str) -> float:
-    """Quantization loss: relative perplexity increase (%) or absolute accuracy drop (points)."""
-    return 100.0 * (quantized - fp) / fp if metric == "perplexity" else fp - quantized
 
 
 def _degradation(row: dict[str, Any], key: str = "w8a8") -> float:
@@ -173,6 +169,28 @@ def _floor_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"{names}."]
 
 
+def _liveness_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A warning for every method whose attention died (no entry above zero in a layer): its numbers measure a
+    model without attention there (docs/reproduce.md, 'Clipped softmax at initialisation')."""
+    lines = []
+    for row in rows:
+        if row.get("alive_share") is None:
+            continue
+        runs = len(row["runs"])
+        alive = ", ".join(f"{100 * a:.1f}%" for a in row["alive_share_per_layer"] or [])
+        if row["dead_layers"] or row["dead_layers_at_init"]:
+            lines += ["", f"**Dead attention: {method_name(row['method'])}** ({_family_name(row['family'])}) had "
+                          f"layers with no attention entry above zero, which output zero and pass no gradient to q, "
+                          f"k, v: at initialisation in {len(row['dead_layers_at_init'])} of {runs} runs, after "
+                          f"training in {len(row['dead_layers'])} of {runs} (layers "
+                          f"{sorted({l for v in row['dead_layers'].values() for l in v})}); its numbers describe a "
+                          f"model without attention there."]
+        else:
+            lines += ["", f"{method_name(row['method'])} ({_family_name(row['family'])}): attention alive in every "
+                          f"layer of every run (entries above zero after training, per layer: {alive})."]
+    return lines
+
+
 def _idle_copy(row: dict[str, Any]) -> str:
     """BOS attention of idle vs copying queries in the layer where the idle ones look at BOS most."""
     idle, copy = row.get("bos_share_other_per_layer"), row.get("bos_share_copy_per_layer")
@@ -214,6 +232,7 @@ def _backcopy_section(out: Path, rows: list[dict[str, Any]], family: str) -> lis
             f"{_pm(row.get('dormant_share'))} | {_pm(row.get('value_drain_min'))} | {_pm(row.get('residual_peak'))} | "
             f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['w8a8'])} | {_degradation(row):+.2f}% |")
     lines += _floor_lines(rows)
+    lines += _liveness_lines(rows)
     floor = next((r["scores"]["perplexity_floor"]["fp"]["mean"] for r in rows if "perplexity_floor" in
                   (r.get("scores") or {})), None)
     if floor is not None:
@@ -258,6 +277,7 @@ def _pretrain_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
             f"{_degradation(row, 'int8'):+.2f}{unit} |")
     for family in dict.fromkeys(row["family"] for row in rows):
         lines += _floor_lines([row for row in rows if row["family"] == family])
+    lines += _liveness_lines(rows)
     for family in dict.fromkeys(row["family"] for row in rows):
         group = [row for row in rows if row["family"] == family]
         title = _family_name(family)

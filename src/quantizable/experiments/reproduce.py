@@ -32,13 +32,24 @@ from quantizable.training.config import TrainConfig, load_config
 
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")  # the paper's trio; any attention kind is accepted
 BIT_WIDTHS = ("W8A8", "W8A6", "W8A4", "W6A8", "W4A8")  # the sensitivity curve: activation bits, then weight bits
-MEASURE_VERSION = 5  # bump when measure() gains fields, so older measure.json files are measured again
+MEASURE_VERSION = 6  # bump when measure() gains fields, so older measure.json files are measured again
 
 # The paper's settings per family and method (BERT table 5, OPT table 6, ViT table 7).
 PAPER_ATTENTION: dict[str, dict[str, dict[str, Any]]] = {
     "bert": {"clipped_softmax": {"gamma": -0.025}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
     "opt": {"clipped_softmax": {"alpha": 12}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
     "vit": {"clipped_softmax": {"gamma": -0.003}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}},
+}
+# The CPU presets' settings: the paper's, except that clipped-softmax BERT initialises q/k with std 1/sqrt(d_model).
+# With the family's N(0, 0.02) at d = 128 every entry of every row is below gamma = -0.025's threshold at step 0,
+# so attention is exactly zero with exactly zero gradient for the whole run (docs/reproduce.md, "Clipped softmax
+# at initialisation": 300-step probe, batch 16: perplexity 628 without attention, 618 with LeCun q/k, 5-6% of
+# entries alive in every layer; LeCun q/k changes vanilla by 634 -> 630). OPT keeps the family init: alpha 12 at
+# T = 128 starts as partly dead as the paper's OPT-125m does (0.8% vs 0.7% of entries alive, 90% vs 91% all-zero
+# rows), and every layer revives from its early positions.
+CPU_ATTENTION: dict[str, dict[str, dict[str, Any]]] = {
+    **PAPER_ATTENTION,
+    "bert": {**PAPER_ATTENTION["bert"], "clipped_softmax": {"gamma": -0.025, "qk_init": "lecun"}},
 }
 
 
@@ -79,7 +90,7 @@ TASKS: dict[str, Task] = {
         "quick": ("run.steps=300", "run.batch_size=32", "data.seq_len=64", "optim.warmup_steps=30",
                   "run.eval_every=0", "run.checkpoint_every=100", "run.outlier_every=50"),
         "tiny": ("run.steps=12", "optim.warmup_steps=2", "run.checkpoint_every=6"),
-    }, PAPER_ATTENTION, scale_families={"quick": ("vit",)}, floors={"vit": ("accuracy", 65.0)}),
+    }, CPU_ATTENTION, scale_families={"quick": ("vit",)}, floors={"vit": ("accuracy", 65.0)}),
 }
 # The families some task trains (a subset of quantizable.models.FAMILIES, which every other verb accepts).
 TRAINED_FAMILIES = tuple(dict.fromkeys(f for task in TASKS.values() for f in task.families))
@@ -219,8 +230,22 @@ def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -
         **{f"{key}_per_layer": analysis.get(f"{key}_per_layer") for key in MECHANISM_KEYS},
         "dormant_share": analysis.get("dormant_share"),
         "value_drain_min": analysis.get("value_drain_min"),  # the drained end: the lowest layer's ratio
+        # kinds with exact zeros (clipped softmax, softpick): entries above zero, all-zero rows, dead layers; at
+        # the end of training and, from the trainer's step-0 record, at initialisation
+        **{key: analysis.get(key) for key in ("alive_share", "alive_share_per_layer", "dead_row_share_per_layer",
+                                              "dead_layers")},
+        "liveness_at_init": liveness_at_init(run_dir),
         "analysis_dir": str(run_dir / "analysis"),
     }
+
+
+def liveness_at_init(run_dir: Path) -> dict[str, Any] | None:
+    """The trainer's step-0 liveness record of a run (``training.trainer.attention_liveness``), or None."""
+    try:
+        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return {k: v for k, v in first.items() if k != "step"} if first.get("step") == 0 else None
 
 
 def measure_int8(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
@@ -449,6 +474,12 @@ def aggregate(task: str, family: str, method: str, runs: list[dict[str, Any]], s
         "train_seeds": [r["seed"] for r in runs], "calib_seeds": list(scale.calib_seeds),
         "runs": [r["run_dir"] for r in runs], "analysis_dir": runs[0]["analysis_dir"],
     }
+    if runs[0].get("alive_share") is not None:  # a kind with exact zeros: was attention alive?
+        row["alive_share"] = _mean_std([r["alive_share"] for r in runs])
+        row["alive_share_per_layer"] = _layer_mean(runs, "alive_share_per_layer")
+        row["dead_layers"] = {r["run_dir"]: r["dead_layers"] for r in runs if r.get("dead_layers")}
+        row["dead_layers_at_init"] = {r["run_dir"]: r["liveness_at_init"]["dead_layers"] for r in runs
+                                      if (r.get("liveness_at_init") or {}).get("dead_layers")}
     if "ptq" in runs[0]:  # W8A8 under each PTQ baseline, over training x calibration seeds
         row["ptq"] = {name: entry if "not_applicable" in entry else
                       {"w8a8": _mean_std([v for r in runs for v in r["ptq"][name]["quantized"]["per_seed"]]),

@@ -59,6 +59,7 @@ class Family:
     attention_output: str  # the attention output projection
     ffn_output: str  # the FFN output projection (where the paper localises outliers)
     value: str  # the value projection, or the fused q/k/v projection when ``fused_qkv``
+    query_key: tuple[str, ...]  # the query and key projections inside the attention module (the fused one: GPT-2)
     ffn_activation_input: str  # the linear layer whose output the FFN activation reads
     fused_qkv: bool = False  # the value projection's output is [q | k | v] (GPT-2's c_attn)
     pre_ln: bool = True
@@ -105,24 +106,30 @@ class Family:
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("bert", "BERT", Task.MLM, BertConfig, BertForMaskedLM, BertSelfAttention,
            attention_output="attention.output.dense", ffn_output="output.dense", value="attention.self.value",
+           query_key=("query", "key"),
            ffn_activation_input="intermediate.dense", pre_ln=False, block_class=BertLayer,
            token_type_embeddings="bert.embeddings.token_type_embeddings"),
     Family("opt", "OPT", Task.CLM, OPTConfig, OPTForCausalLM, OPTAttention,
            attention_output="self_attn.out_proj", ffn_output="fc2", value="self_attn.v_proj", ffn_activation_input="fc1",
+           query_key=("q_proj", "k_proj"),
            pre_ln_flag="do_layer_norm_before", positions_before_first_block=True, flattens_ffn_tokens=True),
     Family("vit", "ViT", Task.IMAGE, ViTConfig, ViTForImageClassification, ViTAttention,
            attention_output="attention.o_proj", ffn_output="mlp.fc2", value="attention.v_proj",
+           query_key=("q_proj", "k_proj"),
            ffn_activation_input="mlp.fc1",
            positions_before_first_block=True, patch_embedding="vit.embeddings.patch_embeddings"),
     Family("llama", "Llama", Task.CLM, LlamaConfig, LlamaForCausalLM, LlamaAttention,
            attention_output="self_attn.o_proj", ffn_output="mlp.down_proj", value="self_attn.v_proj",
+           query_key=("q_proj", "k_proj"),
            ffn_activation_input="mlp.gate_proj"),
     Family("gpt2", "GPT-2", Task.CLM, GPT2Config, GPT2LMHeadModel, GPT2Attention,
            attention_output="attn.c_proj", ffn_output="mlp.c_proj", value="attn.c_attn", fused_qkv=True,
+           query_key=("c_attn",),
            ffn_activation_input="mlp.c_fc",
            positions_before_first_block=True, linear_layers=((nn.Linear, 0), (Conv1D, 1))),
     Family("qwen2", "Qwen2", Task.CLM, Qwen2Config, Qwen2ForCausalLM, Qwen2Attention,
            attention_output="self_attn.o_proj", ffn_output="mlp.down_proj", value="self_attn.v_proj",
+           query_key=("q_proj", "k_proj"),
            ffn_activation_input="mlp.gate_proj"),
 )}
 

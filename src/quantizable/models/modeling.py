@@ -11,8 +11,10 @@ code here; the configs get their own ``model_type`` so that, once ``quantizable`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
@@ -30,6 +32,41 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of a model of any supported family, in layer order."""
     family = family_of_config(model.config)
     return [m for m in model.modules() if isinstance(m, family.attention_class)]
+
+
+@torch.no_grad()
+def init_query_key(model: nn.Module, how: str) -> None:
+    """Re-initialise the query and key projections of every attention module (``attention.spec.QK_INITS``).
+
+    ``lecun`` draws weights from N(0, 1/fan_in) and keeps the biases; ``torch_linear`` redraws weights and biases
+    from nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)). A fused q/k/v projection (GPT-2) gets only its
+    query and key output channels redrawn.
+    """
+    if how == "family":
+        return
+    family = family_of_config(model.config)
+    hidden, heads, head_dim = attention_geometry(model.config)
+    for module in attention_modules(model):
+        for name in family.query_key:
+            layer = module.get_submodule(name)
+            axis = family.linear_weight_axis(layer)
+            weight = layer.weight.movedim(axis, 0)  # (out, in), a view
+            rows = slice(0, 2 * heads * head_dim) if family.fused_qkv else slice(None)
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            if how == "lecun":
+                weight[rows].normal_(0.0, bound)
+            else:
+                weight[rows].uniform_(-bound, bound)
+                if layer.bias is not None:
+                    layer.bias[rows].uniform_(-bound, bound)
+
+
+def scale_clipping(model: nn.Module, fraction: float) -> None:
+    """Run clipped softmax with ``fraction`` of the configured gamma (a gamma warm-up step); 1 restores it. Only the
+    modules' working spec changes: ``config.attention_spec``, which is saved, keeps the configured value."""
+    spec = AttentionSpec.from_dict(model.config.attention_spec).with_gamma_scaled(min(1.0, max(0.0, fraction)))
+    for module in attention_modules(model):
+        module.attention_spec = spec
 
 
 def _patch_layernorm_hook(module: nn.Module, args: tuple, output):
@@ -75,6 +112,7 @@ class QuantizableMixin:
                 module.attn_sink = AttentionSink(spec, kv_heads, head_dim, std)
             if spec.kind == "value_gate":
                 module.attn_value_gate = ValueGate(spec, kv_heads, head_dim, std)
+        init_query_key(self, spec.qk_init)  # from_pretrained loads its weights over these afterwards
         patch_embedding = family_of_config(self.config).patch_embedding
         if patch_embedding and getattr(self.config, "patch_layernorm", False):
             patch_embeddings = self.get_submodule(patch_embedding)

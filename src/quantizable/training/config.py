@@ -67,6 +67,9 @@ class OptimConfig:
     ``decay_layernorm_gamma`` also applies weight decay to LayerNorm weights (paper B.3); biases are never decayed.
     ``gate_lr_scale`` multiplies the learning rate of attention gates: when fine-tuning a pretrained model the gates
     are the only new parameters, and at the small learning rate that suits the pretrained weights they barely move.
+    ``gamma_warmup_steps`` grows clipped softmax's gamma linearly from 0 to its configured value over that many
+    steps (attention starts as plain softmax); measured on bert-cpu it does not keep layers alive on its own
+    (docs/reproduce.md, "Clipped softmax at initialisation").
     """
 
     lr: float = 1e-4
@@ -80,6 +83,7 @@ class OptimConfig:
     grad_accum: int = 1
     decay_layernorm_gamma: bool = False
     gate_lr_scale: float = 1.0
+    gamma_warmup_steps: int = 0
     fused: bool = True  # fused AdamW where every parameter allows it (false: torch's default implementation)
 
     def __post_init__(self) -> None:
@@ -92,6 +96,7 @@ class OptimConfig:
                  f"optim.final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}")
         _require(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.gamma_warmup_steps >= 0, f"optim.gamma_warmup_steps must be >= 0, got {self.gamma_warmup_steps}")
         _require(self.gate_lr_scale > 0, f"optim.gate_lr_scale must be > 0, got {self.gate_lr_scale}")
         _require(self.grad_clip is None or self.grad_clip > 0,
                  f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
@@ -137,6 +142,12 @@ class TrainConfig:
         _require(self.run.steps == 0 or self.optim.warmup_steps <= self.run.steps,
                  f"optim.warmup_steps={self.optim.warmup_steps} exceeds run.steps={self.run.steps}: the learning rate "
                  f"would never reach optim.lr; use optim.warmup_steps <= {self.run.steps}")
+        _require(self.optim.gamma_warmup_steps == 0 or self.attention.kind == "clipped_softmax",
+                 f"optim.gamma_warmup_steps={self.optim.gamma_warmup_steps} only applies to attention.kind "
+                 f"clipped_softmax, not {self.attention.kind!r}")
+        _require(self.run.steps == 0 or self.optim.gamma_warmup_steps <= self.run.steps,
+                 f"optim.gamma_warmup_steps={self.optim.gamma_warmup_steps} exceeds run.steps={self.run.steps}: "
+                 f"gamma would never reach its configured value; use optim.gamma_warmup_steps <= {self.run.steps}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

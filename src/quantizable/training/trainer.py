@@ -30,7 +30,9 @@ from quantizable.data.text import prepend_bos_when_encoding
 from quantizable.evaluation import evaluate
 from quantizable.integrity import load_checked_model
 from quantizable.io import write_json_atomic
+from quantizable.analysis.mechanism import zeroing_kind
 from quantizable.models import FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config
+from quantizable.models.modeling import scale_clipping
 from quantizable.progress import Progress
 from quantizable.remote_code import write_remote_code, write_remote_image_processor
 from quantizable.tasks import Task
@@ -162,15 +164,52 @@ def _mixed_precision(setting: str) -> str:
 
 
 # The numbers of ``analyze`` logged during training: the paper's outlier metrics and the no-op mechanism's
-TRAINING_METRICS = ("max_inf_norm", "avg_kurtosis", "sink_share", "value_drain", "residual_peak", "dormant_share")
+# (alive_share only for kinds with exact zeros: the lowest layer's share of attention entries above zero)
+TRAINING_METRICS = ("max_inf_norm", "avg_kurtosis", "sink_share", "value_drain", "residual_peak", "dormant_share",
+                    "alive_share")
+# analyze's per-layer liveness keys, logged at step 0 for kinds with exact zeros
+LIVENESS_KEYS = ("alive_share_per_layer", "dead_row_share_per_layer", "dead_layers")
+
+
+def _analyze_one(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, Any]:
+    from quantizable.analysis import analyze
+
+    return analyze(model, [{k: v for k, v in batch.items() if k != "labels"}], tokenizer=tokenizer)
 
 
 def training_outlier_metrics(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, float]:
     """``analyze``'s model-level numbers on one fixed batch (the same definitions as every report)."""
-    from quantizable.analysis import analyze
-
-    result = analyze(model, [{k: v for k, v in batch.items() if k != "labels"}], tokenizer=tokenizer)
+    result = _analyze_one(model, batch, tokenizer)
     return {key: float(result[key]) for key in TRAINING_METRICS if result.get(key) is not None}
+
+
+def attention_liveness(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, Any] | None:
+    """Per layer, the share of attention entries above zero and of all-zero rows on one batch, and the layers with
+    no entry above zero (they output zero and pass no gradient to q, k, v); None for kinds without exact zeros."""
+    spec = getattr(model, "attention_spec", None)
+    if spec is None or not zeroing_kind(spec.kind):
+        return None
+    result = _analyze_one(model, batch, tokenizer)
+    return {key: result[key] for key in LIVENESS_KEYS}
+
+
+def dead_attention_warning(model: nn.Module, liveness: dict[str, Any]) -> str | None:
+    """One line naming the layers whose attention is dead and what brings them to life, or None."""
+    dead = liveness["dead_layers"]
+    if not dead:
+        return None
+    spec = model.attention_spec
+    layers = model.config.num_hidden_layers
+    if spec.kind == "clipped_softmax":
+        why = (f"no attention probability is above clipped softmax's threshold {spec.clip_threshold():.3g} "
+               f"(gamma={spec.resolved_gamma():.4g})")
+        fix = "set attention.qk_init=lecun (initial score spread ~1) or a smaller |gamma| (alpha = -gamma*T < ~1)"
+    else:
+        why = "every softpick row is all zero (no score above 0)"
+        fix = "set attention.qk_init=lecun (initial score spread ~1)"
+    return (f"warning: attention is dead at step 0 in layer(s) {', '.join(map(str, dead))} of {layers}: {why}, so "
+            f"these layers output zero and pass no gradient to q, k, v and never learn; {fix} "
+            "(docs/reproduce.md, 'Clipped softmax at initialisation')")
 
 
 class _Batches:
@@ -280,6 +319,11 @@ def train(
     batches = iter(position_source)
     outlier_batch = next(iter(data.validation_loader()))
     unwrapped = accelerator.unwrap_model(model)
+    gamma_warmup = config.optim.gamma_warmup_steps
+
+    def warm_gamma() -> None:
+        if gamma_warmup and step <= gamma_warmup:
+            scale_clipping(unwrapped, step / gamma_warmup)
 
     def write_metrics(record: dict[str, Any]) -> None:
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
@@ -301,9 +345,17 @@ def train(
                                                "position": position_source.position,
                                                "scheduler": scheduler.state_dict(), "init_from": recorded_init})
 
+    warm_gamma()
+    liveness = attention_liveness(unwrapped, outlier_batch, tokenizer) if step == 0 else None
+    if liveness is not None:
+        write_metrics({"step": 0, **liveness})
+        warning = dead_attention_warning(unwrapped, liveness)
+        if warning and accelerator.is_main_process:
+            print(warning, flush=True)
     model.train()
     with _interrupt_after_step(accelerator.num_processes == 1) as interrupted:
         while step < end:
+            warm_gamma()
             step_loss = _optimizer_step(accelerator, model, optimizer, batches, config.optim.grad_clip)
             if not math.isfinite(step_loss):
                 raise TrainingDivergedError(f"loss became {step_loss} at step {step + 1}; lower optim.lr or check "
@@ -336,6 +388,8 @@ def train(
                                           f"{run_dir / 'checkpoints' / f'step_{step}'}; continue with: quantizable "
                                           f"train --resume --out {run_dir}")
     bar.close()
+    if gamma_warmup:
+        scale_clipping(unwrapped, 1.0)  # the configured gamma for the final evaluation and whoever uses the model
     elapsed = time.perf_counter() - started
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -348,6 +402,7 @@ def train(
         * accelerator.num_processes / elapsed if elapsed > 0 and step > start_step else None,
         "tokens_per_sample": data.tokens_per_sample,
         "eval": last_eval,
+        **({"liveness_at_init": liveness} if liveness is not None else {}),
         "num_processes": accelerator.num_processes,
         "process_index": accelerator.process_index,
     }
