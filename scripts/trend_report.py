@@ -64,6 +64,7 @@ def method_trend(run_dir: Path) -> list[dict[str, float]]:
             # clipped softmax: attention on no token at all (1 - row sum) and the exact zeros it allows
             "null_share": _layer_max_of_head_mean(result["null_share_per_head"]),
             "clipped_zero_share": _layer_max_of_head_mean(result["clipped_zero_share_per_head"]),
+            "alive_share": result["alive_share"],  # the lowest layer's entries above zero (None: no exact zeros)
             "value_drain_min": result["value_drain_min"], "residual_peak": result["residual_peak"],
         })
         print(f"{run_dir.name} step {step}: inf-norm {rows[-1]['max_inf_norm']:.1f} kurtosis "
@@ -114,6 +115,8 @@ def main() -> None:
             trends[method] = method_trend(run_dir)
             write_json_atomic(args.out / f"{method}.json", trends[method])
             (args.out / f"{method}.metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+        elif (args.out / f"{method}.json").is_file():  # measured before: kept in the figure as it was
+            trends[method] = json.loads((args.out / f"{method}.json").read_text())
     plot(trends, args.figure)
 
 

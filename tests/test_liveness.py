@@ -130,6 +130,12 @@ def test_step0_warning_names_dead_layers_of_the_bert_cpu_preset(tmp_path: Path, 
     assert _step0(tmp_path / "dead")["dead_layers"] == [0, 1, 2, 3]
     summary = json.loads((tmp_path / "dead" / "summary.json").read_text())
     assert summary["liveness_at_init"]["alive_share_per_layer"] == [0.0] * 4
+    from quantizable.cli.main import main as cli_main
+
+    assert cli_main(["analyze", str(tmp_path / "dead"), "--batches", "1", "--out", str(tmp_path / "analysis")]) == 0
+    assert "dead (no gradient into q, k, v): layer(s) 0, 1, 2, 3" in capsys.readouterr().out
+    report = (tmp_path / "analysis" / "report.md").read_text()
+    assert "| dead layers (no entry above zero: no gradient into q, k, v) | 0, 1, 2, 3 |" in report
 
     train(_bert_cpu({**PAPER_BERT, "qk_init": "lecun"}, 1), tmp_path / "alive", progress=False)
     assert "warning: attention is dead" not in capsys.readouterr().out

@@ -82,5 +82,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"no-op mechanism: sink share {100 * result['sink_share']:.1f}% (max layer), "
           f"{100 * result['dormant_share']:.0f}% of heads >= 50% on the first token, value drain "
           f"{result['value_drain_min']:.3g}-{result['value_drain']:.3g}, residual peak {result['residual_peak']:.3g}")
+    if result.get("alive_share") is not None:  # clipped softmax, softpick: is attention alive at all?
+        dead = result["dead_layers"]
+        print(f"attention entries above zero: {', '.join(f'{100 * a:.2g}%' for a in result['alive_share_per_layer'])} "
+              f"per layer" + (f"; dead (no gradient into q, k, v): layer(s) {', '.join(map(str, dead))}" if dead else ""))
     print(f"wrote {args.out / 'metrics.json'}, {args.out / 'report.md'} and {len(result['figures'])} figures")
     return 0
