@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
         "vanilla, lecun q/k": ({"kind": "vanilla", "qk_init": "lecun"}, ()),
         "clipped alpha 12 (-0.094)": ({"kind": "clipped_softmax", "alpha": 12}, ()),
         "clipped -12/512": ({"kind": "clipped_softmax", "gamma": -12 / 512}, ()),
+        "clipped alpha 12, gamma warm-up": ({"kind": "clipped_softmax", "alpha": 12}, ("optim.gamma_warmup_steps={half}",)),
         "clipped alpha 12, lecun q/k": ({"kind": "clipped_softmax", "alpha": 12, "qk_init": "lecun"}, ()),
         "clipped -12/512, lecun q/k": ({"kind": "clipped_softmax", "gamma": -12 / 512, "qk_init": "lecun"}, ()),
     },
