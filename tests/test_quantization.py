@@ -396,3 +396,19 @@ def test_site_attribution_names_the_one_site_with_a_planted_outlier() -> None:
     assert by_kind["rows"][0]["group"] == "linear"
     assert {row["group"] for row in by_kind["rows"]} >= {"weights only", "residual", "norm", "scores", "probs"}
     assert not hasattr(model, "_quantization_handle")  # restored to floating point
+
+
+def test_quantize_cli_attribute_prints_and_writes_the_groups(tmp_path, capsys) -> None:
+    import json
+
+    from quantizable.cli.main import main as cli_main
+    from quantizable.training import load_config, train
+
+    run = tmp_path / "run"
+    train(load_config("opt-tiny", ["run.steps=2", "data.seq_len=32"]), run, progress=False)
+    assert cli_main(["quantize", str(run), "--seeds", "1", "--calib-batches", "1", "--batch-size", "4",
+                     "--eval-batches", "2", "--attribute", "kind", "--out", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "alone, worst first:" in out and "residual (" in out
+    attribution = json.loads((tmp_path / "q" / "results.json").read_text())["attribution"]
+    assert attribution["by"] == "kind" and attribution["rows"][0]["loss"] >= attribution["rows"][-1]["loss"]
