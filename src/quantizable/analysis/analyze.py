@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantizable.analysis.mechanism import MechanismStats, zeroing_kind
+from quantizable.analysis.mechanism import MechanismStats
 from quantizable.analysis.metrics import OUTLIER_STD, OutlierCounts, RunningStats, most_common, outlier_mask
 from quantizable.analysis.paper_metrics import covers_family, recording_paper_metrics
 from quantizable.analysis.recording import recording
@@ -58,7 +58,7 @@ class _Collector:
     labels: _TokenLabels
     mechanism: MechanismStats
     causal: bool
-    zeroing_layers: set[int]  # layers whose attention kind outputs exact zeros (mechanism.zeroing_kind)
+    zeroing_layers: set[int]  # layers whose attention kind outputs exact zeros (AttentionSpec.exact_zeros)
     flattened_tokens: bool  # the family's FFN sees (B*T, d) (Family.flattens_ffn_tokens)
     stats: dict[tuple[int, str], RunningStats] = field(default_factory=dict)
     outliers: OutlierCounts = field(default_factory=OutlierCounts)
@@ -179,7 +179,7 @@ def analyze(
     model.eval()
     device = next(model.parameters()).device
     zeroing = {i for i, m in enumerate(attention_modules(model))
-               if getattr(m, "attention_spec", None) is not None and zeroing_kind(m.attention_spec.kind)}
+               if getattr(m, "attention_spec", None) is not None and m.attention_spec.exact_zeros}
     collector = _Collector(_TokenLabels(tokenizer), MechanismStats(n_layers), family.task is Task.CLM, zeroing,
                            family.flattens_ffn_tokens)
     official = recording_paper_metrics(model) if covers_family(model) else nullcontext(None)

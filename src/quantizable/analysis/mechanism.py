@@ -72,12 +72,6 @@ def dead_row_counts(probs: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.T
     alive = ((probs != 0) & allowed[:, None]).any(-1)  # (B, H, T)
     return (~alive & has_keys[:, None]).sum((0, 2)), has_keys.sum()
 
-
-def zeroing_kind(kind: str) -> bool:
-    """Whether an attention kind outputs exact zeros, so that a row (or a whole layer) can stop learning."""
-    return kind in ("clipped_softmax", "softpick")
-
-
 def _median_of_others(values: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """Lower median over dim 1 of ``values`` ``(B, T, ...)`` where ``others`` ``(B, T)``: a real token's value."""
     mask = others.reshape(*others.shape, *([1] * (values.dim() - 2)))
@@ -178,7 +172,7 @@ class MechanismStats:
     def add_attention(self, layer: int, probs: torch.Tensor, valid: torch.Tensor, delimiters: torch.Tensor | None,
                       causal: bool, zeroing: bool) -> None:
         """One batch of ``(B, H, T, T)`` probabilities; ``delimiters`` ``(B, T)`` bool or None when unknown;
-        ``zeroing``: the layer's kind outputs exact zeros (``zeroing_kind``), whose shares are then counted."""
+        ``zeroing``: the layer's kind outputs exact zeros (``AttentionSpec.exact_zeros``), whose shares are then counted."""
         probs = probs.detach()
         valid = valid.to(probs.device)
         queries = sink_queries(valid)

@@ -23,6 +23,8 @@ GATE_TYPES = ("linear", "mlp", "all_heads_linear", "elementwise")
 QK_INITS = ("family", "lecun", "torch_linear")
 # Kinds whose attention is not a softmax over the tokens: they materialise their probabilities (no SDPA kernel).
 MATERIALISED_KINDS = ("clipped_softmax", "softmax_plus_one", "sigmoid", "softpick")
+# Kinds whose probabilities can be exactly zero with zero gradient, so a row (or a whole layer) can stop learning.
+ZEROING_KINDS = ("clipped_softmax", "softpick")
 # Kinds that add one learnable key (and value) column that every query can attend to.
 EXTRA_KEY_KINDS = ("sink_token", "key_bias")
 
@@ -94,6 +96,11 @@ class AttentionSpec:
     def needs_probabilities(self) -> bool:
         """Whether the attention probabilities must be materialised (no fused SDPA kernel computes them)."""
         return self.kind in MATERIALISED_KINDS
+
+    @property
+    def exact_zeros(self) -> bool:
+        """Whether attention entries can be exactly zero with zero gradient (clipped softmax, softpick)."""
+        return self.kind in ZEROING_KINDS
 
     @property
     def extra_key(self) -> bool:

@@ -30,7 +30,6 @@ from quantizable.data.text import prepend_bos_when_encoding
 from quantizable.evaluation import evaluate
 from quantizable.integrity import load_checked_model
 from quantizable.io import write_json_atomic
-from quantizable.analysis.mechanism import zeroing_kind
 from quantizable.models import FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config
 from quantizable.models.modeling import scale_clipping
 from quantizable.progress import Progress
@@ -187,7 +186,7 @@ def attention_liveness(model: nn.Module, batch: dict[str, torch.Tensor], tokeniz
     """Per layer, the share of attention entries above zero and of all-zero rows on one batch, and the layers with
     no entry above zero (they output zero and pass no gradient to q, k, v); None for kinds without exact zeros."""
     spec = getattr(model, "attention_spec", None)
-    if spec is None or not zeroing_kind(spec.kind):
+    if spec is None or not spec.exact_zeros:
         return None
     result = _analyze_one(model, batch, tokenizer)
     return {key: result[key] for key in LIVENESS_KEYS}
