@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attribute", choices=("kind", "site"), default=None,
                         help="also localise the damage: the score with only one kind of activation site (residual, "
                              "norm, linear, scores, probs, context, ...) or one single site quantized at a time, "
-                             "weights in floating point, ranges from the first seed's calibration")
+                             "weights in floating point, each group calibrated alone on the first seed's batches")
     parser.add_argument("--out", type=Path, required=True, help="output directory for results.json")
 
 
