@@ -18,14 +18,19 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short trainings (minutes): the quick-start job")
-    parser.add_argument("--scale", choices=("full", "quick", "tiny"), help="full (default), quick, or tiny (CI smoke)")
-    parser.add_argument("--task", "--tasks", dest="tasks", default="backcopy,pretrain",
-                        help="comma-separated: backcopy (the synthetic no-op task), pretrain (table 2); default both")
+    parser.add_argument("--scale", choices=("full", "quick", "tiny", "long", "long-tiny"),
+                        help="full (default), quick, tiny (CI smoke), or long: Bigram-Backcopy at a constant "
+                             "learning rate for 8,000 steps, six attention kinds, two seeds, every snapshot "
+                             "quantized (about an hour on 2 cores; long-tiny is its smoke form)")
+    parser.add_argument("--task", "--tasks", dest="tasks",
+                        help="comma-separated: backcopy (the synthetic no-op task), pretrain (table 2); default: "
+                             "every task of the scale (both, or backcopy at --scale long)")
     parser.add_argument("--families", help="comma-separated subset of each task's families (backcopy: opt; "
                                            "pretrain: bert,opt,vit; default: all, at --quick pretrain only vit)")
-    parser.add_argument("--methods", default="vanilla,clipped_softmax,gated_attention",
+    parser.add_argument("--methods",
                         help=f"comma-separated attention kinds, of: {', '.join(KINDS)} (default "
-                             "vanilla,clipped_softmax,gated_attention)")
+                             "vanilla,clipped_softmax,gated_attention; at --scale long also softmax_plus_one,"
+                             "sink_token,key_bias)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="training override for every run, as in `train --set` (e.g. optim.lr=1e-2)")
     parser.add_argument("--train-seeds", type=int, help="use only the first N training seeds of the scale")
@@ -49,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scale = args.scale or ("quick" if args.quick else "full")
-    rows = reproduce(args.out, scale, _names(args.families), _names(args.methods) or (),
+    methods, tasks = _names(args.methods), _names(args.tasks)
+    rows = reproduce(args.out, scale, _names(args.families), methods,
                      overrides=tuple(args.overrides), train_seeds=args.train_seeds, workers=args.workers,
-                     tasks=_names(args.tasks) or (), ptq=_names(args.ptq) or (), setup=args.setup)
+                     tasks=tasks, ptq=_names(args.ptq) or (), setup=args.setup)
     for row in rows:
         print(f"{row['task']:8s} {row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  "
               f"W8A8 {row['w8a8']['mean']:8.2f}  INT8 (ORT) {row['int8']['mean']:8.2f}  "

@@ -10,26 +10,15 @@ from typing import Any
 
 from quantizable.evaluation import degradation
 from quantizable.io import write_text_atomic
-from quantizable.models.families import FAMILIES
+from quantizable.experiments.curves import curve_section
+from quantizable.experiments.display import TASK_NAMES, family_name, method_name, pyplot
 
-METHOD_NAMES = {"vanilla": "Vanilla", "clipped_softmax": "Clipped softmax", "gated_attention": "Gated attention",
-                "softmax_plus_one": "Softmax + 1", "sink_token": "Sink token", "key_bias": "Key bias",
-                "sigmoid": "Sigmoid attention", "softpick": "Softpick", "value_gate": "Value gate"}
-TASK_NAMES = {"backcopy": "Bigram-Backcopy", "pretrain": "pre-training"}
 CURVE_METRICS = {  # metrics.jsonl key -> axis label, for the curves over training steps
     "sink_share": "attention on the first token (max layer)",
     "max_inf_norm": "max ‖block output‖∞",
     "avg_kurtosis": "avg. kurtosis",
     "residual_peak": "first-token residual norm / median",
 }
-
-
-def _family_name(family: str) -> str:
-    return FAMILIES[family].display_name if family in FAMILIES else family
-
-
-def method_name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
 
 
 def _pm(stat: dict[str, float] | None, digits: int = 2) -> str:
@@ -40,25 +29,16 @@ def _degradation(row: dict[str, Any], key: str = "w8a8") -> float:
     return degradation(row["fp"]["mean"], row[key]["mean"], row["metric"])
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _group(rows: list[dict[str, Any]], task: str, family: str) -> list[dict[str, Any]]:
     return [row for row in rows if row.get("task", "pretrain") == task and row["family"] == family]
 
 
 def _title(task: str, family: str) -> str:
-    return f"{_family_name(family)} ({TASK_NAMES.get(task, task)})"
+    return f"{family_name(family)} ({TASK_NAMES.get(task, task)})"
 
 
 def plot_per_layer(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for row in rows:
         layers = range(len(row["per_layer_inf_norm"]))  # zero-based, as in every report and analyze
@@ -94,7 +74,7 @@ def plot_training_curves(rows: list[dict[str, Any]], title: str, path: Path,
     metrics = tuple(m for m in metrics if any(metric_curve(run, m) for row in rows for run in row["runs"]))
     if not metrics:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.2), squeeze=False)
     colors: dict[str, str] = {}
     for row in rows:
@@ -122,7 +102,7 @@ def plot_sensitivity(rows: list[dict[str, Any]], title: str, path: Path) -> Path
     """Quantization loss vs bits per method: activation bits at 8-bit weights, weight bits at 8-bit activations."""
     from quantizable.experiments.reproduce import BIT_WIDTHS, bit_widths
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
     panels = ((axes[0], "activation bits (weights 8)", lambda w, a: (w == 8, a)),
               (axes[1], "weight bits (activations 8)", lambda w, a: (a == 8, w)))
@@ -179,14 +159,14 @@ def _liveness_lines(rows: list[dict[str, Any]]) -> list[str]:
         runs = len(row["runs"])
         alive = ", ".join(f"{100 * a:.1f}%" for a in row["alive_share_per_layer"] or [])
         if row["dead_layers"] or row["dead_layers_at_init"]:
-            lines += ["", f"**Dead attention: {method_name(row['method'])}** ({_family_name(row['family'])}) had "
+            lines += ["", f"**Dead attention: {method_name(row['method'])}** ({family_name(row['family'])}) had "
                           f"layers with no attention entry above zero, which output zero and pass no gradient to q, "
                           f"k, v: at initialisation in {len(row['dead_layers_at_init'])} of {runs} runs, after "
                           f"training in {len(row['dead_layers'])} of {runs} (layers "
                           f"{sorted({l for v in row['dead_layers'].values() for l in v})}); its numbers describe a "
                           f"model without attention there."]
         else:
-            lines += ["", f"{method_name(row['method'])} ({_family_name(row['family'])}): attention alive in every "
+            lines += ["", f"{method_name(row['method'])} ({family_name(row['family'])}): attention alive in every "
                           f"layer of every run (entries above zero after training, per layer: {alive})."]
     return lines
 
@@ -271,7 +251,7 @@ def _pretrain_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         unit = "%" if row["metric"] == "perplexity" else " pts"
         lines.append(
-            f"| {_family_name(row['family'])} | {method_name(row['method'])} | {_pm(row['fp'])} | "
+            f"| {family_name(row['family'])} | {method_name(row['method'])} | {_pm(row['fp'])} | "
             f"{_pm(row['max_inf_norm'], 1)} | {_pm(row['avg_kurtosis'], 1)} | {_pm(row.get('sink_share'))} | "
             f"{_pm(row['w8a8'])} | {_degradation(row):+.2f}{unit} | {_pm(row['int8'])} | "
             f"{_degradation(row, 'int8'):+.2f}{unit} |")
@@ -280,7 +260,7 @@ def _pretrain_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     lines += _liveness_lines(rows)
     for family in dict.fromkeys(row["family"] for row in rows):
         group = [row for row in rows if row["family"] == family]
-        title = _family_name(family)
+        title = family_name(family)
         plot = plot_per_layer(group, title, out / f"per_layer_{family}.png")
         lines += ["", f"### {title}", "", f"![per-layer inf-norm]({plot.name})"]
         curves = plot_training_curves(group, title, out / f"training_{family}.png")
@@ -307,7 +287,7 @@ def _sensitivity_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|" + "---|" * len(BIT_WIDTHS),
     ]
     for row in rows:
-        lines.append(f"| {TASK_NAMES.get(row.get('task', 'pretrain'))} | {_family_name(row['family'])} | "
+        lines.append(f"| {TASK_NAMES.get(row.get('task', 'pretrain'))} | {family_name(row['family'])} | "
                      f"{method_name(row['method'])} | {row['fp']['mean']:.2f} | "
                      + " | ".join(f"{row['bits_sweep'][name]:.2f}" for name in BIT_WIDTHS) + " |")
     groups = dict.fromkeys((row.get("task", "pretrain"), row["family"]) for row in rows)
@@ -333,7 +313,7 @@ PAPER_SCALE = [
 
 def plot_ptq(rows: list[dict[str, Any]], path: Path) -> Path:
     """W8A8 quality per model (task, family, method) and PTQ baseline, mean ± std, one panel per metric."""
-    plt = _pyplot()
+    plt = pyplot()
     metrics = list(dict.fromkeys(row["metric"] for row in rows))
     fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -344,7 +324,7 @@ def plot_ptq(rows: list[dict[str, Any]], path: Path) -> Path:
             stats = [row["fp"], row["w8a8"],
                      *(row["ptq"].get(name, {}).get("w8a8", {"mean": float("nan"), "std": 0}) for name in names[2:])]
             ax.bar([i + index * width for i in range(len(names))], [s["mean"] for s in stats], width,
-                   yerr=[s["std"] for s in stats], label=f"{_family_name(row['family'])} {method_name(row['method'])}")
+                   yerr=[s["std"] for s in stats], label=f"{family_name(row['family'])} {method_name(row['method'])}")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right")
         ax.set_ylabel(metric)
         if metric == "perplexity":
@@ -373,7 +353,7 @@ def _ptq_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         cells = [("n/a" if "not_applicable" in row["ptq"].get(name, {"not_applicable": 1})
                   else _pm(row["ptq"][name]["w8a8"])) for name in names]
-        lines.append(f"| {row['task']} | {_family_name(row['family'])} | {method_name(row['method'])} | "
+        lines.append(f"| {row['task']} | {family_name(row['family'])} | {method_name(row['method'])} | "
                      f"{_pm(row['fp'])} | {_pm(row['w8a8'])} | " + " | ".join(cells) + " |")
     costs = {name: entry["cost"] for row in rows for name, entry in row["ptq"].items() if "cost" in entry}
     lines += ["", "| PTQ baseline | extra parameters (first model) | at inference | real INT8 backend |",
@@ -387,7 +367,7 @@ def _ptq_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
 def _setup_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Which quantization setup every W8A8 number of the report was measured with (docs/quantization.md)."""
     setups = sorted({row.get("setup", "default") for row in rows})
-    estimators = sorted({f"{_family_name(row['family'])}: weights {row['estimators']['weights']}, activations "
+    estimators = sorted({f"{family_name(row['family'])}: weights {row['estimators']['weights']}, activations "
                          f"{row['estimators']['activations']}" for row in rows if "estimators" in row})
     what = {"default": "our default placement and grid", "paper": "the paper's official placement, grid and "
             "estimators"}
@@ -404,7 +384,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], scale: str, overrides: t
     ]
     backcopy = [row for row in rows if row.get("task") == "backcopy"]
     for family in dict.fromkeys(row["family"] for row in backcopy):
-        lines += [*_backcopy_section(out, _group(rows, "backcopy", family), family), ""]
+        group = _group(rows, "backcopy", family)
+        lines += [*_backcopy_section(out, group, family), ""]
+        lines += [*curve_section(out, group, _title("backcopy", family), f"backcopy_{family}"), ""]
     pretrain = [row for row in rows if row.get("task", "pretrain") == "pretrain"]
     if pretrain:
         lines += [*_pretrain_section(out, pretrain), ""]

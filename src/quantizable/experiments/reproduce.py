@@ -10,6 +10,7 @@ last checkpoint; each measurement is written atomically next to its run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -26,12 +27,15 @@ import torch
 
 from quantizable.attention.spec import KINDS
 from quantizable.data.backcopy import backcopy_bos_shares, backcopy_scores, is_backcopy
+from quantizable.experiments.curves import aggregate_curve, measure_curve, measure_point
 from quantizable.io import write_json_atomic
 from quantizable.tasks import Task as ModelTask  # the local Task below is a reproduction task
 from quantizable.training.config import TrainConfig, load_config
 
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")  # the paper's trio; any attention kind is accepted
 BIT_WIDTHS = ("W8A8", "W8A6", "W8A4", "W6A8", "W4A8")  # the sensitivity curve: activation bits, then weight bits
+# the long study's kinds: the paper's two, the other fixes that give a head a place to put nothing, and vanilla
+LONG_METHODS = ("vanilla", "clipped_softmax", "gated_attention", "softmax_plus_one", "sink_token", "key_bias")
 MEASURE_VERSION = 6  # bump when measure() gains fields, so older measure.json files are measured again
 
 # The paper's settings per family and method (BERT table 5, OPT table 6, ViT table 7).
@@ -64,6 +68,7 @@ class Task:
     overrides: dict[str, tuple[str, ...]]  # per scale name
     attention: dict[str, dict[str, dict[str, Any]]]
     scale_families: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # default subset per scale
+    scale_methods: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # default methods per scale
     floors: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)  # family -> (metric, minimum)
 
     def method_settings(self, family: str, method: str) -> dict[str, Any]:
@@ -78,7 +83,17 @@ TASKS: dict[str, Task] = {
         "quick": ("run.steps=300", "run.checkpoint_every=100", "run.outlier_every=50"),
         "tiny": ("run.steps=12", "optim.warmup_steps=2", "run.checkpoint_every=6", "run.outlier_every=6",
                  "data.source=backcopy:train=256,validation=64"),
+        # the long study (issue 28): the preset's lr held constant, batch 8 so twelve runs fit in about an hour on
+        # 2 cores (45 ms a step on one core). A 20,000-step probe at batch 32 broke gated attention's W8A8 (+45%,
+        # +50% over two seeds; ../shared/reference/long-backcopy-probe.md); the same probe at batch 8 grows the
+        # largest activation faster (gated 1,776 at 8,000 steps vs 1,235 at batch 32) and breaks it by 8,000
+        # steps (W8A8 3.40 -> 7.91; vanilla 3.37 -> 3.38), so 8,000 steps with a snapshot every 800
+        "long": ("run.steps=8000", "run.batch_size=8", "optim.final_lr_fraction=1.0", "run.snapshot_every=800",
+                 "run.checkpoint_every=800", "run.outlier_every=400", "run.log_every=100"),
+        "long-tiny": ("run.steps=12", "optim.warmup_steps=2", "optim.final_lr_fraction=1.0", "run.snapshot_every=6",
+                      "run.checkpoint_every=6", "run.outlier_every=6", "data.source=backcopy:train=256,validation=64"),
     }, {"opt": {"clipped_softmax": {"alpha": 4}, "gated_attention": {"gate_type": "linear", "pi_init": 0.25}}},
+        scale_methods={scale: LONG_METHODS for scale in ("long", "long-tiny")},
         floors={"opt": ("copy_accuracy", 0.9)}),
     # The paper's table 2 on the embedded corpus and Fashion-MNIST (the CPU preset recipes).
     "pretrain": Task("pretrain", ("bert", "opt", "vit"), "{family}-{suffix}", {
@@ -108,21 +123,26 @@ class Scale:
     calib_batches: int
     eval_batches: int
     analysis_batches: int
+    curve: bool = False  # also score every weight snapshot (experiments.curves): quality over training
 
 
 SCALES: dict[str, Scale] = {
     "full": Scale("full", "cpu", (0, 1), (0, 1, 2), 16, 16, 8),
     "quick": Scale("quick", "cpu", (0, 1), (0, 1), 4, 4, 2),  # the quick-start job, under ten minutes
     "tiny": Scale("tiny", "tiny", (0,), (0,), 2, 2, 2),  # the CI smoke form
+    # the long run (issue 28): backcopy only, a constant learning rate, a snapshot every tenth of the run
+    "long": Scale("long", "cpu", (0, 1), (0, 1), 8, 16, 4, curve=True),
+    "long-tiny": Scale("long-tiny", "tiny", (0, 1), (0,), 2, 2, 2, curve=True),  # its CI smoke form
 }
 
 
 def run_config(family: str, method: str, seed: int, scale: Scale, overrides: tuple[str, ...] = (),
                task: str = "pretrain") -> TrainConfig:
-    """The training configuration of one run: task preset, scale, the user's ``--set`` overrides, seed, method."""
+    """The training configuration of one run: task preset, scale, method, the user's ``--set`` overrides (after the
+    method, so ``attention.pi_init=0.5`` refines it), seed."""
     spec = TASKS[task]
     attention = spec.method_settings(family, method)
-    settings = [*spec.overrides[scale.name], *overrides, f"run.seed={seed}", f"attention={json.dumps(attention)}"]
+    settings = [*spec.overrides[scale.name], f"attention={json.dumps(attention)}", *overrides, f"run.seed={seed}"]
     return load_config(spec.preset.format(family=family, suffix=scale.preset_suffix), settings)
 
 
@@ -184,23 +204,36 @@ def bit_widths(name: str) -> tuple[int, int]:
     return int(weights), int(acts)
 
 
+def quant_base(model: Any, setup: str) -> Any:
+    """The W8A8 ``QuantConfig`` of a setup for a model's family (placement rules, grid, range estimators)."""
+    from quantizable.models import family_of_config
+    from quantizable.quantization import QuantConfig
+    from quantizable.quantization.setups import get_setup
+
+    recipe = get_setup(setup).calibration_for(family_of_config(model.config).name)
+    return QuantConfig(setup=setup, weight_estimator=recipe.weight_estimator, act_estimator=recipe.act_estimator)
+
+
+def task_score(run: RunData) -> Callable[[Any], dict[str, float]] | None:
+    """The task's own metrics beside the main one (backcopy: copy accuracy, bigram excess), or None."""
+    if not is_backcopy(run.source):
+        return None
+
+    def score(model: Any) -> dict[str, float]:
+        return backcopy_scores(model, run.eval_batches, run.source)
+    return score
+
+
 def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -> dict[str, Any]:
     """FP metric, outlier and no-op mechanism metrics, simulated W8A8 over the calibration seeds and the
     sensitivity sweep over ``BIT_WIDTHS`` of one trained run; the backcopy task also scores copy accuracy and
     bigram loss in FP and under W8A8. ``setup`` (``quantization.setups``) chooses the placement rules, grid and the
     family's range estimators; the calibration batches stay the scale's, so both setups see the same data."""
     from quantizable.analysis import analyze
-    from quantizable.models import family_of_config
-    from quantizable.quantization import QuantConfig, simulate_w8a8
-    from quantizable.quantization.setups import get_setup
+    from quantizable.quantization import simulate_w8a8
 
-    recipe = get_setup(setup).calibration_for(family_of_config(run.model.config).name)
-    base = QuantConfig(setup=setup, weight_estimator=recipe.weight_estimator, act_estimator=recipe.act_estimator)
-
-    score = None
-    if is_backcopy(run.source):
-        def score(model: Any) -> dict[str, float]:
-            return backcopy_scores(model, run.eval_batches, run.source)
+    base = quant_base(run.model, setup)
+    score = task_score(run)
     quant = simulate_w8a8(run.model, run.calibration, run.eval_batches, base, seeds=scale.calib_seeds, score=score)
     sweep = {"W8A8": quant["quantized"]["per_seed"]}
     for name in BIT_WIDTHS[1:]:
@@ -213,7 +246,7 @@ def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -
     return {
         "version": MEASURE_VERSION,
         "setup": setup,
-        "estimators": {"weights": recipe.weight_estimator, "activations": recipe.act_estimator},
+        "estimators": {"weights": base.weight_estimator, "activations": base.act_estimator},
         "metric": quant["metric"],
         "fp": quant["fp"],
         "w8a8": quant["quantized"],
@@ -339,8 +372,9 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
         if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint
         train(config, run_dir, resume=resume, progress=progress)
+    loaded = functools.cache(lambda: load_run(run_dir, job.scale))  # once for all measurements, when needed
     if not (result_path.is_file() and int8_path.is_file()) or ptq_todo:
-        run = load_run(run_dir, job.scale)  # once for all measurements
+        run = loaded()
         if not result_path.is_file():
             print(f"{job.label}: measuring FP, outliers, no-op mechanism, W8A8 and the bit-width sweep", flush=True)
             write_json_atomic(result_path, measure(run, run_dir, job.scale, job.setup))
@@ -351,8 +385,16 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
             print(f"{job.label}: measuring PTQ baselines {', '.join(ptq_todo)}", flush=True)
             ptq_done = {**ptq_done, **measure_ptq(run, job.scale, ptq_todo)}
             write_json_atomic(ptq_path, ptq_done)
+    curve = None
+    if job.scale.curve:
+        def point(model: Any) -> dict[str, Any]:
+            run = loaded()
+            return measure_point(model, run.calibration, run.eval_batches, quant_base(model, job.setup),
+                                 job.scale.calib_seeds, task_score(run))
+        curve = measure_curve(run_dir, point, "curve" if job.setup == "default" else f"curve-{job.setup}",
+                              report=lambda line: print(f"{job.label}: {line}", flush=True))
     return {**json.loads(result_path.read_text()), "int8": json.loads(int8_path.read_text()),
-            "run_dir": str(run_dir), "seed": job.seed,
+            "run_dir": str(run_dir), "seed": job.seed, **({"curve": curve} if curve is not None else {}),
             **({"ptq": {name: ptq_done[name] for name in job.ptq}} if job.ptq else {})}
 
 
@@ -495,6 +537,8 @@ def aggregate(task: str, family: str, method: str, runs: list[dict[str, Any]], s
         if f"{key}_per_layer" in runs[0]:
             row[f"{key}_per_layer"] = _layer_mean(runs, f"{key}_per_layer")
             row[key] = _mean_std([max(r[f"{key}_per_layer"]) for r in runs])
+    if "curve" in runs[0]:  # the long scale: quality and quantization cost at every snapshot
+        row["curve"] = aggregate_curve([r["curve"] for r in runs])
     if family in TASKS[task].floors:  # the FP quality below which a model has not learnt enough to judge
         metric, minimum = TASKS[task].floors[family]
         value = row["fp"]["mean"] if metric == row["metric"] else row["scores"][metric]["fp"]["mean"]
@@ -503,14 +547,15 @@ def aggregate(task: str, family: str, method: str, runs: list[dict[str, Any]], s
 
 
 def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | None = None,
-              methods: tuple[str, ...] = METHODS, progress: bool = True, overrides: tuple[str, ...] = (),
+              methods: tuple[str, ...] | None = METHODS, progress: bool = True, overrides: tuple[str, ...] = (),
               train_seeds: int | None = None, workers: int | None = 1,
-              tasks: tuple[str, ...] = ("pretrain",), ptq: tuple[str, ...] = (),
+              tasks: tuple[str, ...] | None = ("pretrain",), ptq: tuple[str, ...] = (),
               setup: str = "default") -> list[dict[str, Any]]:
     """Train and measure every (task, family, method, seed); write ``results.json`` and ``report.md`` under ``out``.
 
-    ``tasks`` are names of ``TASKS`` (``backcopy``, ``pretrain``), each run on its own families (``families``
-    keeps only those); ``methods`` are attention kinds (``attention.spec.KINDS``). ``overrides`` (``key=value``,
+    ``tasks`` are names of ``TASKS`` (``backcopy``, ``pretrain``; None: those that define the scale), each run on
+    its own families (``families`` keeps only those); ``methods`` are attention kinds (``attention.spec.KINDS``;
+    None: the task's own for the scale, e.g. ``LONG_METHODS`` at ``long``). ``overrides`` (``key=value``,
     as ``train --set``) apply to every run on top of the scale: the recipe search uses them; ``train_seeds`` keeps
     only the first so many training seeds of the scale; ``workers`` runs that many jobs at once in separate
     processes (``None``: one per CPU core, see ``resolve_workers``); ``ptq`` names PTQ baselines
@@ -525,8 +570,18 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | N
     ptq = tuple(parse_ptq(name).name for name in ptq)  # an unknown name fails here, listing the valid ones
     if scale_name not in SCALES:
         raise ValueError(f"unknown scale {scale_name!r}; known: {', '.join(SCALES)}")
+    if tasks is None:  # the tasks that define the scale
+        tasks = tuple(name for name, task in TASKS.items() if scale_name in task.overrides)
+    without = [name for name in tasks if name in TASKS and scale_name not in TASKS[name].overrides]
+    if without:
+        owners = [name for name, task in TASKS.items() if scale_name in task.overrides]
+        raise ValueError(f"task {without[0]} has no scale {scale_name!r} (its scales: "
+                         f"{', '.join(TASKS[without[0]].overrides)}); scale {scale_name!r} trains: {', '.join(owners)}")
+    task_methods = {task: methods if methods is not None else
+                    TASKS[task].scale_methods.get(scale_name, METHODS) for task in tasks if task in TASKS}
     for what, given, known in (("tasks", tasks, tuple(TASKS)), ("families", families or (), TRAINED_FAMILIES),
-                               ("methods", methods, KINDS)):
+                               ("methods", tuple(dict.fromkeys(m for ms in task_methods.values() for m in ms))
+                                if methods is None else methods, KINDS)):
         unknown = [name for name in given if name not in known]
         if unknown or (not given and what != "families"):
             raise ValueError(f"unknown {what} {unknown}; known: {', '.join(known)}" if unknown else f"no {what} given")
@@ -543,10 +598,10 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | N
                              f"got {train_seeds}")
         scale = dataclasses.replace(scale, train_seeds=scale.train_seeds[:train_seeds])
     for task, family in plan:  # a bad override or method setting fails here, before any training starts
-        for method in methods:
+        for method in task_methods[task]:
             run_config(family, method, 0, scale, overrides, task)
     out.mkdir(parents=True, exist_ok=True)
-    combos = [(task, family, method, seed) for task, family in plan for method in methods
+    combos = [(task, family, method, seed) for task, family in plan for method in task_methods[task]
               for seed in scale.train_seeds]
     jobs = [Job(family, method, seed, out, scale, overrides,
                 f"[{index}/{len(combos)}] {task} {family} {method} seed {seed}", task, ptq, setup)

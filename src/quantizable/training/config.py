@@ -104,8 +104,9 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    """Length, batch (per process, per micro-step), seed and how often to evaluate, checkpoint, log and measure
-    outliers (0 disables). ``mixed_precision: auto`` uses bf16 (else fp16) on a GPU and fp32 on CPU."""
+    """Length, batch (per process, per micro-step), seed and how often to evaluate, checkpoint, log, measure
+    outliers and keep a weight snapshot (0 disables). ``mixed_precision: auto`` uses bf16 (else fp16) on a GPU and
+    fp32 on CPU."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -115,12 +116,13 @@ class RunConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     outlier_every: int = 0
+    snapshot_every: int = 0  # keep the weights every N steps in snapshots/step_N (quality-vs-step curves)
     mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, f"run.steps must be >= 0, got {self.steps}")
         _require(self.batch_size >= 1, f"run.batch_size must be >= 1, got {self.batch_size}")
-        for name in ("eval_every", "eval_batches", "checkpoint_every", "log_every", "outlier_every"):
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "log_every", "outlier_every", "snapshot_every"):
             _require(getattr(self, name) >= 0, f"run.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.mixed_precision in MIXED_PRECISION,
                  f"run.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")

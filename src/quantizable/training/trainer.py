@@ -253,6 +253,34 @@ def _optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch
             return accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
 
 
+def save_model(model: PreTrainedModel, state: dict[str, torch.Tensor], tokenizer: Any, task: str, dest: Path) -> None:
+    """``save_pretrained`` plus what loading and transformers' pipelines need beside the weights, written under a
+    temporary name and renamed, so a directory that exists is complete."""
+    staging = dest.with_name(f".tmp_{dest.name}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+    write_remote_code(staging, model)  # loads with trust_remote_code=True where we are not installed
+    # the tokenizer (a causal LM's starting every input with BOS, as training did) or the image processor
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+        if task == Task.CLM:
+            prepend_bos_when_encoding(staging, tokenizer)
+    else:
+        image_processor(model.config).save_pretrained(staging)
+        write_remote_image_processor(staging)
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)
+
+
+def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    """The weight snapshots of a run (``run.snapshot_every``), oldest first; each loads like ``model/``."""
+    found = [(int(path.name.removeprefix("step_")), path) for path in (run_dir / "snapshots").glob("step_*")
+             if path.name.removeprefix("step_").isdigit()]
+    return sorted(found)
+
+
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -376,6 +404,10 @@ def train(
                 record[f"eval_{last_eval['metric']}"] = last_eval["value"]
             if record:
                 write_metrics({"step": step, **record})
+            if run.snapshot_every and step % run.snapshot_every == 0:
+                state = accelerator.get_state_dict(model)  # every rank takes part in gathering FSDP shards
+                if accelerator.is_main_process:
+                    save_model(unwrapped, state, tokenizer, task, run_dir / "snapshots" / f"step_{step}")
             if (run.checkpoint_every and step % run.checkpoint_every == 0) or (step == end < run.steps):
                 checkpoint()
                 saved_step = step
@@ -414,23 +446,7 @@ def train(
         if accelerator.is_main_process:
             # written under temporary names and renamed: a run killed here leaves no model/ or summary.json that
             # looks finished, and --resume redoes the last steps from the checkpoint
-            staging = run_dir / ".tmp_model"
-            if staging.exists():
-                shutil.rmtree(staging)
-            unwrapped.save_pretrained(staging, state_dict=full_state, safe_serialization=True)
-            write_remote_code(staging, unwrapped)  # loads with trust_remote_code=True where we are not installed
-            # what transformers' pipelines need beside the weights: the tokenizer (a causal LM's starting every
-            # input with BOS, as training did) or the image processor
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-                if task == Task.CLM:
-                    prepend_bos_when_encoding(staging, tokenizer)
-            else:
-                image_processor(unwrapped.config).save_pretrained(staging)
-                write_remote_image_processor(staging)
-            if (run_dir / "model").exists():
-                shutil.rmtree(run_dir / "model")
-            staging.rename(run_dir / "model")
+            save_model(unwrapped, full_state, tokenizer, task, run_dir / "model")
             write_json_atomic(run_dir / "summary.json", {k: v for k, v in summary.items() if k != "losses"})
     accelerator.wait_for_everyone()
     accelerator.end_training()
