@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from quantizable.data.backcopy import backcopy_scores, is_backcopy
-from quantizable.experiments.reproduce import SCALES, load_run, quiet_transformers
+from quantizable.experiments.measure import load_run
+from quantizable.experiments.plan import SCALES
+from quantizable.experiments.reproduce import quiet_transformers
 from quantizable.io import write_json_atomic
 from quantizable.models import family_of_config
 from quantizable.quantization import QuantConfig, simulate_w8a8

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from quantizable.experiments.reproduce import TASKS
+from quantizable.experiments.plan import TASKS
 from quantizable.training import train
 from quantizable.training.config import load_config
 

@@ -123,7 +123,7 @@ def test_scores_of_the_true_rule_are_perfect(table):
 @pytest.mark.slow
 def test_reproduce_backcopy_reports_mechanism_and_sensitivity(tmp_path):
     from quantizable.experiments import reproduce
-    from quantizable.experiments.reproduce import BIT_WIDTHS
+    from quantizable.experiments.plan import BIT_WIDTHS
 
     rows = reproduce(tmp_path, "tiny", None, ("vanilla", "gated_attention"), progress=False, tasks=("backcopy",))
     assert [(r["task"], r["family"], r["method"]) for r in rows] == [

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from quantizable.experiments import curves
-from quantizable.experiments.reproduce import LONG_METHODS, SCALES, reproduce, run_config
+from quantizable.experiments.plan import LONG_METHODS, SCALES, run_config
+from quantizable.experiments.reproduce import reproduce
 from quantizable.integrity import load_checked_model
 from quantizable.training import load_config, train
 from quantizable.training.trainer import snapshots

@@ -94,7 +94,8 @@ def test_workers_must_be_positive(tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_job_stops_the_workers_without_running_the_queue(tmp_path):
-    from quantizable.experiments.reproduce import SCALES, Job, job_run
+    from quantizable.experiments.plan import SCALES
+    from quantizable.experiments.reproduce import Job, job_run
 
     jobs = [Job(f, m, 0, tmp_path, SCALES["tiny"], (), "") for f in ("opt", "vit")
             for m in ("vanilla", "clipped_softmax", "gated_attention")]

@@ -100,7 +100,8 @@ def plot_training_curves(rows: list[dict[str, Any]], title: str, path: Path,
 
 def plot_sensitivity(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     """Quantization loss vs bits per method: activation bits at 8-bit weights, weight bits at 8-bit activations."""
-    from quantizable.experiments.reproduce import BIT_WIDTHS, bit_widths
+    from quantizable.experiments.measure import bit_widths
+    from quantizable.experiments.plan import BIT_WIDTHS
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
@@ -275,7 +276,7 @@ def _pretrain_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _sensitivity_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
-    from quantizable.experiments.reproduce import BIT_WIDTHS
+    from quantizable.experiments.plan import BIT_WIDTHS
 
     lines = [
         "## Quantization sensitivity",

@@ -1,0 +1,184 @@
+"""Measuring one trained run: FP metric, outlier and no-op mechanism metrics, simulated W8A8 over calibration seeds
+and the bit-width sweep, real INT8 and the PTQ baselines, all on the same evaluation batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantizable.data.backcopy import backcopy_bos_shares, backcopy_scores, is_backcopy
+from quantizable.experiments.plan import BIT_WIDTHS, Scale
+from quantizable.io import write_json_atomic
+from quantizable.tasks import Task as ModelTask  # not the reproduction's Task (experiments.plan)
+from quantizable.training.config import TrainConfig
+
+MEASURE_VERSION = 6  # bump when measure() gains fields, so older measure.json files are measured again
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+def _batches(loader: Any, limit: int) -> list[dict[str, torch.Tensor]]:
+    batches = []
+    for batch in loader:
+        if len(batches) == limit:
+            break
+        batches.append(batch)
+    if len(batches) < limit:
+        raise ValueError(f"the data holds only {len(batches)} batches, {limit} were asked for")
+    return batches
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A trained run loaded once for all its measurements: the same model and batches for the simulator, the
+    analysis and real INT8 (the simulator removes its quantizers when done)."""
+
+    model: Any
+    tokenizer: Any
+    source: str | None  # the run's data.source
+    eval_batches: list[dict[str, torch.Tensor]]
+    calibration: Callable[[int], list[dict[str, torch.Tensor]]]  # calibration batches of a seed
+
+
+def load_run(run_dir: Path, scale: Scale) -> RunData:
+    """The model, tokenizer, evaluation batches and seeded calibration batches of a trained run."""
+    from quantizable import data
+    from quantizable.integrity import load_checked_model
+    from quantizable.models import family_of_config
+
+    config = TrainConfig.from_dict(json.loads(json.dumps(load_yaml(run_dir / "config.yaml"))))
+    model = load_checked_model(run_dir)
+    task = family_of_config(model.config).task
+    tokenizer = None if task == ModelTask.IMAGE else data.checkpoint_tokenizer(run_dir)
+    sets = data.task_data(config, task, tokenizer)
+    eval_batches = _batches(sets.validation_loader(), scale.eval_batches)
+
+    def calibration(seed: int) -> list[dict[str, torch.Tensor]]:
+        loader = data.make_loader(sets.train, config.run.batch_size, sets.collate(0), shuffle=True, seed=seed)
+        return _batches(loader, scale.calib_batches)
+
+    return RunData(model, tokenizer, config.data.source, eval_batches, calibration)
+
+
+MECHANISM_KEYS = ("sink_share", "value_drain", "residual_peak")  # analyze's no-op numbers, each with a per-layer list
+
+
+def bit_widths(name: str) -> tuple[int, int]:
+    """``"W8A6"`` -> (8, 6)."""
+    weights, _, acts = name.removeprefix("W").partition("A")
+    return int(weights), int(acts)
+
+
+def quant_base(model: Any, setup: str) -> Any:
+    """The W8A8 ``QuantConfig`` of a setup for a model's family (placement rules, grid, range estimators)."""
+    from quantizable.models import family_of_config
+    from quantizable.quantization import QuantConfig
+    from quantizable.quantization.setups import get_setup
+
+    recipe = get_setup(setup).calibration_for(family_of_config(model.config).name)
+    return QuantConfig(setup=setup, weight_estimator=recipe.weight_estimator, act_estimator=recipe.act_estimator)
+
+
+def task_score(run: RunData) -> Callable[[Any], dict[str, float]] | None:
+    """The task's own metrics beside the main one (backcopy: copy accuracy, bigram excess), or None."""
+    if not is_backcopy(run.source):
+        return None
+
+    def score(model: Any) -> dict[str, float]:
+        return backcopy_scores(model, run.eval_batches, run.source)
+    return score
+
+
+def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -> dict[str, Any]:
+    """FP metric, outlier and no-op mechanism metrics, simulated W8A8 over the calibration seeds and the
+    sensitivity sweep over ``BIT_WIDTHS`` of one trained run; the backcopy task also scores copy accuracy and
+    bigram loss in FP and under W8A8. ``setup`` (``quantization.setups``) chooses the placement rules, grid and the
+    family's range estimators; the calibration batches stay the scale's, so both setups see the same data."""
+    from quantizable.analysis import analyze
+    from quantizable.quantization import simulate_w8a8
+
+    base = quant_base(run.model, setup)
+    score = task_score(run)
+    quant = simulate_w8a8(run.model, run.calibration, run.eval_batches, base, seeds=scale.calib_seeds, score=score)
+    sweep = {"W8A8": quant["quantized"]["per_seed"]}
+    for name in BIT_WIDTHS[1:]:
+        weights, acts = bit_widths(name)
+        swept = simulate_w8a8(run.model, run.calibration, run.eval_batches, seeds=scale.calib_seeds,
+                              config=dataclasses.replace(base, weight_bits=weights, act_bits=acts))
+        sweep[name] = swept["quantized"]["per_seed"]
+    analysis = analyze(run.model, run.eval_batches[: scale.analysis_batches], tokenizer=run.tokenizer,
+                       out_dir=run_dir / "analysis")
+    return {
+        "version": MEASURE_VERSION,
+        "setup": setup,
+        "estimators": {"weights": base.weight_estimator, "activations": base.act_estimator},
+        "metric": quant["metric"],
+        "fp": quant["fp"],
+        "w8a8": quant["quantized"],
+        "sites": quant["sites"],
+        "bits_sweep": sweep,
+        **({"scores": quant["scores"],
+            **backcopy_bos_shares(run.model, run.eval_batches[: scale.analysis_batches], run.source)}
+           if score is not None else {}),
+        "max_inf_norm": analysis["max_inf_norm"],
+        "avg_kurtosis": analysis["avg_kurtosis"],
+        "per_layer_inf_norm": [row["mean_inf_norm"] for row in analysis["per_layer"]
+                               if row["tensor"] == "block_out"],
+        **{key: analysis.get(key) for key in MECHANISM_KEYS},
+        **{f"{key}_per_layer": analysis.get(f"{key}_per_layer") for key in MECHANISM_KEYS},
+        "dormant_share": analysis.get("dormant_share"),
+        "value_drain_min": analysis.get("value_drain_min"),  # the drained end: the lowest layer's ratio
+        # kinds with exact zeros (clipped softmax, softpick): entries above zero, all-zero rows, dead layers; at
+        # the end of training and, from the trainer's step-0 record, at initialisation
+        **{key: analysis.get(key) for key in ("alive_share", "alive_share_per_layer", "dead_row_share_per_layer",
+                                              "dead_layers")},
+        "liveness_at_init": liveness_at_init(run_dir),
+        "analysis_dir": str(run_dir / "analysis"),
+    }
+
+
+def liveness_at_init(run_dir: Path) -> dict[str, Any] | None:
+    """The trainer's step-0 liveness record of a run (``training.trainer.attention_liveness``), or None."""
+    try:
+        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return {k: v for k, v in first.items() if k != "step"} if first.get("step") == 0 else None
+
+
+def measure_int8(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
+    """Real INT8 (ONNX Runtime, static per tensor, one thread) of one trained run, calibrated on the first
+    calibration seed's batches and scored on the same evaluation batches as ``measure``; ``DIR/int8.json`` of
+    ``quantizable export`` under ``run_dir/int8``. ORT needs no compilation, which keeps it cheap."""
+    from quantizable.export import export_int8
+
+    result = export_int8(run.model, run.calibration(scale.calib_seeds[0]), lambda: run.eval_batches,
+                         run_dir / "int8", repeats=5, simulate=False)
+    write_json_atomic(run_dir / "int8" / "int8.json", result)
+    return result
+
+
+def measure_ptq(run: RunData, scale: Scale, names: tuple[str, ...]) -> dict[str, Any]:
+    """W8A8 under each PTQ baseline (``quantization.ptq``) of one trained run, on the calibration seeds and
+    evaluation batches of ``measure``; a method that does not apply records its reason."""
+    from quantizable.quantization.ptq import NotApplicable, parse_ptq, simulate_ptq
+
+    results: dict[str, Any] = {}
+    for name in names:
+        ptq = parse_ptq(name)
+        try:
+            result = simulate_ptq(run.model, run.calibration, run.eval_batches, ptq, seeds=scale.calib_seeds)
+        except NotApplicable as error:
+            results[ptq.name] = {"not_applicable": str(error)}
+            continue
+        results[ptq.name] = {key: result[key] for key in ("fp", "quantized", "ptq", "cost")}
+    return results
