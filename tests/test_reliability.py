@@ -383,7 +383,8 @@ def test_resume_refuses_to_change_the_run_and_to_retrain_a_finished_one(
         (reference_run / "model" / "model.safetensors").read_bytes()
 
 
-def test_ctrl_c_in_train_saves_the_step_and_says_how_to_resume(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_train_saves_the_step_and_says_how_to_resume(tmp_path: Path, capsys, stop) -> None:
     run_dir = tmp_path / "run"
     command = [PYTHON, "-m", "quantizable.cli.main", "train", "--config", "opt-tiny", "--out", str(run_dir),
                "--set", "run.steps=1000", "--set", "run.log_every=1"]  # with progress, into a pipe as in a log
@@ -393,7 +394,7 @@ def test_ctrl_c_in_train_saves_the_step_and_says_how_to_resume(tmp_path: Path, c
         while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text()):
             assert process.poll() is None and time.monotonic() < deadline, "no training step within 60 s"
             time.sleep(0.02)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
@@ -410,6 +411,12 @@ def test_ctrl_c_in_train_saves_the_step_and_says_how_to_resume(tmp_path: Path, c
     assert cli_main(["train", "--resume", "--out", str(run_dir), "--stop-after", str(step + 1),
                      "--no-progress"]) == 0
     assert f"at step {step} of 1000" in capsys.readouterr().out
+
+
+def test_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path: Path, capsys) -> None:
+    assert cli_main(["train", "--config", "opt-tiny", "--resume", "--out", str(tmp_path / "run"), "--set",
+                     "run.steps=2", "--no-progress"]) == 0
+    assert f"no checkpoint in {tmp_path / 'run'} to resume from: starting at step 0" in capsys.readouterr().out
 
 
 # 8. the inputs a new user gives (issue 19): damaged or changed weights, sequence lengths, text files, configs, CLI

@@ -47,30 +47,32 @@ class TrainingDivergedError(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training, after the step in progress was finished and saved as a checkpoint."""
+    """Ctrl-C or SIGTERM during training, after the step in progress was finished and saved as a checkpoint."""
 
 
 @contextmanager
 def _interrupt_after_step(enabled: bool) -> Iterator[list[bool]]:
-    """While training, the first Ctrl-C only sets a flag, so the step in progress completes and can be saved (an
-    update cut in half cannot); a second Ctrl-C stops at once. Off in multi-process runs, where one process saving
-    alone would wait forever for the others."""
+    """While training, the first Ctrl-C or SIGTERM (what SLURM, Kubernetes and ``docker stop`` send before killing)
+    only sets a flag, so the step in progress completes and can be saved (an update cut in half cannot); a second
+    one stops at once. Off in multi-process runs, where one process saving alone would wait forever for the others."""
     requested = [False]
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield requested
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, frame: Any) -> None:
         if requested[0]:
             raise KeyboardInterrupt
         requested[0] = True
 
-    signal.signal(signal.SIGINT, handler)
+    for number in previous:
+        signal.signal(number, handler)
     try:
         yield requested
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, action in previous.items():
+            signal.signal(number, action)
 
 
 def _preset_task(preset: str) -> str:
@@ -295,7 +297,7 @@ def train(
     RNG and data position restored; the config may only differ from the run's in
     :data:`~quantizable.training.checkpoint.RESUMABLE_KEYS`, and a finished run is refused. ``stop_after`` ends this
     invocation (with a checkpoint) after that many optimizer steps in total, for time-sliced jobs; a later
-    ``resume`` continues with the same schedule. Ctrl-C saves the step in progress and raises
+    ``resume`` continues with the same schedule. Ctrl-C or SIGTERM saves the step in progress and raises
     :class:`TrainingInterrupted`.
     """
     run_dir = Path(out_dir)
@@ -303,6 +305,8 @@ def train(
     check_run_dir(run_dir, resume)
     write_config = check_resume_config(run_dir, config) if resume else True
     found = checkpoints(run_dir) if resume else []
+    if resume and not found:  # e.g. a requeued cluster job that always passes --resume, killed before step 1
+        print(f"no checkpoint in {run_dir} to resume from: starting at step 0", flush=True)
     resumed = verified_state(found[-1][1]) if found else None
     if resumed is not None:
         init_from = check_resume_init_from(resumed, init_from)
