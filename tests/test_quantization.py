@@ -295,6 +295,10 @@ def test_simulate_w8a8_restores_model() -> None:
     assert math.isclose(results["quantized"]["mean"], results["fp"], rel_tol=0.05)
     assert not hasattr(model, "_quantization_handle")
     assert not any("parametrizations" in name for name, _ in model.named_parameters())
+    # a known FP score is reused, not measured again, and changes nothing else
+    again = simulate_w8a8(model, lambda seed: batches[seed:seed + 1], batches, seeds=[0, 1],
+                          fp={"metric": "perplexity", "value": -1.0})
+    assert again["fp"] == -1.0 and again["quantized"]["per_seed"] == results["quantized"]["per_seed"]
 
 
 def _run_dir(tmp_path, preset: str, **overrides):

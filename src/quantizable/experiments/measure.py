@@ -110,10 +110,11 @@ def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -
     score = task_score(run)
     quant = simulate_w8a8(run.model, run.calibration, run.eval_batches, base, seeds=scale.calib_seeds, score=score)
     sweep = {"W8A8": quant["quantized"]["per_seed"]}
+    fp = {"metric": quant["metric"], "value": quant["fp"]}  # scored once, reused by every bit width
     for name in BIT_WIDTHS[1:]:
         weights, acts = bit_widths(name)
         swept = simulate_w8a8(run.model, run.calibration, run.eval_batches, seeds=scale.calib_seeds,
-                              config=dataclasses.replace(base, weight_bits=weights, act_bits=acts))
+                              config=dataclasses.replace(base, weight_bits=weights, act_bits=acts), fp=fp)
         sweep[name] = swept["quantized"]["per_seed"]
     analysis = analyze(run.model, run.eval_batches[: scale.analysis_batches], tokenizer=run.tokenizer,
                        out_dir=run_dir / "analysis")

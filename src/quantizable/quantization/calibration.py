@@ -65,14 +65,16 @@ def simulate_w8a8(
     seeds: Iterable[int] = (0,),
     score: Callable[[nn.Module], dict[str, float]] | None = None,
     report: Callable[[str], None] | None = None,
+    fp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """FP evaluation, then per seed: quantize, calibrate on ``calib_batches(seed)``, freeze, evaluate.
 
     ``calib_batches`` is a function of the seed (so each seed draws its own calibration data) or a fixed
     collection; ``eval_batches`` a function returning fresh batches or a re-iterable collection. ``score`` (model ->
     named numbers) is a task's own metric, measured like the main one under ``"scores"`` (``fp``, ``per_seed``).
-    ``report`` (e.g. ``print``) gets one line after the FP score and after each seed, for long CPU runs.
-    The model is restored to floating point afterwards.
+    ``report`` (e.g. ``print``) gets one line after the FP score and after each seed, for long CPU runs. ``fp``
+    (``evaluate``'s result for this model on these evaluation batches) skips scoring the FP model again when one
+    model is simulated at several bit widths. The model is restored to floating point afterwards.
     """
     config = config or QuantConfig()
     seeds = list(seeds)
@@ -82,7 +84,7 @@ def simulate_w8a8(
     def fresh_eval() -> Iterable[Batch]:
         return eval_batches() if callable(eval_batches) else eval_batches
 
-    fp = evaluate(model, fresh_eval())
+    fp = fp if fp is not None else evaluate(model, fresh_eval())
     if report is not None:
         report(f"FP {fp['metric']} {fp['value']:.3f}")
     scores: dict[str, Any] = {"fp": score(model), "per_seed": []} if score is not None else {}
