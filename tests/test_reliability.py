@@ -255,6 +255,11 @@ def _bad_inputs(model: Path, guarded: Path, tmp: Path) -> list[list[str]]:
         ["export", missing, "--int8", *out],
         ["export", str(model), "--int8", "--batch-size", "0", *out],
         ["export", str(model), "--int8", "--calib-batches", "100000", *out],
+        ["reproduce", "--scale", "long", "--task", "pretrain", *out],
+        # an --out that is a file: refused before any work, by every verb that writes one
+        *([*argv, "--out", str(a_file)] for argv in (["train", "--config", "opt-tiny"], ["analyze", str(model)],
+                                                     ["quantize", str(model)], ["export", str(model), "--int8"],
+                                                     ["export", str(model), "--stock"], ["demo"])),
     ]
 
 
@@ -278,6 +283,7 @@ def test_every_verb_rejects_bad_input_with_one_line(tmp_path: Path, reference_ru
             failures.append((argv, "modified the output directory"))
     assert not failures, failures
     assert not (tmp_path / "missing").exists()
+    assert (tmp_path / "a_file.txt").read_text() == "not a directory"
 
 
 def test_real_process_error_has_no_traceback_unless_debug(tmp_path: Path, reference_run: Path) -> None:

@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from quantizable.cli.errors import UserError
 
+    out = getattr(args, "out", None)
+    if out is not None and out.exists() and not out.is_dir():  # every verb's --out is a directory: refuse before work
+        print(f"error: --out {out} is a file; every verb writes a directory there (give a new or existing folder)",
+              file=sys.stderr)
+        return 2
     try:
         return int(args.module.run(args) or 0)
     except (UserError, ValueError, OSError) as error:  # OSError: missing paths, a file where a folder goes, ...
