@@ -58,7 +58,7 @@ def run_variant(family: str, name: str, steps: int, every: int, out: Path) -> di
     from quantizable.evaluation import evaluate
     from quantizable.training import train
     from quantizable.training.config import load_config
-    from quantizable.training.trainer import _analyze_one
+    from quantizable.training.monitor import _analyze_one
 
     torch.set_num_threads(1)
     attention, extra = VARIANTS[family][name]

@@ -13,7 +13,7 @@ from quantizable.experiments.plan import LONG_METHODS, SCALES, run_config
 from quantizable.experiments.reproduce import reproduce
 from quantizable.integrity import load_checked_model
 from quantizable.training import load_config, train
-from quantizable.training.trainer import snapshots
+from quantizable.training.artifacts import snapshots
 
 
 def test_snapshots_hold_the_weights_of_their_step(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def measure_curve(run_dir: Path, measure: Callable[[torch.nn.Module], dict[str, 
     """``measure`` (a snapshot's model -> a point) on every snapshot of a run, each cached in ``name/step_N.json``
     (one name per quantization setup), joined with the outlier metrics the trainer logged at that step."""
     from quantizable.integrity import load_checked_model
-    from quantizable.training.trainer import snapshots
+    from quantizable.training.artifacts import snapshots
 
     logged = logged_at(run_dir)
     points = []

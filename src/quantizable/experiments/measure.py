@@ -148,7 +148,7 @@ def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -
 
 
 def liveness_at_init(run_dir: Path) -> dict[str, Any] | None:
-    """The trainer's step-0 liveness record of a run (``training.trainer.attention_liveness``), or None."""
+    """The trainer's step-0 liveness record of a run (``training.monitor.attention_liveness``), or None."""
     try:
         first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     except (OSError, IndexError, ValueError):

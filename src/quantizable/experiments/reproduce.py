@@ -10,6 +10,7 @@ to its run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import multiprocessing
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from quantizable.attention.spec import KINDS
 from quantizable.experiments.aggregate import aggregate

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import threading
 import time
@@ -24,21 +23,20 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from transformers import PreTrainedModel
 
-from quantizable.data.images import image_processor
 from quantizable.data.tasks import TaskData, task_data
-from quantizable.data.text import prepend_bos_when_encoding
 from quantizable.evaluation import evaluate
 from quantizable.integrity import load_checked_model
 from quantizable.io import write_json_atomic
 from quantizable.models import FAMILIES, MODEL_PRESETS, apply_attention_spec, create_model, family_of_config
 from quantizable.models.modeling import scale_clipping
 from quantizable.progress import Progress
-from quantizable.remote_code import write_remote_code, write_remote_image_processor
 from quantizable.tasks import Task
 from quantizable.training.allocator import keep_freed_memory
+from quantizable.training.artifacts import save_model
 from quantizable.training.checkpoint import (check_resume_config, check_resume_init_from, check_run_dir, checkpoints,
                                              save_checkpoint, truncate_metrics, verified_state, weight_digest)
 from quantizable.training.config import TrainConfig
+from quantizable.training.monitor import attention_liveness, dead_attention_warning, training_outlier_metrics
 from quantizable.training.optim import make_optimizer, make_scheduler
 
 
@@ -164,55 +162,6 @@ def _mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-# The numbers of ``analyze`` logged during training: the paper's outlier metrics and the no-op mechanism's
-# (alive_share only for kinds with exact zeros: the lowest layer's share of attention entries above zero)
-TRAINING_METRICS = ("max_inf_norm", "avg_kurtosis", "sink_share", "value_drain", "residual_peak", "dormant_share",
-                    "alive_share")
-# analyze's per-layer liveness keys, logged at step 0 for kinds with exact zeros
-LIVENESS_KEYS = ("alive_share_per_layer", "dead_row_share_per_layer", "dead_layers")
-
-
-def _analyze_one(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, Any]:
-    from quantizable.analysis import analyze
-
-    return analyze(model, [{k: v for k, v in batch.items() if k != "labels"}], tokenizer=tokenizer)
-
-
-def training_outlier_metrics(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, float]:
-    """``analyze``'s model-level numbers on one fixed batch (the same definitions as every report)."""
-    result = _analyze_one(model, batch, tokenizer)
-    return {key: float(result[key]) for key in TRAINING_METRICS if result.get(key) is not None}
-
-
-def attention_liveness(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, Any] | None:
-    """Per layer, the share of attention entries above zero and of all-zero rows on one batch, and the layers with
-    no entry above zero (they output zero and pass no gradient to q, k, v); None for kinds without exact zeros."""
-    spec = getattr(model, "attention_spec", None)
-    if spec is None or not spec.exact_zeros:
-        return None
-    result = _analyze_one(model, batch, tokenizer)
-    return {key: result[key] for key in LIVENESS_KEYS}
-
-
-def dead_attention_warning(model: nn.Module, liveness: dict[str, Any]) -> str | None:
-    """One line naming the layers whose attention is dead and what brings them to life, or None."""
-    dead = liveness["dead_layers"]
-    if not dead:
-        return None
-    spec = model.attention_spec
-    layers = model.config.num_hidden_layers
-    if spec.kind == "clipped_softmax":
-        why = (f"no attention probability is above clipped softmax's threshold {spec.clip_threshold():.3g} "
-               f"(gamma={spec.resolved_gamma():.4g})")
-        fix = "set attention.qk_init=lecun (initial score spread ~1) or a smaller |gamma| (alpha = -gamma*T < ~1)"
-    else:
-        why = "every softpick row is all zero (no score above 0)"
-        fix = "set attention.qk_init=lecun (initial score spread ~1)"
-    return (f"warning: attention is dead at step 0 in layer(s) {', '.join(map(str, dead))} of {layers}: {why}, so "
-            f"these layers output zero and pass no gradient to q, k, v and never learn; {fix} "
-            "(docs/reproduce.md, 'Clipped softmax at initialisation')")
-
-
 class _Batches:
     """Training micro-batches forever: epoch ``e`` is shuffled with seed ``seed + e``, so a position
     (epoch, batch) is enough to restart at exactly the same batch."""
@@ -253,34 +202,6 @@ def _optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             return accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
-
-
-def save_model(model: PreTrainedModel, state: dict[str, torch.Tensor], tokenizer: Any, task: str, dest: Path) -> None:
-    """``save_pretrained`` plus what loading and transformers' pipelines need beside the weights, written under a
-    temporary name and renamed, so a directory that exists is complete."""
-    staging = dest.with_name(f".tmp_{dest.name}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-    write_remote_code(staging, model)  # loads with trust_remote_code=True where we are not installed
-    # the tokenizer (a causal LM's starting every input with BOS, as training did) or the image processor
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-        if task == Task.CLM:
-            prepend_bos_when_encoding(staging, tokenizer)
-    else:
-        image_processor(model.config).save_pretrained(staging)
-        write_remote_image_processor(staging)
-    if dest.exists():
-        shutil.rmtree(dest)
-    staging.rename(dest)
-
-
-def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
-    """The weight snapshots of a run (``run.snapshot_every``), oldest first; each loads like ``model/``."""
-    found = [(int(path.name.removeprefix("step_")), path) for path in (run_dir / "snapshots").glob("step_*")
-             if path.name.removeprefix("step_").isdigit()]
-    return sorted(found)
 
 
 def train(
