@@ -414,5 +414,6 @@ def test_quantize_cli_attribute_prints_and_writes_the_groups(tmp_path, capsys) -
                      "--eval-batches", "2", "--attribute", "kind", "--out", str(tmp_path / "q")]) == 0
     out = capsys.readouterr().out
     assert "alone, worst first:" in out and "residual (" in out
+    assert "over 1 seed (" in out and "±" not in out  # one calibration seed: no spread to print
     attribution = json.loads((tmp_path / "q" / "results.json").read_text())["attribution"]
     assert attribution["by"] == "kind" and attribution["rows"][0]["loss"] >= attribution["rows"][-1]["loss"]

@@ -256,6 +256,9 @@ def _bad_inputs(model: Path, guarded: Path, tmp: Path) -> list[list[str]]:
         ["export", str(model), "--int8", "--batch-size", "0", *out],
         ["export", str(model), "--int8", "--calib-batches", "100000", *out],
         ["reproduce", "--scale", "long", "--task", "pretrain", *out],
+        # a setting that cannot take effect here is refused, not recorded and ignored
+        *([["train", "--config", "opt-tiny", "--set", "run.mixed_precision=fp16", *out]]
+          if not torch.cuda.is_available() else []),
         # an --out that is a file: refused before any work, by every verb that writes one
         *([*argv, "--out", str(a_file)] for argv in (["train", "--config", "opt-tiny"], ["analyze", str(model)],
                                                      ["quantize", str(model)], ["export", str(model), "--int8"],
@@ -284,6 +287,41 @@ def test_every_verb_rejects_bad_input_with_one_line(tmp_path: Path, reference_ru
     assert not failures, failures
     assert not (tmp_path / "missing").exists()
     assert (tmp_path / "a_file.txt").read_text() == "not a directory"
+
+
+def test_one_writer_per_output_directory(tmp_path: Path, reference_run: Path, capsys) -> None:
+    """A second process writing to a --out another one holds gets one error line and changes nothing (issue 31,
+    item 3); the holder here is a real process, as two users' jobs would be."""
+    held = tmp_path / "held"
+    (held / "keep.json").parent.mkdir()
+    (held / "keep.json").write_text("{}")
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import sys, time; from quantizable.io import exclusive_dir\n"
+                       f"with exclusive_dir({str(held)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(held)
+        for argv in (["train", "--config", "opt-tiny", "--set", "run.steps=1"], ["quantize", str(reference_run)],
+                     ["reproduce", "--scale", "tiny", "--families", "opt", "--methods", "vanilla"]):
+            capsys.readouterr()
+            assert cli_main([*argv, "--out", str(held)]) == 2, argv
+            err = capsys.readouterr().err
+            assert err.strip() == f"error: {held.resolve()} is being written by another quantizable process; " \
+                                  "wait for it to finish or choose another --out", err
+            assert _snapshot(held) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder's death releases the directory: the next writer gets it at once
+    assert cli_main(["quantize", str(reference_run), "--seeds", "1", "--calib-batches", "1", "--eval-batches", "1",
+                     "--out", str(held)]) == 0
+    assert (held / "results.json").is_file()
+
+
+def test_a_refused_run_leaves_no_empty_output_directory(tmp_path: Path) -> None:
+    assert cli_main(["train", "--config", "opt-tiny", "--set", "optim.lr=-1", "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_real_process_error_has_no_traceback_unless_debug(tmp_path: Path, reference_run: Path) -> None:

@@ -89,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        return int(args.module.run(args) or 0)
+        # under a distributed launch every rank runs this with the same --out: rank 0 holds it for all of them
+        if out is None or os.environ.get("RANK", "0") != "0":
+            return int(args.module.run(args) or 0)
+        from quantizable.io import exclusive_dir
+
+        with exclusive_dir(out):  # one writer per output directory: a second process is refused, not interleaved
+            return int(args.module.run(args) or 0)
     except (UserError, ValueError, OSError) as error:  # OSError: missing paths, a file where a folder goes, ...
         if args.debug:
             raise

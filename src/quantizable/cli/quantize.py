@@ -174,11 +174,15 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", results)  # an interrupted run leaves no half-written results
     q, unit = results["quantized"], metric_unit(results["metric"])
-    print(f"{results['metric']}: FP {results['fp']:.3f}{unit}, W{args.weights}A{args.acts} {q['mean']:.3f}{unit} "
-          f"± {q['std']:.3f} over {args.seeds} seeds ({results['sites']} activation quantizers, {args.setup} setup)")
+
+    def spread(stat: dict[str, float]) -> str:  # one calibration seed has no spread to print
+        return f" ± {stat['std']:.3f}" if args.seeds > 1 else ""
+
+    seeds = f"{args.seeds} seeds" if args.seeds > 1 else "1 seed"
+    print(f"{results['metric']}: FP {results['fp']:.3f}{unit}, W{args.weights}A{args.acts} {q['mean']:.3f}{unit}"
+          f"{spread(q)} over {seeds} ({results['sites']} activation quantizers, {args.setup} setup)")
     if ptq is not None:
         p = results["ptq"]["quantized"]
-        print(f"{results['metric']}: W{args.weights}A{args.acts} + {ptq.name} {p['mean']:.3f}{unit} "
-              f"± {p['std']:.3f}")
+        print(f"{results['metric']}: W{args.weights}A{args.acts} + {ptq.name} {p['mean']:.3f}{unit}{spread(p)}")
     print(f"wrote {args.out / 'results.json'}")
     return 0

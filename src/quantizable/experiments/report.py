@@ -22,7 +22,11 @@ CURVE_METRICS = {  # metrics.jsonl key -> axis label, for the curves over traini
 
 
 def _pm(stat: dict[str, float] | None, digits: int = 2) -> str:
-    return "–" if stat is None else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    """``mean ± std``; a single value (n = 1) has no spread to print."""
+    if stat is None:
+        return "–"
+    mean = f"{stat['mean']:.{digits}f}"
+    return mean if stat.get("n", 2) == 1 else f"{mean} ± {stat['std']:.{digits}f}"
 
 
 def _degradation(row: dict[str, Any], key: str = "w8a8") -> float:

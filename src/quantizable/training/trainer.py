@@ -155,6 +155,11 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
 
 
 def _mixed_precision(setting: str) -> str:
+    """What accelerate runs for ``run.mixed_precision``; fp16 without a GPU is refused rather than recorded and
+    silently run in fp32 (CPU autocast has bf16, not fp16)."""
+    if setting == "fp16" and not torch.cuda.is_available():
+        raise ValueError("run.mixed_precision=fp16 needs a CUDA GPU and none is visible; on CPU use bf16 or no "
+                         "(auto picks no)")
     if setting != "auto":
         return setting
     if not torch.cuda.is_available():
@@ -223,6 +228,7 @@ def train(
     """
     run_dir = Path(out_dir)
     # every refusal happens here, before anything is written
+    mixed_precision = _mixed_precision(config.run.mixed_precision)
     check_run_dir(run_dir, resume)
     write_config = check_resume_config(run_dir, config) if resume else True
     found = checkpoints(run_dir) if resume else []
@@ -235,7 +241,7 @@ def train(
     run = config.run
     accelerator = Accelerator(
         gradient_accumulation_steps=config.optim.grad_accum,
-        mixed_precision=_mixed_precision(run.mixed_precision),
+        mixed_precision=mixed_precision,
         log_with="tensorboard",
         project_dir=str(run_dir),
         cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch start CPU (gloo) process groups
