@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     methods = [parse_ptq(name) for name in args.methods.split(",") if name]
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    model = load_model(args.model)
+    model = load_model(args.model, new_weights=args.embedding_fidelity)  # the encoder without its MLM head
     sets = checkpoint_data(args.model, model, family_of_config(model.config).task, args.seq_len)
 
     def calibration(seed: int) -> list:

@@ -324,6 +324,29 @@ def test_a_refused_run_leaves_no_empty_output_directory(tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
 
 
+def test_a_checkpoint_without_its_task_head_is_refused_not_scored_at_random(tmp_path: Path) -> None:
+    """A base encoder (like the sentence-transformers MiniLM) loaded for masked LM got a random head on every load:
+    quantize printed a different perplexity each time, exit 0 (issue 31, item 1). Now: one line, exit 2."""
+    from transformers import BertConfig, BertModel
+
+    from quantizable.models import load_model
+
+    encoder = tmp_path / "encoder"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=100)).save_pretrained(encoder)
+    for verb in (["quantize", str(encoder)], ["export", str(encoder), "--int8"]):
+        done = subprocess.run([PYTHON, "-m", "quantizable.cli.main", *verb, "--out", str(tmp_path / "out")],
+                              env=ENV, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        [line] = [line for line in done.stderr.splitlines() if "error:" in line]
+        assert line.startswith(f"error: {encoder} has no weights for 6 tensor(s) of BertForMaskedLM") and \
+            "initialised at random" in line
+        assert not (tmp_path / "out").exists()
+    # analysis reads the hidden states, and fine-tuning trains the new head: both may load it
+    model = load_model(encoder, new_weights=True)
+    assert model.config.hidden_size == 32
+
+
 def test_real_process_error_has_no_traceback_unless_debug(tmp_path: Path, reference_run: Path) -> None:
     argv = [PYTHON, "-m", "quantizable.cli.main", "quantize", str(reference_run), "--weights", "17",
             "--out", str(tmp_path / "out")]

@@ -31,8 +31,9 @@ def check_finite(model: torch.nn.Module, where: str | Path) -> None:
                          f"the file is damaged or the training diverged")
 
 
-def load_checked_model(path: str | Path) -> Any:
-    """:func:`quantizable.models.load_model` plus the checks above; what every command that reads a model uses."""
+def load_checked_model(path: str | Path, new_weights: bool = False) -> Any:
+    """:func:`quantizable.models.load_model` plus the checks above; what every command that reads a model uses
+    (``new_weights``: a missing task head may be initialised, for fine-tuning)."""
     from safetensors import SafetensorError
 
     from quantizable.models import load_model
@@ -40,7 +41,7 @@ def load_checked_model(path: str | Path) -> Any:
 
     path = Path(path)
     try:
-        model = load_model(path)
+        model = load_model(path, new_weights=new_weights)
     except SafetensorError as error:
         raise ValueError(f"the weights of {path} are damaged (truncated or not a safetensors file: {error}); "
                          f"restore the file or train again") from None

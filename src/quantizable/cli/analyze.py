@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data}: no such text file")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     settings = run_data_settings(args.model)
-    model = load_checked_model(args.model)
+    # outliers and the no-op mechanism live in the hidden states: a base encoder without its task head is analysed
+    model = load_checked_model(args.model, new_weights=True)
     task = family_of_config(model.config).task
     seq_len = resolve_seq_len(args.seq_len, model, task, settings.get("seq_len"))
     tokenizer = None if task == Task.IMAGE else model_tokenizer(args.model)

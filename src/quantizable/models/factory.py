@@ -113,11 +113,13 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, str | None]:
     raise ValueError(f"{path} is not a checkpoint: no config.json, model/config.json or .gguf file in it")
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, new_weights: bool = False) -> PreTrainedModel:
     """Load one of our run directories, a Hugging Face checkpoint directory of a supported family, or a GGUF file.
 
     Stock checkpoints load into the family's task class (BERT: masked LM, OPT/Llama/GPT-2/Qwen2: causal LM,
-    ViT: classification); loading goes through safetensors (or GGUF), never pickle.
+    ViT: classification); loading goes through safetensors (or GGUF), never pickle. A checkpoint without the task
+    head (e.g. a sentence-transformers encoder) would get that head initialised at random on every load, so its
+    scores would be random too: that is refused unless ``new_weights`` (fine-tuning, which trains the new head).
     """
     register_auto_classes()
     directory, gguf_file = _resolve_checkpoint(Path(path))
@@ -133,4 +135,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
         model_class = QUANTIZABLE_CLASSES[family.name].model_class
     else:
         model_class = family.model_class
-    return model_class.from_pretrained(directory, dtype=dtype, use_safetensors=True).eval()
+    model, info = model_class.from_pretrained(directory, dtype=dtype, use_safetensors=True, output_loading_info=True)
+    missing = sorted(info["missing_keys"])
+    if missing and not new_weights:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"{path} has no weights for {len(missing)} tensor(s) of {model_class.__name__} ({shown}): "
+                         f"they would be initialised at random on every load and every score would be random; it "
+                         f"is probably a base model without the {family.name} task head. Fine-tune it first "
+                         f"(quantizable train --init-from {path} trains the head), or score an encoder's "
+                         f"embeddings (benchmarks/ptq_baselines.py --embedding-fidelity)")
+    return model.eval()

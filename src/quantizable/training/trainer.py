@@ -121,7 +121,7 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
     from quantizable import data
 
     if init_from is not None:
-        model = apply_attention_spec(load_checked_model(init_from), config.attention)
+        model = apply_attention_spec(load_checked_model(init_from, new_weights=True), config.attention)
         task = family_of_config(model.config).task
         tokenizer = None
         if task == Task.IMAGE:
