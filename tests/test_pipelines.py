@@ -168,11 +168,9 @@ def test_runs_load_where_quantizable_is_not_installed(tmp_path: Path, capsys) ->
         assert cli_main(["export", str(tmp_path / name), "--stock", "--out", str(tmp_path / f"{name}-stock")]) == 0
         assert "Writing model shards" not in capsys.readouterr().err  # transformers' per-file bars are off
     from quantizable import AttentionSpec, create_model
-    from quantizable.remote_code import write_remote_code
 
     gated = create_model("opt-tiny", AttentionSpec(kind="gated_attention")).eval()
-    gated.save_pretrained(tmp_path / "gated")
-    write_remote_code(tmp_path / "gated", gated)
+    gated.save_pretrained(tmp_path / "gated")  # the Python API's save carries the code too (issue 31, item 5)
     result = subprocess.run([PYTHON, "-c", WITHOUT_QUANTIZABLE,
                              *(str(tmp_path / f"{name}-stock") for name in ("clm", "mlm", "image")),
                              str(tmp_path / "clm" / "model"), str(tmp_path / "mlm" / "model"), str(tmp_path / "gated"),
@@ -201,6 +199,32 @@ def test_runs_load_where_quantizable_is_not_installed(tmp_path: Path, capsys) ->
         with pytest.raises(ValueError, match="would silently drop this model's gated attention"):
             gated.set_attn_implementation(implementation)
     assert gated.config._attn_implementation == "quantizable"
+
+
+IMPORT_THEN_AUTO = r"""
+import sys
+import quantizable
+loaded = sorted(name for name in ("torch", "transformers") if name in sys.modules)
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print(loaded, type(model).__name__, model.config.attention_spec["kind"])
+"""
+
+
+def test_import_quantizable_registers_the_classes_when_transformers_loads(tmp_path: Path) -> None:
+    """``import quantizable`` then ``AutoModelForCausalLM.from_pretrained`` resolves our model type without remote
+    code (issue 31, item 5), and the import itself still loads neither torch nor transformers."""
+    from quantizable import AttentionSpec, create_model
+
+    create_model("opt-tiny", AttentionSpec(kind="gated_attention")).save_pretrained(tmp_path / "gated")
+    config_file = tmp_path / "gated" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert set(config.pop("auto_map")) == {"AutoConfig", "AutoModelForCausalLM"}  # written by save_pretrained
+    config_file.write_text(json.dumps(config))  # so only our registration can resolve quantizable_opt
+    done = subprocess.run([PYTHON, "-c", IMPORT_THEN_AUTO, str(tmp_path / "gated")], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "[] QuantizableOPTForCausalLM gated_attention"
 
 
 def test_image_folder_classes_follow_the_data(tmp_path: Path) -> None:

@@ -1,13 +1,16 @@
 """quantizable: train transformers that quantize to full INT8 (clipped softmax and gated attention).
 
 The public names are imported on first use, so that the ``quantizable`` command answers ``--help`` without
-waiting for torch and transformers. Importing any of them also registers our model classes with transformers'
-``Auto*`` classes and our image processor with ``AutoImageProcessor`` (e.g. ``from quantizable import
-load_model``), so transformers' pipelines load saved runs.
+waiting for torch and transformers. ``import quantizable`` registers our model classes with transformers' ``Auto*``
+classes and our image processor with ``AutoImageProcessor`` as soon as transformers is imported (at once if it
+already is), so ``AutoModel*`` and transformers' pipelines load saved runs without ``trust_remote_code``.
 """
 
 import importlib
+import importlib.abc
+import importlib.util
 import logging
+import sys
 from typing import Any
 
 # transformers imports torchao, whose CPU wheel logs about GPU-only kernels and deprecated enum registrations.
@@ -24,9 +27,39 @@ __all__ = list(_PUBLIC)
 def __getattr__(name: str) -> Any:
     if name not in _PUBLIC:
         raise AttributeError(f"module 'quantizable' has no attribute {name!r}")
-    from quantizable.data.images import register_image_processor
-    from quantizable.models import register_auto_classes
-
-    register_auto_classes()
-    register_image_processor()
+    _register()
     return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def _register() -> None:
+    import quantizable.models  # noqa: F401  (importing the models registers them)
+    from quantizable.data.images import register_image_processor
+
+    register_image_processor()
+
+
+class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
+    """Runs ``_register`` right after ``import transformers`` finishes, wherever that import happens, so that
+    importing quantizable costs nothing until transformers is loaded anyway."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            execute = spec.loader.exec_module
+
+            def exec_then_register(module: Any) -> None:
+                execute(module)
+                if "quantizable.models" not in sys.modules:  # else it is importing transformers and registers itself
+                    _register()
+
+            spec.loader.exec_module = exec_then_register  # this spec's loader only
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register()
+elif not any(isinstance(finder, _RegisterWithTransformers) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithTransformers())

@@ -19,3 +19,5 @@ __all__ = [
     "load_model",
     "register_auto_classes",
 ]
+
+register_auto_classes()  # importing the models registers them: AutoConfig / AutoModelFor* resolve our types

@@ -11,7 +11,9 @@ code here; the configs get their own ``model_type`` so that, once ``quantizable`
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +99,15 @@ class QuantizableMixin:
             raise ValueError(f"attn_implementation={requested!r} would silently drop this model's "
                              f"{spec.describe()}: only {ATTN_IMPLEMENTATION!r} computes it")
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """transformers' save plus the self-contained modeling code and ``auto_map`` (``quantizable.remote_code``),
+        so any saved model, not only a run's, loads with ``trust_remote_code=True`` where quantizable is not
+        installed. In such a copy (module named otherwise) transformers' own ``custom_object_save`` does this."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if __name__ == "quantizable.models.modeling" and kwargs.get("is_main_process", True):
+            # imported by name, so that the copy made for remote code does not carry the copier
+            importlib.import_module("quantizable.remote_code").write_remote_code(save_directory, self)
 
     def _install_attention_spec(self) -> None:
         spec = self.attention_spec

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from quantizable.data.images import image_processor
 from quantizable.data.text import prepend_bos_when_encoding
-from quantizable.remote_code import write_remote_code, write_remote_image_processor
+from quantizable.remote_code import write_remote_image_processor
 from quantizable.tasks import Task
 
 def save_model(model: PreTrainedModel, state: dict[str, torch.Tensor], tokenizer: Any, task: str, dest: Path) -> None:
@@ -21,8 +21,8 @@ def save_model(model: PreTrainedModel, state: dict[str, torch.Tensor], tokenizer
     staging = dest.with_name(f".tmp_{dest.name}")
     if staging.exists():
         shutil.rmtree(staging)
+    # with the modeling code beside it (QuantizableMixin.save_pretrained): loads where we are not installed
     model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-    write_remote_code(staging, model)  # loads with trust_remote_code=True where we are not installed
     # the tokenizer (a causal LM's starting every input with BOS, as training did) or the image processor
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
