@@ -219,12 +219,53 @@ def test_import_quantizable_registers_the_classes_when_transformers_loads(tmp_pa
     create_model("opt-tiny", AttentionSpec(kind="gated_attention")).save_pretrained(tmp_path / "gated")
     config_file = tmp_path / "gated" / "config.json"
     config = json.loads(config_file.read_text())
-    assert set(config.pop("auto_map")) == {"AutoConfig", "AutoModelForCausalLM"}  # written by save_pretrained
+    assert set(config.pop("auto_map")) == {"AutoConfig", "AutoModelForCausalLM", "AutoModel"}  # by save_pretrained
     config_file.write_text(json.dumps(config))  # so only our registration can resolve quantizable_opt
     done = subprocess.run([PYTHON, "-c", IMPORT_THEN_AUTO, str(tmp_path / "gated")], env=ENV, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[-2] == "[] QuantizableOPTForCausalLM gated_attention"
+
+
+FEATURES = r"""
+import importlib.abc, json, sys
+
+class NoQuantizable(importlib.abc.MetaPathFinder):  # as on a machine where our package is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "quantizable":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+if sys.argv[1] == "without":
+    sys.meta_path.insert(0, NoQuantizable())
+else:
+    import quantizable
+from transformers import pipeline
+extract = pipeline("feature-extraction", model=sys.argv[2], trust_remote_code=sys.argv[1] == "without")
+print(json.dumps({"model": type(extract.model).__name__, "features": extract("the house is small")[0]}))
+"""
+
+
+def test_a_gated_model_gives_embeddings_through_the_feature_extraction_pipeline(tmp_path: Path) -> None:
+    """``AutoModel`` / ``pipeline("feature-extraction")`` of a gated BERT, with quantizable importable and without
+    (remote code): the headless model with its gates, the same hidden states as ours (issue 31, item 2)."""
+    from transformers import AutoTokenizer
+
+    from quantizable.models import load_model
+
+    train(load_config("bert-tiny", ["run.steps=2", "run.eval_batches=1",
+                                    "attention={kind: gated_attention, gate_type: linear, pi_init: 0.25}"]),
+          tmp_path / "gated", progress=False)
+    model_dir = tmp_path / "gated" / "model"
+    inputs = AutoTokenizer.from_pretrained(model_dir)("the house is small", return_tensors="pt")
+    with torch.no_grad():
+        ours = load_model(model_dir).bert(**inputs).last_hidden_state[0].numpy()
+    for where in ("with", "without"):
+        done = subprocess.run([PYTHON, "-c", FEATURES, where, str(model_dir)], env=ENV, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen = json.loads(done.stdout.strip().splitlines()[-1])
+        assert seen["model"] == "QuantizableBertModel", where
+        assert np.allclose(np.asarray(seen["features"]), ours, atol=1e-5), where
 
 
 def test_image_folder_classes_follow_the_data(tmp_path: Path) -> None:

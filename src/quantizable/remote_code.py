@@ -50,11 +50,14 @@ def write_remote_code(directory: str | Path, model: Any) -> list[str]:
         text = IMPORT.sub(lambda m: f"{m.group(1)}from .{_flat_name(m.group(2))} import", _source(module).read_text())
         (directory / f"{_flat_name(module)}.py").write_text(text)
         written.append(f"{_flat_name(module)}.py")
-    entry, auto_class = _flat_name(ENTRY), model.config.__class__
+    from quantizable.models import QUANTIZABLE_CLASSES, family_of_config
+
+    entry, classes = _flat_name(ENTRY), QUANTIZABLE_CLASSES[family_of_config(model.config).name]
     config_file = directory / "config.json"
     config = json.loads(config_file.read_text())
-    config["auto_map"] = {"AutoConfig": f"{entry}.{auto_class.__name__}",
-                          _auto_name(model): f"{entry}.{type(model).__name__}"}
+    config["auto_map"] = {"AutoConfig": f"{entry}.{classes.config_class.__name__}",
+                          classes.auto_class.__name__: f"{entry}.{classes.model_class.__name__}",
+                          "AutoModel": f"{entry}.{classes.base_model_class.__name__}"}  # the headless model
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return written
 
@@ -76,9 +79,3 @@ def write_remote_image_processor(directory: str | Path) -> None:
     config = json.loads(config_file.read_text())
     config.setdefault("auto_map", {})["AutoImageProcessor"] = f"{_flat_name(module)}.GreyImageProcessor"
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _auto_name(model: Any) -> str:
-    from quantizable.models import family_of_config
-
-    return family_of_config(model.config).task.auto_class.__name__

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from quantizable.attention.gates import AttentionGate
 from quantizable.attention.interface import ATTN_IMPLEMENTATION, pass_gate_input, register_attention_implementation
@@ -125,6 +126,8 @@ class QuantizableMixin:
                 module.attn_value_gate = ValueGate(spec, kv_heads, head_dim, std)
         init_query_key(self, spec.qk_init)  # from_pretrained loads its weights over these afterwards
         patch_embedding = family_of_config(self.config).patch_embedding
+        if patch_embedding and self.base_model is self:  # the headless model (AutoModel): names without its prefix
+            patch_embedding = patch_embedding.removeprefix(f"{self.base_model_prefix}.")
         if patch_embedding and getattr(self.config, "patch_layernorm", False):
             patch_embeddings = self.get_submodule(patch_embedding)
             patch_embeddings.patch_layernorm = nn.LayerNorm(hidden, eps=self.config.layer_norm_eps)
@@ -138,11 +141,13 @@ class QuantizableMixin:
 
 @dataclass(frozen=True)
 class QuantizableClasses:
-    """The quantizable config and model class of one family, and the ``AutoModelFor*`` class that loads them."""
+    """The quantizable config and model class of one family, the ``AutoModelFor*`` class that loads them, and the
+    headless model (``AutoModel``: embeddings, ``pipeline("feature-extraction")``)."""
 
     config_class: type[PreTrainedConfig]
     model_class: type[PreTrainedModel]
     auto_class: type
+    base_model_class: type[PreTrainedModel]
 
 
 def _quantizable_classes(family: Family) -> QuantizableClasses:
@@ -154,8 +159,14 @@ def _quantizable_classes(family: Family) -> QuantizableClasses:
     model_class = type(model_name, (QuantizableMixin, family.model_class), {
         "config_class": config_class, "__module__": __name__,
         "__doc__": f"{family.display_name} with the attention spec of its config installed."})
-    globals()[config_name], globals()[model_name] = config_class, model_class  # importable by name
-    return QuantizableClasses(config_class, model_class, family.task.auto_class)
+    base = MODEL_MAPPING[family.config_class]  # transformers' own headless class (BertModel, OPTModel, ...)
+    base_name = f"Quantizable{base.__name__}"
+    base_model_class = type(base_name, (QuantizableMixin, base), {
+        "config_class": config_class, "__module__": __name__,
+        "__doc__": f"{family.display_name} without its task head, with the attention spec installed."})
+    for name, cls in ((config_name, config_class), (model_name, model_class), (base_name, base_model_class)):
+        globals()[name] = cls  # importable by name
+    return QuantizableClasses(config_class, model_class, family.task.auto_class, base_model_class)
 
 
 QUANTIZABLE_CLASSES: dict[str, QuantizableClasses] = {name: _quantizable_classes(f) for name, f in FAMILIES.items()}
@@ -167,3 +178,4 @@ def register_auto_classes() -> None:
     for classes in QUANTIZABLE_CLASSES.values():
         AutoConfig.register(classes.config_class.model_type, classes.config_class, exist_ok=True)
         classes.auto_class.register(classes.config_class, classes.model_class, exist_ok=True)
+        AutoModel.register(classes.config_class, classes.base_model_class, exist_ok=True)
