@@ -228,9 +228,30 @@ def test_no_source_file_unpickles_untrusted_data() -> None:
 
 # 5. every verb: bad input is one `error:` line, exit 2, and the output directory is untouched
 
+def _damaged_checkpoints(tmp: Path) -> tuple[Path, Path, Path]:
+    """A GGUF cut inside its header, one cut inside its tensor data, and a folder with only pytorch_model.bin."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    header_cut, tensor_cut, pickled = tmp / "header_cut.gguf", tmp / "tensor_cut.gguf", tmp / "pickled"
+    header_cut.write_bytes(b"GGUF\x03\x00\x00\x00\x01")
+    writer = GGUFWriter(tensor_cut, "llama")
+    writer.add_tensor("weight", np.ones((64, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor_cut.write_bytes(tensor_cut.read_bytes()[:-5000])
+    pickled.mkdir()
+    (pickled / "config.json").write_text('{"model_type": "opt"}')
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    return header_cut, tensor_cut, pickled
+
+
 def _bad_inputs(model: Path, guarded: Path, tmp: Path) -> list[list[str]]:
     a_file = tmp / "a_file.txt"
     a_file.write_text("not a directory")
+    header_cut, tensor_cut, pickled = _damaged_checkpoints(tmp)
     out = ["--out", str(guarded)]
     missing = str(tmp / "missing")
     return [
@@ -256,6 +277,12 @@ def _bad_inputs(model: Path, guarded: Path, tmp: Path) -> list[list[str]]:
         ["export", str(model), "--int8", "--batch-size", "0", *out],
         ["export", str(model), "--int8", "--calib-batches", "100000", *out],
         ["reproduce", "--scale", "long", "--task", "pretrain", *out],
+        # damaged or unreadable checkpoints, in every verb that reads one (was: a struct.error or reshape traceback)
+        ["quantize", str(header_cut), *out],
+        ["analyze", str(tensor_cut), *out],
+        ["export", str(tensor_cut), "--int8", *out],
+        ["train", "--config", "opt-tiny", "--init-from", str(header_cut), *out],
+        ["quantize", str(pickled), *out],
         # a setting that cannot take effect here is refused, not recorded and ignored
         *([["train", "--config", "opt-tiny", "--set", "run.mixed_precision=fp16", *out]]
           if not torch.cuda.is_available() else []),

@@ -101,16 +101,32 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, str | None]:
         raise FileNotFoundError(f"no such model or run directory: {path}")
     if path.is_file():
         if path.suffix == ".gguf":
-            return path.parent, path.name
+            return path.parent, _complete_gguf(path).name
         raise ValueError(f"{path} is a file, not a checkpoint directory or a .gguf file")
-    if (path / "model" / "config.json").is_file():
-        return path / "model", None
-    if (path / "config.json").is_file():
-        return path, None
+    for directory in (path / "model", path):
+        if (directory / "config.json").is_file():
+            if not any(directory.glob("*.safetensors")) and any(directory.glob("pytorch_model*.bin")):
+                raise ValueError(f"{directory} holds only pytorch_model.bin, a pickle, and quantizable never loads "
+                                 f"pickles (loading one can run code); convert it once where you trust it: "
+                                 f"AutoModel.from_pretrained(DIR).save_pretrained(DIR) writes model.safetensors")
+            return directory, None
     ggufs = sorted(path.glob("*.gguf"))
     if ggufs:
-        return path, ggufs[0].name
+        return path, _complete_gguf(ggufs[0]).name
     raise ValueError(f"{path} is not a checkpoint: no config.json, model/config.json or .gguf file in it")
+
+
+def _complete_gguf(path: Path) -> Path:
+    """``path`` once ``gguf``'s reader (the one transformers uses) has parsed its header and mapped every tensor: a
+    truncated file fails there with a ``struct`` or reshape error that says nothing about the file."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as error:  # noqa: BLE001  (any parse failure of this file means the same to the user)
+        raise ValueError(f"{path} is not a complete GGUF file (truncated or damaged: {type(error).__name__}: "
+                         f"{error}); download it again") from None
+    return path
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, new_weights: bool = False) -> PreTrainedModel:
