@@ -592,6 +592,54 @@ def test_every_input_class_of_a_new_user_is_one_line(tmp_path: Path, reference_r
     assert not (guarded / "config.yaml").exists()
 
 
+def test_text_inputs_people_give(tmp_path: Path, reference_run: Path) -> None:
+    """Through real processes (issue 31, item 7): a process substitution ``<(gzip -dc f.gz)`` and a FIFO train (they
+    were read twice: "0 documents", or a hang), a ``.txt.gz`` is read as text, CJK text with the English WordPiece
+    warns about [UNK], ``analyze --data`` takes a folder and says when a file fills fewer sequences than asked."""
+    import gzip
+
+    from quantizable.data import default_data_dir
+
+    english = "\n\n".join((default_data_dir() / "text" / "train.txt").read_text().split("\n\n")[:300])
+    packed = tmp_path / "english.txt.gz"
+    packed.write_bytes(gzip.compress(english.encode()))
+    train = f"{PYTHON} -m quantizable.cli.main train --config opt-tiny --set run.steps=2 --set run.eval_batches=1 " \
+            "--no-progress"
+    substitution = subprocess.run(["bash", "-c", f"{train} --set data.source=<(gzip -dc {packed}) "
+                                   f"--out {tmp_path / 'piped'}"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert substitution.returncode == 0, substitution.stderr[-2000:]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["bash", "-c", f"gzip -dc {packed} > {fifo}"])
+    through_fifo = subprocess.run(["bash", "-c", f"{train} --set data.source={fifo} --out {tmp_path / 'fifo-run'}"],
+                                  env=ENV, capture_output=True, text=True, timeout=300)
+    writer.wait(timeout=60)
+    assert through_fifo.returncode == 0, through_fifo.stderr[-2000:]
+    cjk = tmp_path / "cjk.txt.gz"
+    cjk.write_bytes(gzip.compress("\n\n".join(" ".join("量子化できる変換器は外れ値を持たない。" * 4) + f" {i}"
+                                             for i in range(600)).encode()))
+    unknown = subprocess.run(["bash", "-c", f"{train.replace('opt-tiny', 'bert-tiny')} --set data.source={cjk} "
+                              f"--out {tmp_path / 'cjk-run'}"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 0, unknown.stderr[-2000:]
+    assert re.search(r"warning: \d+% of the tokens of the train split of .*cjk.txt.gz are \[UNK\]", unknown.stderr)
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(english[: len(english) // 2])
+    (folder / "b.txt.gz").write_bytes(gzip.compress(english[len(english) // 2:].encode()))
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text(" ".join(english.split()))
+    analyze = [PYTHON, "-m", "quantizable.cli.main", "analyze", str(reference_run), "--batches", "1",
+               "--batch-size", "4"]
+    from_folder = subprocess.run([*analyze, "--data", str(folder), "--out", str(tmp_path / "a-folder")], env=ENV,
+                                 capture_output=True, text=True, timeout=300)
+    assert from_folder.returncode == 0 and "note:" not in from_folder.stderr, from_folder.stderr[-2000:]
+    from_line = subprocess.run([*analyze, "--data", str(one_line), "--out", str(tmp_path / "a-line")], env=ENV,
+                               capture_output=True, text=True, timeout=300)
+    assert from_line.returncode == 0, from_line.stderr[-2000:]
+    assert f"note: {one_line} fills 1 of the 4 sequences asked for" in from_line.stderr
+
+
 def test_text_without_blank_lines_is_one_document_per_line(tmp_path: Path) -> None:
     from quantizable.data import load_documents
 

@@ -8,6 +8,7 @@ tokenizer) or, by default, the embedded validation split of ``quantizable.data``
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
@@ -20,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, metavar="MODEL_OR_RUN",
                         help="run directory, Hugging Face checkpoint directory or .gguf file")
     parser.add_argument("--data", type=Path, default=None,
-                        help="UTF-8 text file to evaluate on (default: the embedded validation split)")
+                        help="UTF-8 text file (gzip too) or a folder of .txt / .txt.gz files to evaluate on (default: the "
+                             "embedded validation split)")
     parser.add_argument("--batches", type=int, default=4, help="number of batches (default 4)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--seq-len", type=int, default=None,
@@ -57,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.data is not None and not args.data.is_file():
-        raise UserError(f"--data {args.data}: no such text file")
+    if args.data is not None and not args.data.exists():
+        raise UserError(f"--data {args.data}: no such text file or directory")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     settings = run_data_settings(args.model)
     # outliers and the no-op mechanism live in the hidden states: a base encoder without its task head is analysed
@@ -76,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     result = analyze(model, batches, tokenizer=tokenizer, out_dir=args.out, layer=args.layer, head=args.head)
     share = result["outliers"]["delimiter_share"]
     inputs = "images" if task == Task.IMAGE else "sequences"
+    asked = args.batches * args.batch_size
+    if args.data is not None and result["sequences"] < asked:  # a short file, or one long line cut at --seq-len
+        print(f"note: {args.data} fills {result['sequences']} of the {asked} sequences asked for (paragraphs are "
+              f"packed into sequences of up to {seq_len} tokens and a longer paragraph is cut to one sequence); "
+              f"give more text or blank lines between paragraphs", file=sys.stderr)
     print(f"{result['model']}: {result['sequences']} {inputs}, max inf-norm {result['max_inf_norm']:.2f} "
           f"(layer {result['max_inf_norm_layer']}), avg kurtosis {result['avg_kurtosis']:.2f}, "
           f"{result['outliers']['total']} outliers"

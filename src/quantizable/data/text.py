@@ -7,10 +7,12 @@ tokenized once into one flat stream of ids, cached as ``.npy`` under ``root/cach
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -93,10 +95,25 @@ def parse_documents(text: str) -> list[Document]:
     return documents
 
 
+TEXT_PATTERNS = ("*.txt", "*.txt.gz")  # the files a text directory contributes
+_STREAMS: dict[str, str] = {}  # pipes and FIFOs read so far: they give their contents only once
+
+
 def read_text_file(path: Path) -> str:
     """A text file's contents, refusing what is not UTF-8 text: decoding a binary file with replacement characters
-    would train (or evaluate) on noise without a word."""
+    would train (or evaluate) on noise without a word. Gzip is decompressed; a pipe or FIFO (``<(zcat f.gz)``) is
+    read once and kept, since training reads its source once per split and a second read would find it empty or
+    wait forever."""
+    path = Path(path)
+    stream = not path.is_file()
+    if stream and str(path) in _STREAMS:
+        return _STREAMS[str(path)]
     data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # the gzip magic number, whatever the file is called
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path} is gzip but not a complete gzip file ({error})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -104,7 +121,14 @@ def read_text_file(path: Path) -> str:
                          "or choose a text file") from None
     if "\x00" in text:
         raise ValueError(f"{path} holds NUL bytes: a binary file, not text")
+    if stream:
+        _STREAMS[str(path)] = text
     return text
+
+
+def text_files(directory: Path) -> list[Path]:
+    """The text files under a directory, in a fixed order."""
+    return sorted(p for pattern in TEXT_PATTERNS for p in directory.rglob(pattern) if p.is_file())
 
 
 def _one_per_line(documents: list[Document]) -> list[Document]:
@@ -122,9 +146,9 @@ def _local_documents(path: Path, split: str) -> list[Document]:
                 raise FileNotFoundError(f"{split_file} does not exist (the directory has train.txt, so each split "
                                         "needs its own file)")
             return parse_documents(read_text_file(split_file))
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = text_files(path)
         if not files:
-            raise FileNotFoundError(f"no .txt files found under {path}")
+            raise FileNotFoundError(f"no .txt or .txt.gz files found under {path}")
         documents = [doc for file in files for doc in _one_per_line(parse_documents(read_text_file(file)))]
     else:
         documents = _one_per_line(parse_documents(read_text_file(path)))
@@ -267,13 +291,16 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def _source_fingerprint(split: str, source: str | None, root: Path) -> str:
-    """Content for the default corpus (manifest hash), path + size + mtime for local files, the name for hubs."""
+    """Content for the default corpus (manifest hash), path + size + mtime for local files, content for a pipe or
+    FIFO (whose path and size say nothing), the name for hubs."""
     if source is None:
         manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").exists() else {}
         return manifest.get("files", {}).get(f"text/{split}.txt", {}).get("sha256", "unprepared")
     path = Path(source).expanduser()
+    if path.exists() and not path.is_dir() and not path.is_file():
+        return hashlib.sha256(read_text_file(path).encode()).hexdigest()
     if path.exists():
-        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+        files = text_files(path) if path.is_dir() else [path]
         return json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
     return source
 
@@ -294,11 +321,26 @@ def cached_token_stream(split: str, tokenizer: Any, task: str, source: str | os.
     stream = _tokenize(load_documents(split, source, root), tokenizer, task, max_tokens)
     if stream.size == 0:
         raise ValueError(f"the {split} split of text source {source or root / 'text'} is empty (no tokens)")
+    _warn_unknown_tokens(stream, tokenizer, f"the {split} split of {source or root / 'text'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, stream, allow_pickle=False)
     tmp.replace(path)
     return stream
+
+
+UNKNOWN_WARNING = 0.05  # above this share of [UNK] tokens the model would learn the text's characters as one token
+
+
+def _warn_unknown_tokens(stream: np.ndarray, tokenizer: Any, where: str) -> None:
+    """Say when the tokenizer does not cover the text (CJK or emoji with the English WordPiece: 56-78% [UNK])."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    share = float(np.mean(stream == unk)) if unk is not None else 0.0
+    if share > UNKNOWN_WARNING:
+        print(f"warning: {share:.0%} of the tokens of {where} are {tokenizer.unk_token}: the tokenizer "
+              f"(data.tokenizer) does not cover this text's characters; fine-tune a checkpoint whose tokenizer does "
+              f"(train --init-from), or for a causal LM use data.tokenizer=bpe (byte-level, never unknown)",
+              file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- blocks

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from quantizable.data.text import read_text_file
+from quantizable.data.text import read_text_file, text_files
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -44,11 +44,19 @@ def pack_paragraphs(text: str, tokenizer: Any, seq_len: int) -> list[str]:
 
 def text_batches(path: str | Path, tokenizer: Any, seq_len: int, batch_size: int,
                  max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """``{"input_ids", "attention_mask"}`` batches of a UTF-8 text file (right-padded, padding masked)."""
+    """``{"input_ids", "attention_mask"}`` batches of a UTF-8 text file (gzip too) or of the ``.txt`` / ``.txt.gz``
+    files under a directory (right-padded, padding masked)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such text file: {path}")
-    chunks = pack_paragraphs(read_text_file(path), tokenizer, seq_len)
+    if not path.exists():
+        raise FileNotFoundError(f"no such text file or directory: {path}")
+    if path.is_dir():
+        files = text_files(path)
+        if not files:
+            raise FileNotFoundError(f"no .txt or .txt.gz files found under {path}")
+        text = "\n\n".join(read_text_file(file) for file in files)
+    else:
+        text = read_text_file(path)
+    chunks = pack_paragraphs(text, tokenizer, seq_len)
     if not chunks:
         raise ValueError(f"{path} holds no text")
     if tokenizer.pad_token is None:
