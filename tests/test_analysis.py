@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,17 @@ def test_cli_rejects_unsupported_architecture(tmp_path, capsys) -> None:
     assert main(["analyze", str(tmp_path / "neox"), "--out", str(tmp_path / "o")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "unsupported architecture 'gpt_neox'" in errors[0]
+
+
+def test_sink_heat_maps_stay_on_a_screen_for_many_heads(tmp_path: Path) -> None:
+    """64 heads and three panels made a 7,689 px wide figure (issue 31, item 9): panels are capped and wrap."""
+    from PIL import Image
+
+    from quantizable.analysis.report import MAX_FIGURE_WIDTH, sink_heatmaps
+
+    table = [[(layer * 64 + head) % 10 / 10 for head in range(64)] for layer in range(12)]
+    result = {"model": "wide", "sink_share_per_head": table, "delimiter_share_per_head": table,
+              "gate_closed_share_per_head": table, "null_share_per_head": [[0.0] * 64] * 12, "dormant_share": 0.25}
+    with Image.open(sink_heatmaps(result, tmp_path / "wide.png")) as image:
+        width, height = image.size
+    assert width <= MAX_FIGURE_WIDTH * 90 and height < 3 * width  # three panels, one per row, each readable

@@ -13,6 +13,8 @@ from quantizable.io import write_json_atomic, write_text_atomic
 
 MAX_TICK_LABELS = 128  # token names on heatmap axes (font shrinks with the length); longer: every n-th one
 MAX_ANNOTATED_CELLS = 400  # per-head heat maps print their numbers up to this many cells
+MAX_FIGURE_WIDTH = 18.0  # inches (1,620 px at the heat maps' 90 dpi)
+MAX_HEAD_TICKS = 32  # head numbers on a heat map's axis; more heads: every n-th one
 NULL_SHOWN = 1e-3  # the no-token share gets a heat map once some head's rows sum this far from 1
 
 
@@ -151,10 +153,17 @@ def sink_heatmaps(result: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     panels = _head_panels(result)
     n_layers, n_heads = len(panels[0][1]), len(panels[0][1][0])
-    width = max(4.0, 0.42 * n_heads + 1.6)
+    # a panel grows with the heads up to a cap, and panels wrap into rows: 64 heads x 3 panels made a figure
+    # 7,689 px wide that no screen shows whole
+    width = min(MAX_FIGURE_WIDTH, max(4.0, 0.42 * n_heads + 1.6))
     height = max(2.6, 0.26 * n_layers + 1.4)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
-    for ax, (title, table) in zip(axes[0], panels):
+    columns = max(1, min(len(panels), int(MAX_FIGURE_WIDTH // width)))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    head_step = math.ceil(n_heads / MAX_HEAD_TICKS)
+    for ax, (title, table) in zip(axes.flat, panels):
         values = torch.tensor(table)
         image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         fig.colorbar(image, ax=ax, fraction=0.046)
@@ -164,7 +173,7 @@ def sink_heatmaps(result: dict[str, Any], path: Path) -> Path:
                 ax.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
                         color="black" if value > 0.6 else "white")
         ax.set(title=title, xlabel="head", ylabel="layer")
-        ax.set_xticks(range(n_heads))
+        ax.set_xticks(range(0, n_heads, head_step))
         ax.set_yticks(range(n_layers))
         ax.tick_params(labelsize=7)
         ax.title.set_fontsize(9)
@@ -264,6 +273,15 @@ def _paper_metric_rows(paper: dict[str, Any] | None) -> list[str]:
             for key, value in paper.items() if isinstance(value, float)]
 
 
+PAPER_METRICS_NOTE = (
+    "The paper-metric rows pool as the official scripts do, so they are not our numbers computed again: each module "
+    "output is viewed as one row per sample as the module returns it (OPT's FFN tensors are (B*T, d): single tokens), "
+    "padding included, over more tensors (FFN outputs and LayerNorms too), with the unbiased std and a 1e-6 in the "
+    "kurtosis. One outlier in a single-token row of width d gives a kurtosis near d, which is why the official avg "
+    "kurtosis can be thousands where ours (block outputs, whole sequences without padding) is about ten. "
+    "docs/analysis.md defines both.")
+
+
 def _inputs_noun(family: str) -> str:
     """What the analysed inputs of a family are called: images for ViT, else sequences."""
     from quantizable.models import get_family
@@ -292,6 +310,7 @@ def _markdown(result: dict[str, Any]) -> str:
         f"| delimiter share of outliers | {'n/a' if share is None else f'{100 * share:.1f}%'} |",
         *_paper_metric_rows(result.get("paper_metrics")),
         "",
+        *([PAPER_METRICS_NOTE, ""] if result.get("paper_metrics") else []),
         "Top outlier dimensions: " + (", ".join(f"#{d} ({c})" for d, c in outliers["dims"][:8]) or "none"),
         "",
         "Top outlier tokens: " + (", ".join(f"`{t}` ({c})" for t, c in outliers["tokens"][:8]) or "none"),
