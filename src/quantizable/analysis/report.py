@@ -11,7 +11,7 @@ import torch
 
 from quantizable.io import write_json_atomic, write_text_atomic
 
-MAX_TICK_LABELS = 128  # token names on heatmap axes (font shrinks with the length); longer: every n-th one
+MAX_TICK_LABELS = 48  # token names on heatmap axes, at 6 pt or more (128 were 3.5 pt: unreadable); longer: every n-th
 MAX_ANNOTATED_CELLS = 400  # per-head heat maps print their numbers up to this many cells
 MAX_FIGURE_WIDTH = 18.0  # inches (1,620 px at the heat maps' 90 dpi)
 MAX_HEAD_TICKS = 32  # head numbers on a heat map's axis; more heads: every n-th one
