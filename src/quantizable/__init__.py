@@ -9,6 +9,7 @@ already is), so ``AutoModel*`` and transformers' pipelines load saved runs witho
 import importlib
 import importlib.abc
 import importlib.util
+import inspect
 import logging
 import sys
 from typing import Any
@@ -38,6 +39,17 @@ def _register() -> None:
     register_image_processor()
 
 
+def _inside_our_import() -> bool:
+    """Whether one of our modules is being imported further up the stack: registering then would import
+    ``quantizable.models`` in the middle of its own dependencies."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and str(frame.f_globals.get("__name__", "")).startswith("quantizable."):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
     """Runs ``_register`` right after ``import transformers`` finishes, wherever that import happens, so that
     importing quantizable costs nothing until transformers is loaded anyway."""
@@ -52,7 +64,7 @@ class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
 
             def exec_then_register(module: Any) -> None:
                 execute(module)
-                if "quantizable.models" not in sys.modules:  # else it is importing transformers and registers itself
+                if not _inside_our_import():  # our own modules register where they need it (quantizable.models)
                     _register()
 
             spec.loader.exec_module = exec_then_register  # this spec's loader only

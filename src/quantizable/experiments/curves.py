@@ -152,9 +152,11 @@ def curve_section(out: Path, rows: list[dict[str, Any]], title: str, stem: str) 
     figure = plot_curves(rows, title, out / f"curves_{stem}.png")
     steps = [point["step"] for point in rows[0]["curve"]]
     shown = sorted({steps[0], steps[len(steps) // 4], steps[len(steps) // 2], steps[(3 * len(steps)) // 4], steps[-1]})
+    calib = rows[0].get("calib_seeds")
+    calibrated = f"the mean over {len(calib)} calibration seeds" if calib else "the calibration seeds' mean"
     lines = [f"## {title}: quantization cost over training", "",
-             "Every snapshot of every run scored in FP and under simulated W8A8 / W8A4 (our default setup, one",
-             "calibration seed); cost = relative perplexity increase. Mean over training seeds; W8A8 also as",
+             f"Every snapshot of every run scored in FP and under simulated W8A8 / W8A4 ({calibrated} of each",
+             "snapshot); cost = relative perplexity increase. Mean over training seeds; W8A8 also as",
              "[lowest, highest] over seeds. Largest activation: the trainer's outlier log at that step.", "",
              f"![quantization cost over training]({figure.name})", "",
              "| Method | step | FP ppl | W8A8 cost % [seeds] | W8A4 cost % | max inf. norm |", "|---|---|---|---|---|---|"]
