@@ -21,6 +21,14 @@ def tiny_batch(preset: str, batch: int = 2, length: int = 16, seed: int = 0) -> 
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+@pytest.fixture(scope="session")
+def default_data() -> None:
+    """The embedded corpus and tokenizers, prepared once per session (idempotent: checked by their sha256 sums)."""
+    from quantizable.data import prepare_default_data
+
+    prepare_default_data(quiet=True)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

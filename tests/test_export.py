@@ -3,6 +3,7 @@ input."""
 
 import json
 import math
+from pathlib import Path
 
 import onnx
 import pytest
@@ -82,7 +83,10 @@ def test_export_int8_reports_quality_and_latency(tmp_path, simulate: bool) -> No
     assert abs(result["int8"]["metric"] / result["fp32"]["metric"] - 1) < 0.05
     assert result["speedup"] == pytest.approx(result["fp32"]["latency_ms"] / result["int8"]["latency_ms"])
     assert (tmp_path / result["files"]["int8"]).exists()
-    assert set(result["cpu_flags"]) <= set(SPEED_FLAGS)  # the speed-up depends on them: recorded beside it
+    cpuinfo = Path("/proc/cpuinfo")  # the speed-up depends on the machine's flags: recorded beside it, all of them
+    if cpuinfo.is_file():
+        line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+        assert set(result["cpu_flags"]) == set(line.split(":", 1)[1].split()) & set(SPEED_FLAGS)
     assert ("simulated_w8a8" in result) == simulate
     if simulate:  # the PyTorch and ORT FP32 graphs compute the same perplexity
         assert result["simulated_w8a8"]["torch_fp"] == pytest.approx(result["fp32"]["metric"], rel=1e-4)

@@ -23,11 +23,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH"
 CLASSES = [f"class_{index:02d}" for index in range(12)]  # more than Fashion-MNIST's 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def default_data():
-    from quantizable.data import prepare_default_data
-
-    prepare_default_data(quiet=True)
+pytestmark = pytest.mark.usefixtures("default_data")  # conftest: the embedded corpus, prepared once
 
 
 def _image_folder(root: Path, classes: list[str]) -> Path:

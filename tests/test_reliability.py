@@ -35,11 +35,7 @@ KILL_STEPS = 10
 KILL_OVERRIDES = [f"run.steps={KILL_STEPS}", "run.checkpoint_every=2", "run.log_every=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def default_data():
-    from quantizable.data import prepare_default_data
-
-    prepare_default_data(quiet=True)
+pytestmark = pytest.mark.usefixtures("default_data")  # conftest: the embedded corpus, prepared once
 
 
 @pytest.fixture(scope="module")

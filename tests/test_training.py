@@ -21,11 +21,7 @@ from quantizable.training.checkpoint import weight_digest
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def default_data():
-    from quantizable.data import prepare_default_data
-
-    prepare_default_data(quiet=True)
+pytestmark = pytest.mark.usefixtures("default_data")  # conftest: the embedded corpus, prepared once
 
 
 def _metrics(run_dir: Path) -> list[dict]:
