@@ -7,7 +7,6 @@ tokenized once into one flat stream of ids, cached as ``.npy`` under ``root/cach
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from torch.utils.data import Dataset
 from quantizable.data.backcopy import backcopy_dataset, backcopy_tokenizer, is_backcopy
 from quantizable.data.common import (NOT_PREPARED, check_split, load_hf_dataset, looks_like_path, resolve_root,
                                      split_documents)
+from quantizable.data.text_file import read_text_file, text_files
 from quantizable.tasks import Task
 
 Document = list[str]
@@ -93,42 +93,6 @@ def parse_documents(text: str) -> list[Document]:
         if segments:
             documents.append(segments)
     return documents
-
-
-TEXT_PATTERNS = ("*.txt", "*.txt.gz")  # the files a text directory contributes
-_STREAMS: dict[str, str] = {}  # pipes and FIFOs read so far: they give their contents only once
-
-
-def read_text_file(path: Path) -> str:
-    """A text file's contents, refusing what is not UTF-8 text: decoding a binary file with replacement characters
-    would train (or evaluate) on noise without a word. Gzip is decompressed; a pipe or FIFO (``<(zcat f.gz)``) is
-    read once and kept, since training reads its source once per split and a second read would find it empty or
-    wait forever."""
-    path = Path(path)
-    stream = not path.is_file()
-    if stream and str(path) in _STREAMS:
-        return _STREAMS[str(path)]
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":  # the gzip magic number, whatever the file is called
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
-            raise ValueError(f"{path} is gzip but not a complete gzip file ({error})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text (undecodable byte at offset {error.start}); convert it to UTF-8 "
-                         "or choose a text file") from None
-    if "\x00" in text:
-        raise ValueError(f"{path} holds NUL bytes: a binary file, not text")
-    if stream:
-        _STREAMS[str(path)] = text
-    return text
-
-
-def text_files(directory: Path) -> list[Path]:
-    """The text files under a directory, in a fixed order."""
-    return sorted(p for pattern in TEXT_PATTERNS for p in directory.rglob(pattern) if p.is_file())
 
 
 def _one_per_line(documents: list[Document]) -> list[Document]:

@@ -1,4 +1,5 @@
-"""Evaluation batches from a raw text file, tokenized with the model's own tokenizer.
+"""Reading text files (UTF-8 checked, gzip, pipes read once) and evaluation batches from them, tokenized with the
+model's own tokenizer.
 
 Paragraphs (blank-line separated; in a file without blank lines, its lines) are packed greedily into sequences of
 at most ``seq_len`` tokens including the tokenizer's special tokens ([CLS]/[SEP] for BERT, <s> for Llama), so
@@ -7,6 +8,7 @@ delimiters appear as in real inputs.
 
 from __future__ import annotations
 
+import gzip
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,40 @@ from typing import Any
 
 import torch
 
-from quantizable.data.text import read_text_file, text_files
+TEXT_PATTERNS = ("*.txt", "*.txt.gz")  # the files a text directory contributes
+_STREAMS: dict[str, str] = {}  # pipes and FIFOs read so far: they give their contents only once
+
+
+def read_text_file(path: Path) -> str:
+    """A text file's contents, refusing what is not UTF-8 text: decoding a binary file with replacement characters
+    would train (or evaluate) on noise without a word. Gzip is decompressed; a pipe or FIFO (``<(zcat f.gz)``) is
+    read once and kept, since training reads its source once per split and a second read would find it empty or
+    wait forever."""
+    path = Path(path)
+    stream = not path.is_file()
+    if stream and str(path) in _STREAMS:
+        return _STREAMS[str(path)]
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # the gzip magic number, whatever the file is called
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path} is gzip but not a complete gzip file ({error})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (undecodable byte at offset {error.start}); convert it to UTF-8 "
+                         "or choose a text file") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} holds NUL bytes: a binary file, not text")
+    if stream:
+        _STREAMS[str(path)] = text
+    return text
+
+
+def text_files(directory: Path) -> list[Path]:
+    """The text files under a directory, in a fixed order."""
+    return sorted(p for pattern in TEXT_PATTERNS for p in directory.rglob(pattern) if p.is_file())
 
 
 def _paragraphs(text: str) -> list[str]:
