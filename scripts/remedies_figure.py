@@ -3,8 +3,8 @@
     python scripts/remedies_figure.py LONG_RESULTS.json REMEDY_DIR [REMEDY_DIR ...] --out FIGURE.png
 
 LONG_RESULTS.json is ``reproduce --scale long``'s results.json (its vanilla and gated attention rows are drawn as
-references); each REMEDY_DIR holds the results.json of ``reproduce --scale long --methods gated_attention --set ...``
-and is labelled by its folder name. Left: W8A8 cost (% perplexity) per snapshot; right: the largest activation the
+references); each REMEDY_DIR holds the results.json of ``reproduce --scale long --methods KIND --set ...`` and is
+labelled by its kind and folder name (mean over its training seeds). Left: W8A8 cost (% perplexity) per snapshot; right: the largest activation the
 trainer logged at that step.
 """
 
@@ -41,12 +41,15 @@ def main() -> None:
             ax.plot(*_curve(row, key), color=color, lw=2.2, ls="--",
                     label=f"{method_name(row['method'])} (plain, {len(row['train_seeds'])} seeds)")
         for index, (name, row) in enumerate(remedies):
-            ax.plot(*_curve(row, key), color=f"C{index}", marker=".", label=f"gated + {name}")
+            seeds = len(row["train_seeds"])
+            ax.plot(*_curve(row, key), color=f"C{index}", marker=".",
+                    label=f"{method_name(row['method']).lower()} + {name.removeprefix(row['method'] + '_')} "
+                          f"({seeds} seed{'s' if seeds > 1 else ''})")
         ax.set_yscale(scale, **({"linthresh": 1.0} if scale == "symlog" else {}))
         ax.set(xlabel="training step", ylabel=label)
     axes[0].axhline(1.0, color="grey", ls=":", lw=1)  # the issue's bar: within 1% of FP
     axes[0].legend(fontsize=7)
-    fig.suptitle("Gated attention on Bigram-Backcopy (8,000 steps, seed 0 per remedy): W8A8 cost and outliers")
+    fig.suptitle("Bigram-Backcopy, 8,000 steps: W8A8 cost and outliers under each remedy")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
