@@ -14,7 +14,7 @@ import torch
 
 from quantizable.analysis import analyze
 from quantizable.io import write_json_atomic
-from quantizable.training.config import load_config
+from quantizable.training.config import TrainConfig
 from quantizable.data import task_data
 from quantizable.training.trainer import build_model
 
@@ -31,7 +31,7 @@ def method_trend(run_dir: Path) -> list[dict[str, float]]:
     """One record per snapshot: step, the trainer's logged outlier metrics and ``analyze``'s mechanism metrics."""
     from safetensors.torch import load_file
 
-    config = load_config(run_dir / "config.yaml")
+    config = TrainConfig.from_run(run_dir)
     model, tokenizer = build_model(config)
     batches = []
     for batch in task_data(config, "mlm", tokenizer).validation_loader():

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantizable.cli.main import main as cli_main
 from quantizable.experiments import reproduce
+from quantizable.training.config import TrainConfig
 
 
 @pytest.mark.slow
@@ -28,6 +30,17 @@ def test_tiny_reproduce_end_to_end_and_reuse(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert "| Family | Method | FP |" in report and "INT8 (ORT)" in report and (tmp_path / "per_layer_opt.png").is_file()
     assert "± 0.00" not in report  # one training and one calibration seed: no spread to print (issue 31, item 9)
+
+    # one run, one number: `quantize` with the scale's seeds and batches gives reproduce's W8A8 exactly (issue 29;
+    # the two once masked a BERT run's batches differently)
+    for family in ("bert", "opt"):
+        row = next(r for r in rows if r["family"] == family and r["method"] == "gated_attention")
+        run_dir = Path(row["runs"][0])
+        measured = json.loads((run_dir / "measure.json").read_text())["w8a8"]["per_seed"]
+        batch_size = TrainConfig.from_run(run_dir).run.batch_size
+        assert cli_main(["quantize", str(run_dir), "--seeds", "1", "--calib-batches", "2", "--eval-batches", "2",
+                         "--batch-size", str(batch_size), "--out", str(tmp_path / f"q-{family}")]) == 0
+        assert json.loads((tmp_path / f"q-{family}" / "results.json").read_text())["quantized"]["per_seed"] == measured
 
     capsys.readouterr()
     again = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)

@@ -10,11 +10,9 @@ and seeded-mask validation batches. Writes the backend's FP32 and INT8 models (`
 from __future__ import annotations
 
 import argparse
-from itertools import islice
 from pathlib import Path
 
 from quantizable.cli.errors import UserError
-from quantizable.cli.quantize import EVAL_MASK_SEED
 from quantizable.io import write_json_atomic
 
 # quantizable.export.BACKENDS, not imported here: the parser is built for every verb and must stay light
@@ -64,7 +62,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from quantizable.data import checkpoint_data, make_loader
+    from quantizable.data import scoring_data
     from quantizable.evaluation import metric_unit
     from quantizable.export import export_int8
     from quantizable.integrity import load_checked_model
@@ -78,22 +76,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {export_stock(args.model, args.out)} (stock transformers architecture)")
         return 0
     model = load_checked_model(args.model)
-    sets = checkpoint_data(args.model, model, family_of_config(model.config).task, args.seq_len)
-    train, validation, collate = sets.train, sets.validation, sets.collate
-    available = len(train) // args.batch_size
-    if args.calib_batches > available:
-        raise UserError(f"--calib-batches {args.calib_batches} exceeds the {available} full batches of "
-                        f"{args.batch_size} in the training split")
-    calibration = islice(make_loader(train, args.batch_size, collate(args.seed), shuffle=True, seed=args.seed),
-                         args.calib_batches)
-
-    def evaluation():
-        loader = make_loader(validation, args.batch_size, collate(EVAL_MASK_SEED))
-        return loader if args.eval_batches is None else islice(loader, args.eval_batches)
+    data = scoring_data(args.model, model, family_of_config(model.config).task, batch_size=args.batch_size,
+                        calib_batches=args.calib_batches, eval_batches=args.eval_batches, seq_len=args.seq_len)
 
     print(f"exporting FP32 and INT8 ({args.backend}), calibrating on {args.calib_batches} batches, then scoring and "
           "timing both ...", flush=True)  # a minute or more, otherwise without a word
-    result = export_int8(model, calibration, evaluation, args.out, backend=args.backend, threads=args.threads,
+    result = export_int8(model, data.calibration(args.seed), data.evaluation, args.out, backend=args.backend, threads=args.threads,
                          simulate=not args.no_simulate, compile=not args.no_compile)
     result["model"] = str(args.model)
     write_json_atomic(args.out / "int8.json", result)

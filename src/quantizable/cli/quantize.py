@@ -10,14 +10,11 @@ placement rules and grid, and its family's calibration recipe for every option n
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
-from itertools import islice
 from pathlib import Path
 
 from quantizable.cli.errors import UserError
 from quantizable.io import write_json_atomic
 
-EVAL_MASK_SEED = 1234
 FLAGS = {"weight_bits": "--weights", "act_bits": "--acts", "act_estimator": "--estimator",
          "weight_estimator": "--weight-estimator"}
 
@@ -113,7 +110,7 @@ def _print_attribution(attribution: dict, rows: int = 10) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from quantizable.data import checkpoint_data, make_loader
+    from quantizable.data import scoring_data
     from quantizable.evaluation import metric_unit
     from quantizable.integrity import load_checked_model
     from quantizable.models import family_of_config
@@ -135,20 +132,9 @@ def run(args: argparse.Namespace) -> int:
     task = family.task
     recipe = _apply_recipe(args, family.name, getattr(model.config, "max_position_embeddings", None))
     config = _config(args)
-    sets = checkpoint_data(args.model, model, task, args.seq_len)
-    train, validation, collate = sets.train, sets.validation, sets.collate
-    available = len(train) // args.batch_size
-    if args.calib_batches > available:
-        raise UserError(f"--calib-batches {args.calib_batches} exceeds the {available} full batches of "
-                        f"{args.batch_size} in the training split")
-
-    def calibration(seed: int) -> Iterable:
-        loader = make_loader(train, args.batch_size, collate(seed), shuffle=True, seed=seed)
-        return islice(loader, args.calib_batches)
-
-    def evaluation() -> Iterable:
-        loader = make_loader(validation, args.batch_size, collate(EVAL_MASK_SEED))
-        return loader if args.eval_batches is None else islice(loader, args.eval_batches)
+    data = scoring_data(args.model, model, task, batch_size=args.batch_size, calib_batches=args.calib_batches,
+                        eval_batches=args.eval_batches, seq_len=args.seq_len)
+    calibration, evaluation = data.calibration, data.evaluation
 
     scored = "the whole validation split" if args.eval_batches is None else f"{args.eval_batches} validation batches"
     print(f"scoring FP, then W{args.weights}A{args.acts} for {args.seeds} calibration seed(s) of {args.calib_batches} "

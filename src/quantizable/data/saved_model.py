@@ -6,11 +6,14 @@ the same answers: which tokenizer, which text or image source, which sequence le
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from quantizable.data.common import make_loader
 from quantizable.data.images import image_dataset
 from quantizable.data.text import checkpoint_tokenizer, clm_collator, load_tokenizer, mlm_collator, text_dataset
 from quantizable.tasks import Task
@@ -18,6 +21,8 @@ from quantizable.tasks import Task
 # The project tokenizer a task uses when neither the checkpoint nor its run names one.
 DEFAULT_TOKENIZER = {Task.MLM: "wordpiece", Task.CLM: "bpe"}
 DEFAULT_SEQ_LEN = 128
+# The MLM masks of the evaluation batches in every verb, so one run scores the same through each of them.
+EVAL_MASK_SEED = 1234
 
 
 def position_limit(config: Any) -> int | None:
@@ -52,13 +57,12 @@ def resolve_seq_len(requested: int | None, model: Any, task: str, run_seq_len: i
 
 
 def run_data_settings(path: str | Path) -> dict[str, Any]:
-    """The ``data`` section of a run directory's ``config.yaml`` (``{}`` for anything that is not a run)."""
-    config_file = Path(path) / "config.yaml"
-    if not config_file.is_file():
+    """The ``data`` section of a run directory's configuration (``{}`` for anything that is not a run)."""
+    if not (Path(path) / "config.yaml").is_file():
         return {}
-    import yaml
+    from quantizable.training.config import TrainConfig  # the training layer sits above this one
 
-    return (yaml.safe_load(config_file.read_text()) or {}).get("data") or {}
+    return dataclasses.asdict(TrainConfig.from_run(path).data)
 
 
 def model_tokenizer(path: str | Path, task: str | None = None) -> Any:
@@ -96,5 +100,43 @@ def checkpoint_data(path: str | Path, model: Any, task: str, seq_len: int | None
     train = text_dataset("train", tokenizer, seq_len, task, source=source)
     validation = text_dataset("validation", tokenizer, seq_len, task, source=source)
     if task == Task.MLM:
-        return CheckpointData(train, validation, lambda seed: mlm_collator(tokenizer, seed=seed))
+        probability = settings.get("mlm_probability", 0.15)
+        return CheckpointData(train, validation, lambda seed: mlm_collator(tokenizer, probability, seed=seed))
     return CheckpointData(train, validation, lambda seed: clm_collator())
+
+
+@dataclass(frozen=True)
+class ScoringData:
+    """The batches a saved model is calibrated and scored on, built the same way by every verb and benchmark.
+
+    Calibration seed ``s`` shuffles the training split with ``s`` and (MLM) masks with ``s``; evaluation reads the
+    validation split in order, masked with ``EVAL_MASK_SEED``. ``reproduce`` once masked with the run's training
+    collator instead, so a BERT run's W8A8 differed between ``reproduce`` and ``quantize``."""
+
+    splits: CheckpointData
+    batch_size: int
+    calib_batches: int
+    eval_batches: int | None  # None: the whole validation split
+
+    def calibration(self, seed: int) -> list[dict[str, Any]]:
+        loader = make_loader(self.splits.train, self.batch_size, self.splits.collate(seed), shuffle=True, seed=seed)
+        return list(islice(loader, self.calib_batches))
+
+    def evaluation(self) -> Iterable[dict[str, Any]]:
+        """A fresh pass over the evaluation batches (the same batches every call)."""
+        loader = make_loader(self.splits.validation, self.batch_size, self.splits.collate(EVAL_MASK_SEED))
+        return loader if self.eval_batches is None else islice(loader, self.eval_batches)
+
+
+def scoring_data(path: str | Path, model: Any, task: str, *, batch_size: int, calib_batches: int,
+                 eval_batches: int | None = None, seq_len: int | None = None) -> ScoringData:
+    """:class:`ScoringData` of the model saved at ``path`` (splits as :func:`checkpoint_data`); refuses more
+    calibration or evaluation batches than its splits hold, rather than silently using fewer."""
+    splits = checkpoint_data(path, model, task, seq_len)
+    for flag, asked, split in (("--calib-batches", calib_batches, splits.train),
+                               ("--eval-batches", eval_batches, splits.validation)):
+        available = -(-len(split) // batch_size)  # the last batch may be short
+        if asked is not None and asked > available:
+            name = "training" if split is splits.train else "validation"
+            raise ValueError(f"{flag} {asked} exceeds the {available} batches of {batch_size} in the {name} split")
+    return ScoringData(splits, batch_size, calib_batches, eval_batches)

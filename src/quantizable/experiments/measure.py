@@ -18,23 +18,7 @@ from quantizable.io import write_json_atomic
 from quantizable.tasks import Task as ModelTask  # not the reproduction's Task (experiments.plan)
 from quantizable.training.config import TrainConfig
 
-MEASURE_VERSION = 6  # bump when measure() gains fields, so older measure.json files are measured again
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
-
-def _batches(loader: Any, limit: int) -> list[dict[str, torch.Tensor]]:
-    batches = []
-    for batch in loader:
-        if len(batches) == limit:
-            break
-        batches.append(batch)
-    if len(batches) < limit:
-        raise ValueError(f"the data holds only {len(batches)} batches, {limit} were asked for")
-    return batches
+MEASURE_VERSION = 7  # bump when measure() gains fields, so older measure.json files are measured again
 
 
 @dataclass(frozen=True)
@@ -50,23 +34,19 @@ class RunData:
 
 
 def load_run(run_dir: Path, scale: Scale) -> RunData:
-    """The model, tokenizer, evaluation batches and seeded calibration batches of a trained run."""
+    """The model, tokenizer, evaluation batches and seeded calibration batches of a trained run, built by
+    ``data.scoring_data`` as ``quantize`` builds them (at the run's batch size), so both verbs score a run alike."""
     from quantizable import data
     from quantizable.integrity import load_checked_model
     from quantizable.models import family_of_config
 
-    config = TrainConfig.from_dict(json.loads(json.dumps(load_yaml(run_dir / "config.yaml"))))
+    config = TrainConfig.from_run(run_dir)
     model = load_checked_model(run_dir)
     task = family_of_config(model.config).task
     tokenizer = None if task == ModelTask.IMAGE else data.checkpoint_tokenizer(run_dir)
-    sets = data.task_data(config, task, tokenizer)
-    eval_batches = _batches(sets.validation_loader(), scale.eval_batches)
-
-    def calibration(seed: int) -> list[dict[str, torch.Tensor]]:
-        loader = data.make_loader(sets.train, config.run.batch_size, sets.collate(0), shuffle=True, seed=seed)
-        return _batches(loader, scale.calib_batches)
-
-    return RunData(model, tokenizer, config.data.source, eval_batches, calibration)
+    batches = data.scoring_data(run_dir, model, task, batch_size=config.run.batch_size,
+                                calib_batches=scale.calib_batches, eval_batches=scale.eval_batches)
+    return RunData(model, tokenizer, config.data.source, list(batches.evaluation()), batches.calibration)
 
 
 MECHANISM_KEYS = ("sink_share", "value_drain", "residual_peak")  # analyze's no-op numbers, each with a per-layer list

@@ -98,12 +98,12 @@ def check_resume_config(run_dir: Path, config: TrainConfig) -> bool:
     :data:`RESUMABLE_KEYS`): the checkpoint would not fit (another model or attention), or the change would be
     silently ignored (the optimizer and schedule come from the checkpoint) or mix two runs in one. Returns whether
     ``config.yaml`` needs rewriting (an allowed key changed)."""
-    from quantizable.training.config import load_config
+    from quantizable.training.config import TrainConfig
 
     stored_file = run_dir / "config.yaml"
     if not stored_file.is_file():
         return True
-    stored, new = _flat(load_config(stored_file).to_dict()), _flat(config.to_dict())
+    stored, new = _flat(TrainConfig.from_run(run_dir).to_dict()), _flat(config.to_dict())
     changed = [key for key in stored.keys() | new.keys() if stored.get(key) != new.get(key)]
     sections = ["model", "attention", "data", "optim", "run"]  # the most telling difference first
     fixed = sorted((key for key in changed if key not in RESUMABLE_KEYS),

@@ -163,6 +163,14 @@ class TrainConfig:
             attention["seq_len"] = seq_len  # gamma = -alpha / T uses the training length
         return _build(cls, data, "")
 
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> "TrainConfig":
+        """The resolved configuration a run was trained with (``RUN_DIR/config.yaml``): the one way to read it."""
+        path = Path(run_dir) / "config.yaml"
+        if not path.is_file():
+            raise ValueError(f"{run_dir} is not a training run: it has no config.yaml")
+        return cls.from_dict(_yaml_number(_read_yaml(path)))
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
