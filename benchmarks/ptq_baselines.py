@@ -18,18 +18,15 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from itertools import islice
 from pathlib import Path
 
 import torch
 
-from quantizable.data import checkpoint_data, make_loader
+from quantizable.data import scoring_data
 from quantizable.io import write_json_atomic
 from quantizable.models import family_of_config, load_model
 from quantizable.quantization import QuantConfig, simulate_w8a8
 from quantizable.quantization.ptq import METHODS, NotApplicable, parse_ptq, simulate_ptq
-
-EVAL_MASK_SEED = 1234  # as quantizable.cli.quantize
 
 
 def _pooled(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -70,14 +67,9 @@ def main() -> None:
     methods = [parse_ptq(name) for name in args.methods.split(",") if name]
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model = load_model(args.model, new_weights=args.embedding_fidelity)  # the encoder without its MLM head
-    sets = checkpoint_data(args.model, model, family_of_config(model.config).task, args.seq_len)
-
-    def calibration(seed: int) -> list:
-        loader = make_loader(sets.train, args.batch_size, sets.collate(seed), shuffle=True, seed=seed)
-        return list(islice(loader, args.calib_batches))
-
-    eval_batches = list(islice(make_loader(sets.validation, args.batch_size, sets.collate(EVAL_MASK_SEED)),
-                               args.eval_batches))
+    data = scoring_data(args.model, model, family_of_config(model.config).task, batch_size=args.batch_size,
+                        calib_batches=args.calib_batches, eval_batches=args.eval_batches, seq_len=args.seq_len)
+    calibration, eval_batches = data.calibration, list(data.evaluation())
     seeds = range(args.seeds)
     score = embedding_fidelity(model, eval_batches) if args.embedding_fidelity else None
     start = time.perf_counter()

@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
 
-from quantizable.data import checkpoint_data, make_loader
+from quantizable.data import scoring_data
 from quantizable.export import export_int8
 from quantizable.io import write_json_atomic
 from quantizable.models import family_of_config, load_model
 from quantizable.quantization import QuantConfig, simulate_w8a8
 from quantizable.quantization.ptq import PTQConfig, simulate_ptq, smooth_
-
-EVAL_MASK_SEED = 1234  # as quantizable.cli.quantize
 
 
 def main() -> None:
@@ -44,11 +41,9 @@ def main() -> None:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model = load_model(args.model).eval()
     family = family_of_config(model.config)
-    sets = checkpoint_data(args.model, model, family.task, args.seq_len)
-    loader = make_loader(sets.train, args.batch_size, sets.collate(0), shuffle=True, seed=0)
-    calibration = list(islice(loader, args.calib_batches))
-    evaluation = list(islice(make_loader(sets.validation, args.batch_size, sets.collate(EVAL_MASK_SEED)),
-                             args.eval_batches))
+    data = scoring_data(args.model, model, family.task, batch_size=args.batch_size,
+                        calib_batches=args.calib_batches, eval_batches=args.eval_batches, seq_len=args.seq_len)
+    calibration, evaluation = data.calibration(0), list(data.evaluation())
     head = QuantConfig(quantize_head=True)
     results: dict = {"model": str(args.model), "settings": {k: str(v) for k, v in vars(args).items()}}
 
