@@ -30,6 +30,9 @@ def test_tiny_reproduce_end_to_end_and_reuse(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert "| Family | Method | FP |" in report and "INT8 (ORT)" in report and (tmp_path / "per_layer_opt.png").is_file()
     assert "± 0.00" not in report  # one training and one calibration seed: no spread to print (issue 31, item 9)
+    # analyze's figures travel with the row (no glob of the run folder): embedded with links that resolve
+    assert all(row["figures"] and "outliers.png" in row["figures"] for row in saved)
+    assert "![outliers](runs/" in report
 
     # one run, one number: `quantize` with the scale's seeds and batches gives reproduce's W8A8 exactly (issue 29;
     # the two once masked a BERT run's batches differently)

@@ -14,6 +14,7 @@ import torch
 
 from quantizable.data.backcopy import backcopy_bos_shares, backcopy_scores, is_backcopy
 from quantizable.experiments.plan import BIT_WIDTHS, Scale
+from quantizable.experiments.results import MECHANISM_KEYS, RunMeasurement
 from quantizable.io import write_json_atomic
 from quantizable.tasks import Task as ModelTask  # not the reproduction's Task (experiments.plan)
 from quantizable.training.config import TrainConfig
@@ -49,9 +50,6 @@ def load_run(run_dir: Path, scale: Scale) -> RunData:
     return RunData(model, tokenizer, config.data.source, list(batches.evaluation()), batches.calibration)
 
 
-MECHANISM_KEYS = ("sink_share", "value_drain", "residual_peak")  # analyze's no-op numbers, each with a per-layer list
-
-
 def bit_widths(name: str) -> tuple[int, int]:
     """``"W8A6"`` -> (8, 6)."""
     weights, _, acts = name.removeprefix("W").partition("A")
@@ -78,7 +76,7 @@ def task_score(run: RunData) -> Callable[[Any], dict[str, float]] | None:
     return score
 
 
-def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -> dict[str, Any]:
+def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -> RunMeasurement:
     """FP metric, outlier and no-op mechanism metrics, simulated W8A8 over the calibration seeds and the
     sensitivity sweep over ``BIT_WIDTHS`` of one trained run; the backcopy task also scores copy accuracy and
     bigram loss in FP and under W8A8. ``setup`` (``quantization.setups``) chooses the placement rules, grid and the
@@ -98,33 +96,31 @@ def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -
         sweep[name] = swept["quantized"]["per_seed"]
     analysis = analyze(run.model, run.eval_batches[: scale.analysis_batches], tokenizer=run.tokenizer,
                        out_dir=run_dir / "analysis")
-    return {
-        "version": MEASURE_VERSION,
-        "setup": setup,
-        "estimators": {"weights": base.weight_estimator, "activations": base.act_estimator},
-        "metric": quant["metric"],
-        "fp": quant["fp"],
-        "w8a8": quant["quantized"],
-        "sites": quant["sites"],
-        "bits_sweep": sweep,
+    return RunMeasurement(
+        version=MEASURE_VERSION,
+        setup=setup,
+        estimators={"weights": base.weight_estimator, "activations": base.act_estimator},
+        metric=quant["metric"],
+        fp=quant["fp"],
+        w8a8=quant["quantized"],
+        sites=quant["sites"],
+        bits_sweep=sweep,
+        max_inf_norm=analysis["max_inf_norm"],
+        avg_kurtosis=analysis["avg_kurtosis"],
+        per_layer_inf_norm=[row["mean_inf_norm"] for row in analysis["per_layer"] if row["tensor"] == "block_out"],
+        analysis_dir=str(run_dir / "analysis"),
+        figures=analysis["figures"],
+        # kinds with exact zeros (clipped softmax, softpick) add entries above zero, all-zero rows and dead layers;
+        # the value drain's lowest layer is the drained end
+        **{key: analysis.get(key) for key in (*MECHANISM_KEYS, *(f"{key}_per_layer" for key in MECHANISM_KEYS),
+                                              "dormant_share", "value_drain_min", "alive_share",
+                                              "alive_share_per_layer", "dead_row_share_per_layer", "dead_layers")},
+        # at initialisation, from the trainer's step-0 record
+        liveness_at_init=liveness_at_init(run_dir),
         **({"scores": quant["scores"],
             **backcopy_bos_shares(run.model, run.eval_batches[: scale.analysis_batches], run.source)}
            if score is not None else {}),
-        "max_inf_norm": analysis["max_inf_norm"],
-        "avg_kurtosis": analysis["avg_kurtosis"],
-        "per_layer_inf_norm": [row["mean_inf_norm"] for row in analysis["per_layer"]
-                               if row["tensor"] == "block_out"],
-        **{key: analysis.get(key) for key in MECHANISM_KEYS},
-        **{f"{key}_per_layer": analysis.get(f"{key}_per_layer") for key in MECHANISM_KEYS},
-        "dormant_share": analysis.get("dormant_share"),
-        "value_drain_min": analysis.get("value_drain_min"),  # the drained end: the lowest layer's ratio
-        # kinds with exact zeros (clipped softmax, softpick): entries above zero, all-zero rows, dead layers; at
-        # the end of training and, from the trainer's step-0 record, at initialisation
-        **{key: analysis.get(key) for key in ("alive_share", "alive_share_per_layer", "dead_row_share_per_layer",
-                                              "dead_layers")},
-        "liveness_at_init": liveness_at_init(run_dir),
-        "analysis_dir": str(run_dir / "analysis"),
-    }
+    )
 
 
 def liveness_at_init(run_dir: Path) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from quantizable.experiments.curves import measure_curve, measure_point
 from quantizable.experiments.measure import (MEASURE_VERSION, load_run, measure, measure_int8, measure_ptq,
                                              quant_base, task_score)
 from quantizable.experiments.plan import METHODS, SCALES, TASKS, TRAINED_FAMILIES, Scale, fingerprint, run_config
+from quantizable.experiments.results import RunMeasurement
 from quantizable.io import write_json_atomic
 from quantizable.training.config import TrainConfig
 
@@ -65,7 +66,7 @@ def trained_steps(run_dir: Path) -> int:
         return 0
 
 
-def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
+def run_job(job: Job, progress: bool = True) -> RunMeasurement:
     """Train (or resume, or reuse) one run and measure it once; returns its measurements.
 
     Everything it produces lives in the run's hashed directory and is written atomically, so any number of
@@ -93,7 +94,7 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
         run = loaded()
         if not result_path.is_file():
             print(f"{job.label}: measuring FP, outliers, no-op mechanism, W8A8 and the bit-width sweep", flush=True)
-            write_json_atomic(result_path, measure(run, run_dir, job.scale, job.setup))
+            write_json_atomic(result_path, measure(run, run_dir, job.scale, job.setup).to_dict())
         if not int8_path.is_file():  # also for runs measured before the INT8 column existed
             print(f"{job.label}: measuring real INT8 (ONNX Runtime)", flush=True)
             measure_int8(run, run_dir, job.scale)
@@ -109,9 +110,9 @@ def run_job(job: Job, progress: bool = True) -> dict[str, Any]:
                                  job.scale.calib_seeds, task_score(run))
         curve = measure_curve(run_dir, point, "curve" if job.setup == "default" else f"curve-{job.setup}",
                               report=lambda line: print(f"{job.label}: {line}", flush=True))
-    return {**json.loads(result_path.read_text()), "int8": json.loads(int8_path.read_text()),
-            "run_dir": str(run_dir), "seed": job.seed, **({"curve": curve} if curve is not None else {}),
-            **({"ptq": {name: ptq_done[name] for name in job.ptq}} if job.ptq else {})}
+    measured = RunMeasurement.from_dict(json.loads(result_path.read_text()))
+    return dataclasses.replace(measured, int8=json.loads(int8_path.read_text()), run_dir=str(run_dir), seed=job.seed,
+                               curve=curve, ptq={name: ptq_done[name] for name in job.ptq} if job.ptq else None)
 
 
 def resolve_workers(workers: int | None, jobs: int) -> int:
@@ -147,7 +148,7 @@ def _init_worker(threads: int) -> None:
     quiet_transformers()
 
 
-def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> list[dict[str, Any]]:
+def _run_all(jobs: list[Job], workers: int, progress: bool, started: float) -> list[RunMeasurement]:
     """Results of ``run_job`` in job order: in this process, or in ``workers`` spawned processes that share the
     CPU cores."""
     if workers == 1:
@@ -257,11 +258,12 @@ def reproduce(out: Path, scale_name: str = "full", families: tuple[str, ...] | N
             for index, (task, family, method, seed) in enumerate(combos, 1)]
     workers = resolve_workers(workers, len(jobs))
     started = time.time()
-    measured: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    measured: dict[tuple[str, str, str], list[RunMeasurement]] = {}
     for job, result in zip(jobs, _run_all(jobs, workers, progress, started)):
         measured.setdefault((job.task, job.family, job.method), []).append(result)
 
-    rows = [aggregate(task, family, method, runs, scale) for (task, family, method), runs in measured.items()]
+    rows = [aggregate(task, family, method, runs, scale).to_dict()
+            for (task, family, method), runs in measured.items()]
     summary = {"scale": scale_name, "setup": setup, "tasks": list(tasks), "overrides": list(overrides), "workers": workers,
                "elapsed_s": round(time.time() - started, 1), "rows": rows}
     write_json_atomic(out / "results.json", rows)
