@@ -105,11 +105,6 @@ def test_export_int8_bad_input(tmp_path) -> None:
         export_onnx(model, {"labels": batches[0]["labels"]}, tmp_path / "x.onnx")
 
 
-def _data_ready() -> bool:
-    from quantizable.data import default_data_dir
-
-    return (default_data_dir() / "tokenizers" / "wordpiece" / "tokenizer.json").exists()
-
 
 def _vit_run(tmp_path, method: str):
     """A run directory holding a tiny ViT with ``method`` (images need no tokenizer)."""
@@ -121,7 +116,7 @@ def _vit_run(tmp_path, method: str):
     return run
 
 
-@pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
+@pytest.mark.usefixtures("default_data")  # conftest: prepared once, never a silent skip
 def test_cli_writes_int8_json(tmp_path) -> None:
     from quantizable.cli.main import main
 
@@ -221,7 +216,7 @@ def test_pt2e_compiled_runs_int8_kernels(tmp_path) -> None:
     assert ((logits - reference).norm() / reference.norm()) < 0.02
 
 
-@pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
+@pytest.mark.usefixtures("default_data")  # conftest: prepared once, never a silent skip
 def test_cli_pt2e_writes_int8_json(tmp_path) -> None:
     from quantizable.cli.main import main
 

@@ -312,13 +312,8 @@ def _run_dir(tmp_path, preset: str, **overrides):
     return run
 
 
-def _data_ready() -> bool:
-    from quantizable.data import default_data_dir
 
-    return (default_data_dir() / "tokenizers" / "wordpiece" / "tokenizer.json").exists()
-
-
-@pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
+@pytest.mark.usefixtures("default_data")  # conftest: prepared once, never a silent skip
 @pytest.mark.parametrize("preset,metric", [("bert-tiny", "perplexity"), ("opt-tiny", "perplexity"),
                                            ("vit-tiny", "accuracy")])
 def test_cli_writes_results(tmp_path, capsys, preset: str, metric: str) -> None:
@@ -345,7 +340,7 @@ def test_cli_writes_results(tmp_path, capsys, preset: str, metric: str) -> None:
     (["--estimator", "minmax2"], "unknown range estimator"),
     (["--calib-batches", "10000000"], "exceeds"),
 ])
-@pytest.mark.skipif(not _data_ready(), reason="default data not prepared (quantizable data prepare)")
+@pytest.mark.usefixtures("default_data")  # conftest: prepared once, never a silent skip
 def test_cli_bad_input(tmp_path, capsys, flags, message) -> None:
     from quantizable.cli.main import main
 
