@@ -39,6 +39,7 @@ def _ort_logits(path, batch) -> torch.Tensor:
     return torch.from_numpy(logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,method", CASES)
 def test_int8_logits_close_to_fp32(tmp_path, preset: str, method: str) -> None:
     model = _saved_model(tmp_path, preset, method)
@@ -156,6 +157,7 @@ def test_cli_missing_model(tmp_path, capsys) -> None:
 PT2E_CASES = [*CASES, ("opt-tiny", "vanilla"), ("bert-tiny", "vanilla")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,method", PT2E_CASES)
 def test_pt2e_int8_logits_close_to_fp32(tmp_path, preset: str, method: str) -> None:
     from quantizable.export.pt2e import export_program, logits_function, quantize_program
@@ -276,6 +278,7 @@ def test_latency_rounds_rotate_and_time_every_function() -> None:
     assert set(latency) == {"a", "b", "c"} and latency["a"] >= 2.0 > latency["b"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["opt-tiny", "bert-tiny", "llama-tiny"])
 def test_head_writes_float_logits(tmp_path, preset: str) -> None:
     """The INT8 head keeps INT8 inputs and weights but no output quantizer: ORT fuses it into one

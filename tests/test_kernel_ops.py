@@ -90,6 +90,7 @@ BUILD_AND_RUN = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NO_KERNEL, reason="kernel switched off")
 def test_concurrent_first_use_builds_one_library(tmp_path):
     """Three processes of three threads each find an empty cache at once: one build, no partial file left over,
@@ -103,6 +104,7 @@ def test_concurrent_first_use_builds_one_library(tmp_path):
     assert [p.suffix for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [".so"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiler", ["/bin/false", "/nonexistent/cc"])
 def test_a_failing_or_missing_compiler_falls_back_with_one_logged_line(compiler, tmp_path):
     code = DENORMALS_SURVIVE  # forward and backward through both fast paths, which must fall back to ATen

@@ -121,6 +121,7 @@ def _step0(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
 
 
+@pytest.mark.slow
 def test_step0_warning_names_dead_layers_of_the_bert_cpu_preset(tmp_path: Path, capsys) -> None:
     """bert-cpu with the paper's BERT gamma and the family init is dead in every layer; LeCun q/k init is not."""
     train(_bert_cpu(PAPER_BERT, 1), tmp_path / "dead", progress=False)
@@ -147,6 +148,7 @@ def _query_key_grads(model) -> list[float]:
     return [p.grad.norm().item() for n, p in model.named_parameters() if n.endswith(("query.weight", "key.weight"))]
 
 
+@pytest.mark.slow
 def test_fixed_bert_cpu_stays_alive_and_learns_after_40_steps(tmp_path: Path) -> None:
     from quantizable import data
     from quantizable.data.tasks import task_data

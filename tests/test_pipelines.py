@@ -66,6 +66,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_saved_runs_work_with_transformers_pipelines(tmp_path: Path) -> None:
     from quantizable.data import image_dataset
     from quantizable.models import load_model
@@ -148,6 +149,7 @@ print(json.dumps({"blocked": blocked, "generated": generated[0]["generated_text"
 """
 
 
+@pytest.mark.slow
 def test_runs_load_where_quantizable_is_not_installed(tmp_path: Path, capsys) -> None:
     """Where quantizable cannot be imported: ``export --stock`` output loads with plain transformers, and every run
     (modified ones too) with ``trust_remote_code=True`` from the code saved beside its weights; both compute what
@@ -207,6 +209,7 @@ print(loaded, type(model).__name__, model.config.attention_spec["kind"])
 """
 
 
+@pytest.mark.slow
 def test_import_quantizable_registers_the_classes_when_transformers_loads(tmp_path: Path) -> None:
     """``import quantizable`` then ``AutoModelForCausalLM.from_pretrained`` resolves our model type without remote
     code (issue 31, item 5), and the import itself still loads neither torch nor transformers."""
@@ -241,6 +244,7 @@ print(json.dumps({"model": type(extract.model).__name__, "features": extract("th
 """
 
 
+@pytest.mark.slow
 def test_a_gated_model_gives_embeddings_through_the_feature_extraction_pipeline(tmp_path: Path) -> None:
     """``AutoModel`` / ``pipeline("feature-extraction")`` of a gated BERT, with quantizable importable and without
     (remote code): the headless model with its gates, the same hidden states as ours (issue 31, item 2)."""

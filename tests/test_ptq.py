@@ -197,6 +197,7 @@ def test_cli_ptq(tmp_path, capsys) -> None:
     assert results["ptq"]["ptq"]["alpha"] == 0.7 and len(results["ptq"]["quantized"]["per_seed"]) == 1
 
 
+@pytest.mark.slow
 def test_reproduce_ptq_field_report_and_reuse(tmp_path, capsys) -> None:
     from quantizable.experiments import reproduce
 

@@ -66,6 +66,7 @@ def _checkpoint_is_intact(checkpoint: Path) -> bool:
 
 # 1. kill -9 during training, then --resume
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, reference_run: Path, capsys) -> None:
     run_dir = tmp_path / "killed"
     command = [PYTHON, "-m", "quantizable.cli.main", "train", "--config", "opt-tiny", "--out", str(run_dir),
@@ -347,6 +348,7 @@ def test_a_refused_run_leaves_no_empty_output_directory(tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_its_task_head_is_refused_not_scored_at_random(tmp_path: Path) -> None:
     """A base encoder (like the sentence-transformers MiniLM) loaded for masked LM got a random head on every load:
     quantize printed a different perplexity each time, exit 0 (issue 31, item 1). Now: one line, exit 2."""
@@ -370,6 +372,7 @@ def test_a_checkpoint_without_its_task_head_is_refused_not_scored_at_random(tmp_
     assert model.config.hidden_size == 32
 
 
+@pytest.mark.slow
 def test_real_process_error_has_no_traceback_unless_debug(tmp_path: Path, reference_run: Path) -> None:
     argv = [PYTHON, "-m", "quantizable.cli.main", "quantize", str(reference_run), "--weights", "17",
             "--out", str(tmp_path / "out")]
@@ -383,6 +386,7 @@ def test_real_process_error_has_no_traceback_unless_debug(tmp_path: Path, refere
 
 # 6. reproduce: interrupted and re-run reuses finished work and never mixes settings
 
+@pytest.mark.slow
 def test_reproduce_reuses_finished_runs_and_separates_settings(tmp_path: Path, monkeypatch, capsys) -> None:
     reproduce_module = importlib.import_module("quantizable.experiments.reproduce")
 
@@ -473,6 +477,7 @@ def test_resume_refuses_to_change_the_run_and_to_retrain_a_finished_one(
         (reference_run / "model" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_in_train_saves_the_step_and_says_how_to_resume(tmp_path: Path, capsys, stop) -> None:
     run_dir = tmp_path / "run"
@@ -588,6 +593,7 @@ def test_every_input_class_of_a_new_user_is_one_line(tmp_path: Path, reference_r
     assert not (guarded / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_text_inputs_people_give(tmp_path: Path, reference_run: Path) -> None:
     """Through real processes (issue 31, item 7): a process substitution ``<(gzip -dc f.gz)`` and a FIFO train (they
     were read twice: "0 documents", or a hang), a ``.txt.gz`` is read as text, CJK text with the English WordPiece

@@ -67,6 +67,7 @@ def test_unknown_family_or_scale_is_a_clear_error(tmp_path):
         reproduce(tmp_path, "huge")
 
 
+@pytest.mark.slow
 def test_overrides_reach_every_run_and_change_its_directory(tmp_path, capsys):
     base = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False)
     hot = reproduce(tmp_path, "tiny", ("opt",), ("vanilla",), progress=False,

@@ -59,6 +59,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert [r["step"] for r in _metrics(tmp_path / "cut")] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_weights(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
