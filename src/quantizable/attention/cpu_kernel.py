@@ -138,6 +138,9 @@ def _first_line(error: Exception) -> str:
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("QUANTIZABLE_NO_KERNEL", "") not in ("", "0"):
         return None
+    if not SOURCE.is_file():  # the copy saved beside a model as remote code carries no C source: ATen, quietly
+        log.info("no kernel source at %s: clipped softmax and the linear gate use ATen ops", SOURCE)
+        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler found: clipped softmax and the linear gate use slower ATen ops")
