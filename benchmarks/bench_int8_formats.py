@@ -22,7 +22,7 @@ from onnxruntime.transformers import optimizer
 
 from quantizable.attention.spec import spec_for_method
 from quantizable.export import cpu_flags, median_latencies_ms
-from quantizable.export.onnx import _Reader, export_onnx, masked_nodes, ort_logits, session
+from quantizable.export.onnx import CalibrationReader, export_onnx, masked_nodes, ort_logits, session
 from quantizable.io import write_json_atomic
 from quantizable.models import create_model
 from quantizable.models.families import attention_geometry
@@ -69,7 +69,7 @@ def bench(name: str, method: str, repeats: int) -> dict[str, Any]:
         for variant, (fused, fmt, per_channel, activations, ops) in VARIANTS.items():
             source, target = paths["fp32_ort_fused" if fused else "fp32_ort"], directory / f"{variant}.onnx"
             try:
-                quantize_static(str(source), str(target), _Reader(calibration), quant_format=fmt,
+                quantize_static(str(source), str(target), CalibrationReader(calibration), quant_format=fmt,
                                 activation_type=activations, weight_type=QuantType.QInt8, per_channel=per_channel,
                                 op_types_to_quantize=ops, calibrate_method=CalibrationMethod.MinMax,
                                 nodes_to_exclude=masked_nodes(source, calibration))

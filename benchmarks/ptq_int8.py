@@ -24,7 +24,8 @@ from quantizable.export import export_int8
 from quantizable.io import write_json_atomic
 from quantizable.models import family_of_config, load_model
 from quantizable.quantization import QuantConfig, simulate_w8a8
-from quantizable.quantization.ptq import PTQConfig, simulate_ptq, smooth_
+from quantizable.quantization.ptq import SmoothQuant, simulate_ptq
+from quantizable.quantization.transforms import smooth_
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
     details = smooth_(smoothed, calibration, args.alpha, fold=fold)
     sq = export_int8(smoothed, calibration, lambda: evaluation, args.out / "smoothquant", threads=args.threads,
                      repeats=5, simulate=False)
-    sq["simulated_w8a8"] = simulate_ptq(model, calibration, evaluation, PTQConfig("smoothquant", alpha=args.alpha),
+    sq["simulated_w8a8"] = simulate_ptq(model, calibration, evaluation, SmoothQuant(args.alpha),
                                         head)["quantized"]["mean"]
     results["smoothquant"] = {**sq, "alpha": args.alpha, "folded": fold, "groups": details["groups"],
                               "fp_relative_change": details["fp_relative_change"],

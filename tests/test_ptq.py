@@ -8,14 +8,7 @@ import yaml
 
 from quantizable.models import create_model
 from quantizable.quantization import FakeQuantizer, QuantConfig, calibrate, freeze, parse_estimator, quantize_
-from quantizable.quantization.ptq import (
-    METHODS,
-    check_applicable,
-    configure,
-    parse_ptq,
-    prepare,
-    simulate_ptq,
-)
+from quantizable.quantization.ptq import METHODS, parse_ptq, simulate_ptq
 from tests.conftest import tiny_batch
 
 FAMILIES = ("bert-tiny", "opt-tiny", "vit-tiny", "llama-tiny")
@@ -39,13 +32,13 @@ def _with_outliers(model: torch.nn.Module) -> torch.nn.Module:
 def test_weight_transforms_keep_the_fp_function(preset: str, method: str) -> None:
     model = _with_outliers(create_model(preset))
     ptq = parse_ptq(method)
-    if check_applicable(model, ptq) is not None:
+    if ptq.not_applicable(model) is not None:
         assert preset == "bert-tiny" and method == "rotation"  # post-LN: refused with a reason
         with pytest.raises(ValueError, match="pre-LN"):
-            prepare(model, ptq, _batches(preset))
+            simulate_ptq(model, _batches(preset), _batches(preset), ptq)
         return
     batches = _batches(preset)
-    target, details = prepare(model, ptq, batches, seed=3)
+    target, details = ptq.prepare(model, batches, seed=3)
     assert target is not model
     probe = tiny_batch(preset, seed=7)  # not a calibration batch
     with torch.no_grad():
@@ -88,7 +81,7 @@ def test_outlier_fp_keeps_exactly_k_channels() -> None:
     batches = _batches("llama-tiny")
     handle = quantize_(model, QuantConfig())
     try:
-        details = configure(handle, parse_ptq("outlier_fp:5"), batches, {})
+        details = parse_ptq("outlier_fp:5").configure(handle, batches, {})
         kept = {key: q.kept_channels for key, q in handle.act_quantizers.items() if q.kept_channels is not None}
         assert len(kept) == details["sites_with_kept_channels"] and details["kept_channels_total"] == 5 * len(kept)
         assert all(channels.numel() == 5 and channels.unique().numel() == 5 for channels in kept.values())
@@ -119,7 +112,7 @@ def test_prefix_leaves_position_0_out_of_every_static_range() -> None:
     batches = _batches("opt-tiny")
     handle = quantize_(model, QuantConfig())
     try:
-        configure(handle, parse_ptq("prefix"), batches, {})
+        parse_ptq("prefix").configure(handle, batches, {})
         assert all(q.skip_positions == 1 for q in handle.act_quantizers.values())
         length = batches[0]["input_ids"].shape[1]
 
@@ -164,7 +157,7 @@ def test_every_method_runs_on_every_family(method: str) -> None:
     for preset in FAMILIES:
         model = create_model(preset)
         ptq = parse_ptq(method)
-        if check_applicable(model, ptq) is not None:
+        if ptq.not_applicable(model) is not None:
             continue
         batches = [{**b, "labels": b.get("input_ids", torch.zeros(2, dtype=torch.long))} for b in _batches(preset)]
         result = simulate_ptq(model, batches, batches, ptq, seeds=(0, 1))
@@ -174,11 +167,33 @@ def test_every_method_runs_on_every_family(method: str) -> None:
 
 
 @pytest.mark.parametrize("text,message", [("bogus", "valid: smoothquant, rotation"), ("rotation:3", "takes no value"),
-                                          ("smoothquant:2", "alpha"), ("outlier_fp:x", "not a number")])
+                                          ("smoothquant:2", "alpha"), ("outlier_fp:x", "not a whole number")])
 def test_bad_ptq_names(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_ptq(text)
     assert parse_ptq("smoothquant:0.8").alpha == 0.8 and parse_ptq("outlier_fp:16").name == "outlier_fp:16"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_registered_method_round_trips_through_its_name(method: str) -> None:
+    """Text -> config -> text for each method of the registry, with and without its parameter; the config carries
+    its cost description and serialises with its own parameter only."""
+    default = parse_ptq(method)
+    assert parse_ptq(default.name) == default and default.cost["runtime"] and default.to_dict()["method"] == method
+    field = default.parameter()
+    if field is not None:
+        value = {"alpha": 0.25, "k": 3, "positions": 2}[field.name]
+        configured = parse_ptq(f"{method}:{value}")
+        assert getattr(configured, field.name) == value and parse_ptq(configured.name) == configured
+        assert set(configured.to_dict()) == {"name", "method", field.name}
+
+
+@pytest.mark.parametrize("text,message", [("outlier_fp:0", "outlier_fp K must be at least 1"),
+                                          ("prefix:1.5", r"prefix: '1.5' is not a whole number \(prefix:POSITIONS\)"),
+                                          ("smoothquant:-1", r"alpha must be in \[0, 1\]")])
+def test_a_bad_parameter_names_the_method_and_what_it_takes(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_ptq(text)
 
 
 def test_cli_ptq(tmp_path, capsys) -> None:
@@ -223,6 +238,6 @@ def test_rotation_refuses_gated_attention() -> None:
 
     model = create_model("opt-tiny", AttentionSpec(kind="gated_attention")).eval()
     with pytest.raises(NotApplicable, match="gates"):  # the gates read the norm output per head
-        prepare(model, parse_ptq("rotation"), _batches("opt-tiny"))
-    target, _ = prepare(model, parse_ptq("smoothquant"), _batches("opt-tiny"))  # smoothing leaves the gates' input
+        parse_ptq("rotation").prepare(model, _batches("opt-tiny"), 0)
+    target, _ = parse_ptq("smoothquant").prepare(model, _batches("opt-tiny"), 0)  # smoothing leaves the gates' input
     assert target is not model

@@ -71,7 +71,7 @@ def inline_aliased_initializers(graph: onnx.GraphProto) -> int:
     return len(aliases)
 
 
-class _Reader(CalibrationDataReader):
+class CalibrationReader(CalibrationDataReader):
     """ORT's calibration input: our batches as numpy feeds, labels dropped."""
 
     def __init__(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
@@ -94,7 +94,7 @@ def masked_nodes(fp32_path: str | Path, calibration: list[dict[str, torch.Tensor
     with tempfile.TemporaryDirectory() as tmp:
         calibrator = create_calibrator(Path(fp32_path), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=CalibrationMethod.MinMax)
-        calibrator.collect_data(_Reader(calibration))
+        calibrator.collect_data(CalibrationReader(calibration))
         ranges = calibrator.compute_data()
     unbounded = {name for name in ranges.data if not _within(ranges[name].range_value, limit)}
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
@@ -126,7 +126,7 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Ite
     (``unquantize_outputs``)."""
     calibration = list(calibration)
     excluded = masked_nodes(fp32_path, calibration)
-    quantize_static(str(fp32_path), str(int8_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
+    quantize_static(str(fp32_path), str(int8_path), CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=weights or weight_type(), per_channel=False,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
                     extra_options={"WeightSymmetric": True})

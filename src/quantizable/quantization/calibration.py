@@ -49,7 +49,8 @@ def freeze(model: nn.Module) -> None:
     handle.set_state(weights="frozen", acts="frozen")
 
 
-def _summary(values: list[float]) -> dict[str, Any]:
+def summarise(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value) and the values, as every simulation reports them."""
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -66,6 +67,7 @@ def simulate_w8a8(
     score: Callable[[nn.Module], dict[str, float]] | None = None,
     report: Callable[[str], None] | None = None,
     fp: dict[str, Any] | None = None,
+    method: Any = None,
 ) -> dict[str, Any]:
     """FP evaluation, then per seed: quantize, calibrate on ``calib_batches(seed)``, freeze, evaluate.
 
@@ -74,7 +76,9 @@ def simulate_w8a8(
     named numbers) is a task's own metric, measured like the main one under ``"scores"`` (``fp``, ``per_seed``).
     ``report`` (e.g. ``print``) gets one line after the FP score and after each seed, for long CPU runs. ``fp``
     (``evaluate``'s result for this model on these evaluation batches) skips scoring the FP model again when one
-    model is simulated at several bit widths. The model is restored to floating point afterwards.
+    model is simulated at several bit widths. ``method`` (a ``quantization.ptq.PTQMethod``) transforms the model
+    on each seed's calibration batches and configures the quantizers before calibration (its ``details`` are
+    returned). The model is restored to floating point afterwards.
     """
     config = config or QuantConfig()
     seeds = list(seeds)
@@ -88,17 +92,21 @@ def simulate_w8a8(
     if report is not None:
         report(f"FP {fp['metric']} {fp['value']:.3f}")
     scores: dict[str, Any] = {"fp": score(model), "per_seed": []} if score is not None else {}
-    per_seed, table, sites = [], [], 0
+    per_seed, table, sites, details = [], [], 0, {}
     for seed in seeds:
         torch.manual_seed(seed)
-        handle = quantize_(model, config)
+        calibration = list(calib_batches(seed) if callable(calib_batches) else calib_batches)
+        target, details = method.prepare(model, calibration, seed) if method is not None else (model, {})
+        handle = quantize_(target, config)
         try:
-            calibrate(model, calib_batches(seed) if callable(calib_batches) else calib_batches)
-            freeze(model)
-            per_seed.append(evaluate(model, fresh_eval())["value"])
+            if method is not None:
+                details = {**details, **method.configure(handle, calibration, details)}
+            calibrate(target, calibration)
+            freeze(target)
+            per_seed.append(evaluate(target, fresh_eval())["value"])
             if score is not None:
-                scores["per_seed"].append(score(model))
-            table, sites = site_table(model), len(handle.act_quantizers)
+                scores["per_seed"].append(score(target))
+            table, sites = site_table(target), len(handle.act_quantizers)
             if report is not None:
                 report(f"seed {seed} ({len(per_seed)}/{len(seeds)}): {fp['metric']} {per_seed[-1]:.3f}")
         finally:
@@ -106,11 +114,12 @@ def simulate_w8a8(
     return {
         "metric": fp["metric"],
         "fp": fp["value"],
-        "quantized": _summary(per_seed),
+        "quantized": summarise(per_seed),
         "seeds": seeds,
         "sites": sites,
         "weight_sites": sum(row["kind"] == "weight" for row in table),
         "config": config.to_dict(),
         "site_table": table,
         **({"scores": scores} if score is not None else {}),
+        **({"details": details} if method is not None else {}),
     }

@@ -98,6 +98,10 @@ class QuantizedModelHandle:
                 for quantizer in group.values():
                     quantizer.set_state(state)
 
+    def add_hook(self, hook: Any) -> None:
+        """Own a hook registered on the model (a ``RemovableHandle``): :meth:`remove` takes it off with the rest."""
+        self._hooks.append(hook)
+
     def remove(self) -> None:
         """Restore the floating-point model: drop hooks, taps and parametrizations."""
         for hook in self._hooks:
@@ -152,8 +156,8 @@ def _quantize_sum_with_input_embeddings(handle: QuantizedModelHandle, model: nn.
             raise ValueError("the partial embedding sum site needs input_ids (the word embeddings did not run)")
         return quantizer(words + output) - words
 
-    handle._hooks.append(model.get_input_embeddings().register_forward_hook(keep))
-    handle._hooks.append(module.register_forward_hook(replace))
+    handle.add_hook(model.get_input_embeddings().register_forward_hook(keep))
+    handle.add_hook(module.register_forward_hook(replace))
 
 
 def _use_quantizable_attention(model: nn.Module, handle: QuantizedModelHandle) -> None:
@@ -257,10 +261,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None,
             handle.act_quantizers[site.key] = quantizer
             handle.site_kinds[site.key] = site.kind
             if site.where == "output":
-                handle._hooks.append(site.module.register_forward_hook(_quantize_output(quantizer)))
+                handle.add_hook(site.module.register_forward_hook(_quantize_output(quantizer)))
             elif site.where == "input":
                 hook = _quantize_input(quantizer, site.in_place)
-                handle._hooks.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+                handle.add_hook(site.module.register_forward_pre_hook(hook, with_kwargs=True))
             elif site.where == "sum_with_input_embeddings":
                 _quantize_sum_with_input_embeddings(handle, model, site.module, quantizer)
             else:
