@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
-import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -39,6 +37,7 @@ from transformers import PreTrainedModel
 
 from quantizable.attention import AttentionGate, AttentionSpec, spec_for_method, use_cpu_kernel
 from quantizable.attention.interface import fused_attention, quantizable_attention_forward
+from quantizable.benchmarking import BenchmarkRun, interleaved_times
 from quantizable.models import apply_attention_spec, create_model
 from quantizable.training.allocator import keep_freed_memory
 from quantizable.training.config import OptimConfig
@@ -116,34 +115,12 @@ def make_step(model: PreTrainedModel, inputs: dict[str, torch.Tensor], variant: 
     return step
 
 
-def _clock(device: torch.device) -> float:
-    """CPU time of this process on CPU (other processes on a shared machine then barely move it), else wall time."""
-    return time.process_time() if device.type == "cpu" else time.perf_counter()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_times(steps_of: dict[str, Callable[[], None]], baseline: str, warmup: int, steps: int,
-                      seconds: float, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each step, in rounds that rotate the order (so drift hits every variant alike),
-    until ``steps`` timed rounds and ``seconds`` of baseline time are done; the first ``warmup`` rounds untimed."""
-    names = list(steps_of)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    round_ = 0
-    while round_ < warmup + steps or sum(times[baseline]) < seconds:
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            _sync(device)
-            start = _clock(device)
-            steps_of[name]()
-            _sync(device)
-            if round_ >= warmup:
-                times[name].append(_clock(device) - start)
-        round_ += 1
-    return times
+def timing(device: torch.device) -> dict[str, Any]:
+    """The harness's clock for a device: this process's CPU time on CPU (other processes on a shared machine then
+    barely move it), wall time with synchronisation around each call on a GPU."""
+    if device.type == "cpu":
+        return {"clock": time.process_time}
+    return {"clock": time.perf_counter, "sync": torch.cuda.synchronize}
 
 
 def saved_for_backward_bytes(step: Callable[[], None]) -> int:
@@ -196,7 +173,7 @@ def measure_group(preset: str, seq_len: int, batch: int, steps: int, warmup: int
     for variant in VARIANTS:
         steps_of[variant.name] = make_step(models[variant.name].to(device), inputs, variant)
     names = [v.name for v in VARIANTS]
-    times = interleaved_times(steps_of, BASELINE, warmup, steps, seconds, device)
+    times = interleaved_times(steps_of, steps, warmup, seconds, **timing(device))  # the baseline is first
     rows = []
     for name in names:
         rows.append({
@@ -245,18 +222,7 @@ def measure_attention_core(seq_len: int, batch: int, rounds: int, device: torch.
         return run
 
     runs = {v.name: call(v, _AttentionCore(v, heads, head_dim).to(device).train()) for v in VARIANTS}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for round_ in range(rounds + 2):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            run = runs[name]
-            _sync(device)
-            start = _clock(device)
-            run()
-            _sync(device)
-            if round_ >= 2:
-                times[name].append(_clock(device) - start)
+    times = interleaved_times(runs, rounds, warmup=2, **timing(device))
     base = statistics.median(times[BASELINE])
     return [{"seq_len": seq_len, "batch": batch, "variant": name, "ms": 1000 * statistics.median(t),
              "time_ratio": statistics.median(t) / base} for name, t in times.items()]
@@ -316,6 +282,9 @@ def main() -> None:
     device = torch.device(args.device)
     lengths = args.lengths or ((128,) if args.quick else (128, 512))
     steps = args.steps or (3 if args.quick else 5)
+    run = BenchmarkRun("attention_cost", {"device": str(device), "threads": args.threads, "steps": steps,
+                                          "seconds": args.seconds, "quick": args.quick, "kept_freed_memory": kept,
+                                          "clock": "process CPU time (CPU) / synchronised wall time (GPU), median"})
     start = time.perf_counter()
     core = []
     for seq_len in lengths:
@@ -330,14 +299,8 @@ def main() -> None:
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     print("## training step (forward + backward + AdamW)\n" + markdown_table(rows))
     print("\n## step overhead implied by the attention-alone timings\n" + implied_step_overheads(core, rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(device), "threads": args.threads, "steps": steps, "seconds": args.seconds,
-            "quick": args.quick,
-            "kept_freed_memory": kept,
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "wall_s": round(time.perf_counter() - start, 1)}
-    args.out.write_text(json.dumps({"meta": meta, "attention_core": core, "training_step": rows}, indent=1) + "\n")
-    print(f"wrote {args.out} ({meta['wall_s']} s)")
+    result = run.write(args.out, rows, attention_core=core)
+    print(f"wrote {args.out} ({result['wall_s']} s)")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ sequence).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -23,8 +21,9 @@ from typing import Any
 
 import torch
 
-from bench_attention_cost import PRESETS, Variant, interleaved_times, make_step
+from bench_attention_cost import PRESETS, Variant, make_step, timing
 from quantizable.attention import KINDS, spec_for_method
+from quantizable.benchmarking import BenchmarkRun, interleaved_times
 from quantizable.models import apply_attention_spec, create_model
 from quantizable.training.allocator import keep_freed_memory
 
@@ -50,7 +49,7 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, seconds: float,
     inputs = {k: v.to(device) for k, v in inputs.items()}
     variants = [Variant(kind, spec_for_method(kind)) for kind in KINDS]
     steps_of = {v.name: make_step(apply_attention_spec(base, v.spec).to(device).train(), inputs, v) for v in variants}
-    times = interleaved_times(steps_of, "vanilla", 1, steps, seconds, device)
+    times = interleaved_times(steps_of, steps, 1, seconds, **timing(device))  # vanilla (KINDS[0]) first
     base_ms = 1000 * statistics.median(times["vanilla"])
     return [{"model": preset, "length": seq_len, "batch": batch, "kind": name, "steps": len(t),
              "step_ms": 1000 * statistics.median(t), "time_ratio": 1000 * statistics.median(t) / base_ms}
@@ -83,6 +82,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     device = torch.device(args.device)
+    run = BenchmarkRun("attention_kinds", {"device": str(device), "threads": args.threads, "steps": args.steps,
+                                           "seconds": args.seconds, "tokens": args.tokens})
     start = time.perf_counter()
     rows = []
     for preset in args.presets:
@@ -91,12 +92,8 @@ def main() -> None:
             print(f"# {preset} T={seq_len}: {rows[-1]['steps']} steps per kind "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     print("## training step time / vanilla SDPA\n" + table(rows))
-    meta = {"device": str(device), "threads": args.threads, "steps": args.steps, "seconds": args.seconds,
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "wall_s": round(time.perf_counter() - start, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "training_step": rows}, indent=1) + "\n")
-    print(f"wrote {args.out} ({meta['wall_s']} s)")
+    result = run.write(args.out, rows)
+    print(f"wrote {args.out} ({result['wall_s']} s)")
 
 
 if __name__ == "__main__":

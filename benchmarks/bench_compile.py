@@ -16,9 +16,6 @@ torch thread. Ratios are to eager vanilla SDPA of the same model, and compiled t
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ import torch
 
 from quantizable.attention import AttentionSpec, spec_for_method
 from quantizable.attention.switch import compiled_fast_paths, fused_attention
+from quantizable.benchmarking import BenchmarkRun, interleaved_times, medians
 from quantizable.models import apply_attention_spec, create_model
 from quantizable.training.allocator import keep_freed_memory
 from quantizable.training.config import OptimConfig
@@ -97,15 +95,8 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, warmup: int) -> l
             compile_s[name] = time.perf_counter() - start
             print(f"  {preset} {name}: first step {compile_s[name]:.1f} s", flush=True)
     names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(warmup + steps):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.process_time()
-            runs[name]()
-            if round_ >= warmup:
-                times[name].append(time.process_time() - start)
-    median = {name: statistics.median(times[name]) for name in names}
+    times = interleaved_times(runs, steps, warmup, clock=time.process_time)
+    median = medians(times)
     rows = []
     for name in names:
         variant, mode = name.split("/")
@@ -141,17 +132,15 @@ def main() -> None:
     # entries per frame the later models would silently run eagerly.
     torch._dynamo.config.recompile_limit = 64
     kept = keep_freed_memory()
-    start = time.perf_counter()
+    run = BenchmarkRun("compile", {"threads": args.threads, "steps": args.steps, "length": args.length,
+                                   "tokens": args.tokens, "kept_freed_memory": kept,
+                                   "clock": "process CPU time, median step"})
     rows = []
     for preset in args.presets:
         rows += measure(preset, args.length, max(1, args.tokens // args.length), args.steps, warmup=2)
     print(table(rows))
-    meta = {"threads": args.threads, "steps": args.steps, "kept_freed_memory": kept, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "wall_s": round(time.perf_counter() - start, 1),
-            "clock": "process CPU time, median step"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {args.out} ({meta['wall_s']} s)")
+    result = run.write(args.out, rows)
+    print(f"wrote {args.out} ({result['wall_s']} s)")
 
 
 if __name__ == "__main__":

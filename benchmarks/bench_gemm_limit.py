@@ -15,7 +15,6 @@ dot-product instructions (AVX-512 VNNI / AVX-VNNI) give about 4x the FP32 multip
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from quantizable.benchmarking import BenchmarkRun
 from quantizable.export import cpu_flags, median_latencies_ms
-from quantizable.io import write_json_atomic
 
 # (name, in, out): the GEMMs of a d=256 / d=768 block and the BERT head (30,522-word vocabulary)
 SHAPES: list[tuple[str, int, int]] = [
@@ -95,17 +94,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gemm_limit.json")
     args = parser.parse_args()
-    machine = {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(),
-               "torch_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-               "onnxruntime": ort.__version__}
-    print(f"CPU flags {machine['flags']}, torch {machine['torch_capability']}", flush=True)
+    capability = torch.backends.cpu.get_cpu_capability()
+    run = BenchmarkRun("gemm_limit", {"tokens": args.tokens, "threads": args.threads, "repeats": args.repeats,
+                                      "torch_capability": capability})
+    print(f"CPU flags {run.machine['cpu_flags']}, torch {capability}", flush=True)
     rows = []
     for threads in args.threads:
         for tokens in args.tokens:
             for label, k, n in SHAPES:
                 row = bench(label, tokens, k, n, threads, args.repeats)
                 rows.append(row)
-                write_json_atomic(args.out, {"machine": machine, "rows": rows})
+                run.write(args.out, rows)
                 rate = "  ".join(f"{name} {row['gmac_per_s'][name]:6.1f}" for name in (*FP32_KERNELS, *INT8_KERNELS))
                 print(f"{threads}t {tokens:5d} x {label:15s} GMAC/s: {rate}  | limit {row['limit']:.2f}x", flush=True)
     print(f"wrote {args.out}")

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from quantizable.attention.spec import spec_for_method
+from quantizable.benchmarking import BenchmarkRun, paired_ratio
 from quantizable.export import cpu_flags, ort_int8
-from quantizable.export.common import latency_samples_ms, paired_ratio
+from quantizable.export.common import latency_samples_ms
 from quantizable.export.pt2e import pt2e_int8
-from quantizable.io import write_json_atomic
 from quantizable.models import MODEL_PRESETS, create_model
 
 # name -> (preset, config overrides): the repository's small presets and two sizes where INT8 GEMMs dominate
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    run = BenchmarkRun("int8", {k: v for k, v in vars(args).items() if k != "out"})
     rows = []
     for name in args.models:
         pair = bench(name, args.method, args.batch_size, args.seq_len, args.threads, args.repeats)
@@ -116,7 +117,7 @@ def main() -> None:
               + f"  | vs fastest FP32 ({pair[0]['fastest_fp32']}): "
               + "  ".join(f"{row['backend']} {row['speedup_vs_fastest_fp32']:.2f}x" for row in pair), flush=True)
         rows += pair
-        write_json_atomic(args.out, rows)
+        run.write(args.out, rows)
     print(f"wrote {args.out}")
 
 

@@ -21,9 +21,9 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.transformers import optimizer
 
 from quantizable.attention.spec import spec_for_method
+from quantizable.benchmarking import BenchmarkRun
 from quantizable.export import cpu_flags, median_latencies_ms
 from quantizable.export.onnx import CalibrationReader, export_onnx, masked_nodes, ort_logits, session
-from quantizable.io import write_json_atomic
 from quantizable.models import create_model
 from quantizable.models.families import attention_geometry
 
@@ -94,11 +94,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_formats.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    run = BenchmarkRun("int8_formats", {k: v for k, v in vars(args).items() if k != "out"})
     rows = []
     for name in args.models:
         row = bench(name, args.method, args.repeats)
         rows.append(row)
-        write_json_atomic(args.out, rows)
+        run.write(args.out, rows)
         print(f"{name} (fusions {row['fusions']}; fastest FP32: {row['fastest_fp32']})")
         for key, ms in row["latency_ms"].items():
             print(f"  {key:36s} {ms:8.1f} ms  {row['speedup_vs_fastest_fp32'][key]:.2f}x")

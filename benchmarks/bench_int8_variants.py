@@ -26,13 +26,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from quantizable.attention.spec import spec_for_method
-from quantizable.export import cpu_flags
-from quantizable.export.common import latency_samples_ms, paired_ratio
+from quantizable.benchmarking import BenchmarkRun, model_geometry, paired_ratio, random_ids
+from quantizable.export.common import latency_samples_ms
 from quantizable.export.onnx import export_onnx, ort_logits, quantize_onnx, session
-from quantizable.io import write_json_atomic
 from quantizable.models import create_model
 
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")
@@ -40,29 +38,6 @@ PRECISIONS = ("fp32", "int8")
 SEQ_LEN = 128
 # batch size -> timed repeats (batch 1 is ~8x faster, so more repeats cost the same time)
 BATCHES = {8: 12, 1: 30}
-
-
-def geometry(family: str, width: int, layers: int) -> tuple[str, dict[str, Any]]:
-    """A preset and overrides for ``layers`` blocks of width ``width`` (heads of 64, the family's usual FFN width:
-    4d, Llama's SwiGLU 8d/3 rounded to 64, with grouped-query attention at 2 query heads per key/value head) and the
-    family's full vocabulary."""
-    heads = width // 64
-    if family == "bert":
-        return "bert-small", {"hidden_size": width, "num_attention_heads": heads, "intermediate_size": 4 * width,
-                              "num_hidden_layers": layers}
-    if family == "opt":
-        return "opt-small", {"hidden_size": width, "word_embed_proj_dim": width, "num_attention_heads": heads,
-                             "ffn_dim": 4 * width, "num_hidden_layers": layers}
-    if family == "llama":
-        return "llama-tiny", {"vocab_size": 32000, "hidden_size": width, "num_attention_heads": heads,
-                              "num_key_value_heads": heads // 2, "intermediate_size": 64 * round(8 * width / 3 / 64),
-                              "num_hidden_layers": layers, "max_position_embeddings": 2 * SEQ_LEN}
-    raise ValueError(f"unknown family {family!r}")
-
-
-def _ids(vocab: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(vocab, (batch, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 # A fresh interpreter: RSS after importing ORT, after loading the session, and the peak after running one batch.
@@ -90,19 +65,19 @@ def resident_mb(path: Path, vocab: int, batch_size: int = 1) -> dict[str, float]
 
 
 def bench(family: str, width: int, layers: int, threads: list[int]) -> list[dict[str, Any]]:
-    preset, overrides = geometry(family, width, layers)
+    preset, overrides = model_geometry(family, width, layers, SEQ_LEN)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths: dict[tuple[str, str], Path] = {}
         for method in METHODS:
             model = create_model(preset, spec_for_method(method), **overrides).eval()
             vocab = model.config.vocab_size
-            calibration = [_ids(vocab, 8, seed) for seed in range(1, 5)]
+            calibration = [random_ids(vocab, 8, SEQ_LEN, seed) for seed in range(1, 5)]
             started = time.perf_counter()
             fp32 = export_onnx(model, calibration[0], Path(tmp) / f"{method}.fp32.onnx")
             int8 = quantize_onnx(fp32, Path(tmp) / f"{method}.int8.onnx", calibration)
             paths[method, "fp32"], paths[method, "int8"] = fp32, int8
-            check = _ids(vocab, 8, 0)
+            check = random_ids(vocab, 8, SEQ_LEN, 0)
             reference = ort_logits(session(fp32))(check)
             error = float((ort_logits(session(int8))(check) - reference).norm() / reference.norm())
             rows[method] = {"family": family, "width": width, "layers": layers, "preset": preset,
@@ -118,7 +93,8 @@ def bench(family: str, width: int, layers: int, threads: list[int]) -> list[dict
             sessions = {f"{method}/{p}": ort_logits(session(paths[method, p], count))
                         for method in METHODS for p in PRECISIONS}
             for batch_size, repeats in BATCHES.items():
-                samples = latency_samples_ms(sessions, _ids(vocab, batch_size, 0), repeats=repeats, warmup=2)
+                batch = random_ids(vocab, batch_size, SEQ_LEN, 0)
+                samples = latency_samples_ms(sessions, batch, repeats=repeats, warmup=2)
                 setting = f"batch{batch_size}_threads{count}"
                 for method in METHODS:
                     fp32, int8 = f"{method}/fp32", f"{method}/int8"
@@ -146,12 +122,13 @@ def main() -> None:
         parser.error("--widths must be multiples of 64 (heads of 64)")
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs every LayerNorm bias through the root logger
     warnings.simplefilter("ignore")  # the tracer warns about every Python-level shape check
-    machine = {"flags": cpu_flags(), "threads": args.threads, "seq_len": SEQ_LEN, "batches": BATCHES}
+    run = BenchmarkRun("int8_variants", {"threads": args.threads, "seq_len": SEQ_LEN, "batches": BATCHES,
+                                         "layers": args.layers})
     rows: list[dict[str, Any]] = []
     for family in args.families:
         for width in args.widths:
             rows += bench(family, width, args.layers, args.threads)
-            write_json_atomic(args.out, {"machine": machine, "rows": rows})
+            run.write(args.out, rows)
     print(f"wrote {args.out}")
     print(json.dumps({f"{r['family']}-{r['width']} {r['method']}": round(
         r["latency_ms"][f"batch8_threads{args.threads[0]}"]["int8_vs_vanilla"]["median"], 3) for r in rows}))

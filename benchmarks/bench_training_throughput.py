@@ -15,14 +15,13 @@ column is the ratio to the first setting.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import torch
 
+from quantizable.benchmarking import BenchmarkRun
 from quantizable.training import load_config, train
 
 PRESETS = ("bert-cpu", "opt-cpu", "vit-cpu")
@@ -55,6 +54,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    run = BenchmarkRun("training_throughput", {k: v for k, v in vars(args).items() if k != "json"})
     rows = []
     allocators = ("default", "kept") if args.allocator == "both" else (args.allocator,)
     optimizers = ("loop", "fused") if args.optimizer == "both" else (args.optimizer,)
@@ -63,7 +63,7 @@ def main() -> None:
         rows += [{**measure(preset, args.steps, attention, optimizer == "fused"), "allocator": allocator,
                   "adamw": optimizer}
                  for optimizer in optimizers for preset in PRESETS for attention in args.attention]
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
+    print(f"torch {torch.__version__}, {run.machine['cpu']} {run.machine['cpu_flags']}, {args.threads} thread(s), "
           f"{args.steps} steps per preset")
     print("| preset | model | attention | allocator | AdamW | batch x T | throughput | seconds | vs first |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -74,7 +74,7 @@ def main() -> None:
         print(f"| {r['preset']} | {r['model']} | {r['attention']} | {r['allocator']} | {r['adamw']} | {shape} "
               f"| {r['per_second']:,.0f} {r['unit']}/s | {r['seconds']:.1f} | {r['per_second'] / base:.2f}x |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        run.write(args.json, rows)
 
 
 if __name__ == "__main__":

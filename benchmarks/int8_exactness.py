@@ -20,8 +20,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from quantizable.export import cpu_flags
-from quantizable.io import write_json_atomic
+from quantizable.benchmarking import BenchmarkRun
 
 M, K, N = 64, 768, 256
 
@@ -86,11 +85,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_exactness.json")
     args = parser.parse_args()
-    result = {"cpu_flags": cpu_flags(), "shape": [M, K, N],
-              "inputs": {kind: check(kind) for kind in ("adversarial", "gaussian")}}
-    write_json_atomic(args.out, result)
-    print(f"CPU flags: {result['cpu_flags']}")
-    for kind, rows in result["inputs"].items():
+    run = BenchmarkRun("int8_exactness", {"shape": [M, K, N]})
+    inputs = {kind: check(kind) for kind in ("adversarial", "gaussian")}
+    run.write(args.out, [{"inputs": kind, "kernels": rows} for kind, rows in inputs.items()])
+    print(f"CPU flags: {run.machine['cpu_flags']}")
+    for kind, rows in inputs.items():
         for name, row in rows.items():
             print(f"{kind:12s} {name:30s} max |error| {row['max_abs_error']:>10.0f}  wrong {row['wrong_share']:.2%}"
                   f"  (largest sum {row['largest_sum']:.0f})")

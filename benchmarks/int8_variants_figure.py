@@ -43,7 +43,7 @@ def main() -> None:
         ax.set_xticks(range(len(models)), models, rotation=45, ha="right", fontsize=8)
     axes[0][0].set_ylabel("INT8 latency / vanilla INT8 (per round)")
     axes[0][0].legend(fontsize=8, loc="upper left")
-    flags = ", ".join(data["machine"].get("flags", [])) or "unknown"
+    flags = ", ".join(data["machine"].get("cpu_flags", data["machine"].get("flags", []))) or "unknown"
     fig.suptitle(f"ONNX Runtime INT8: what the attention variants cost (CPU flags: {flags}; median, quartiles)",
                  fontsize=11)
     fig.tight_layout()

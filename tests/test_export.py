@@ -13,7 +13,7 @@ from onnxruntime.quantization import QuantType
 
 from quantizable.attention.spec import spec_for_method
 from quantizable.export import export_int8, export_onnx, quantize_onnx, session
-from quantizable.export.common import SPEED_FLAGS
+from quantizable.benchmarking import SPEED_FLAGS
 from quantizable.export.onnx import weight_type as weight_type_of_cpu
 from quantizable.models import create_model, load_model
 from tests.conftest import tiny_batch

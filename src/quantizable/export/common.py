@@ -7,21 +7,19 @@ several of them on one batch, so FP32 and INT8 of every backend are scored and t
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from quantizable.benchmarking import cpu_flags, interleaved_times, medians
+
 Batch = dict[str, torch.Tensor]
-# The SIMD features that decide INT8 GEMM speed: VNNI / AMX dot products give ~4x the FP32 multiply-accumulate rate,
-# plain AVX2 (vpmaddubsw + vpmaddwd) ~2x (benchmarks/bench_gemm_limit.py measured 1.7-2.2x on an AVX2-only EPYC).
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
+# The SIMD features that decide INT8 GEMM speed (benchmarking.SPEED_FLAGS): VNNI / AMX dot products give ~4x the FP32
+# multiply-accumulate rate, plain AVX2 (vpmaddubsw + vpmaddwd) ~2x (bench_gemm_limit measured 1.7-2.2x on AVX2 EPYC).
 # The flags of 8-bit dot products that accumulate straight into int32 (no int16 intermediate that can saturate).
 DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
 LogitsFn = Callable[[Batch], torch.Tensor]
@@ -74,46 +72,18 @@ def torch_threads(threads: int) -> Iterator[None]:
 def latency_samples_ms(functions: dict[str, LogitsFn], batch: Batch, repeats: int = 20,
                        warmup: int = 3) -> dict[str, list[float]]:
     """Wall times (ms) of ``repeats`` forward passes on ``batch`` per logits function, after ``warmup`` untimed
-    rounds. Runs are interleaved: sample ``i`` of every function comes from round ``i``, so load from other
-    processes on a shared CPU hits all alike and per-round ratios pair like with like. Each round starts one
-    function later, so that no function always runs first (or always right after the same one)."""
+    rounds, interleaved by the benchmarks' one timing loop (``benchmarking.interleaved_times``)."""
     inputs = {name: batch[name] for name in input_names(batch)}
-    names = list(functions)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    calls = {name: (lambda function=function: function(inputs)) for name, function in functions.items()}
     with torch.no_grad():
-        for step in range(warmup + repeats):
-            for name in names[step % len(names):] + names[:step % len(names)]:
-                start = time.perf_counter()
-                functions[name](inputs)
-                if step >= warmup:
-                    times[name].append(1000.0 * (time.perf_counter() - start))
-    return times
+        seconds = interleaved_times(calls, repeats, warmup)
+    return {name: [1000.0 * value for value in values] for name, values in seconds.items()}
 
 
 def median_latencies_ms(functions: dict[str, LogitsFn], batch: Batch, repeats: int = 20,
                         warmup: int = 3) -> dict[str, float]:
     """Median wall time (ms) of one forward pass on ``batch`` per logits function (``latency_samples_ms``)."""
-    samples = latency_samples_ms(functions, batch, repeats, warmup)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def paired_ratio(samples: dict[str, list[float]], numerator: str, denominator: str) -> dict[str, float]:
-    """Median and quartiles of the per-round ratio ``numerator / denominator``: on a machine whose speed drifts
-    by tens of percent from minute to minute, a ratio of two medians mixes rounds taken at different speeds,
-    the per-round ratio does not."""
-    ratios = [a / b for a, b in zip(samples[numerator], samples[denominator], strict=True)]
-    low, median, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-    return {"median": median, "q1": low, "q3": high}
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's ``SPEED_FLAGS`` (from Linux ``/proc/cpuinfo``; empty where it cannot be read), recorded beside every
-    INT8 speed-up because the same graph gains ~2x or ~4x depending on them."""
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(flag for flag in line.split(":", 1)[1].split() if flag in SPEED_FLAGS)
+    return medians(latency_samples_ms(functions, batch, repeats, warmup))
 
 
 def has_int8_dot_product() -> bool:
