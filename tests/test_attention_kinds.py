@@ -11,14 +11,14 @@ from torch import nn
 
 from quantizable.attention import KINDS, AttentionSpec, spec_for_method
 from quantizable.attention.interface import quantizable_attention_forward
-from quantizable.attention.no_op import AttentionSink, ValueGate
+from quantizable.attention.no_op import AttentionSink, SinkLogit, ValueGate
 from quantizable.attention.softmax import sigmoid_attention, softmax_plus_one, softpick
 from quantizable.models import FAMILIES, Task, apply_attention_spec, create_model, load_model
 from tests.conftest import TINY_PRESETS, tiny_batch
 
 torch.set_num_threads(1)
 
-NEW_KINDS = ("sink_token", "key_bias", "sigmoid", "softpick", "value_gate")
+NEW_KINDS = ("sink_token", "key_bias", "sigmoid", "softpick", "value_gate", "sink_logit")
 ON_SDPA = ("sink_token", "key_bias", "value_gate")  # keep softmax: no materialised probabilities without taps
 B, H, H_KV, T, D = 2, 4, 2, 5, 3
 
@@ -45,6 +45,8 @@ def _reference(kind: str, q, k, v, allowed, scaling: float, params: dict, spec: 
                     x = torch.cat([x, (q[b, h, i] @ params["key"][g] * scaling)[None]])
                     vals = [*vals, params["value"][g] if kind == "sink_token" else torch.zeros_like(v[b, g, 0])]
                     w = torch.exp(x) / torch.exp(x).sum()
+                elif kind == "sink_logit":  # exp(x_j) / (exp(s_h) + sum exp(x)): a learned column, dropped
+                    w = torch.exp(x) / (torch.exp(params["logit"][h]) + torch.exp(x).sum())
                 elif kind == "sigmoid":  # sigmoid(x - log T), T the key length of the row
                     w = 1 / (1 + torch.exp(-(x - math.log(spec.seq_len or k.shape[2]))))
                 elif kind == "softpick":  # relu(e^x - 1) / (sum |e^x - 1| + eps e^max): the paper's eps, shifted
@@ -69,6 +71,8 @@ class _Attention(nn.Module):
             self.attn_sink = AttentionSink(spec, H_KV, D, init_std=0.5)
         if spec.kind == "value_gate":
             self.attn_value_gate = ValueGate(spec, H_KV, D, init_std=0.5)
+        if spec.kind == "sink_logit":
+            self.attn_sink_logit = SinkLogit(H)
         if probs_tap:  # forces the materialised path, as quantization and analysis do
             self.attention_taps = {"probs": lambda p: p}
 
@@ -121,6 +125,8 @@ def test_attention_matches_the_papers_formula(kind: str, case: str, materialised
     with torch.no_grad():  # a non-zero gate bias, so that the value gate is not symmetric around 0.5
         if kind == "value_gate":
             module.attn_value_gate.bias.copy_(torch.tensor([0.3, -0.7]))
+        if kind == "sink_logit":  # one logit per query head, not all at the init's 0
+            module.attn_sink_logit.logit.copy_(torch.tensor([0.0, 1.5, -2.0, 0.4]))
     q, k, v = _inputs()
     mask, allowed, _ = _masks(case)
     params = {name.split(".")[-1]: p.detach() for name, p in module.named_parameters()}
@@ -154,6 +160,20 @@ def test_hand_computed_values() -> None:
     probs = softmax_plus_one(torch.matmul(q, k.repeat_interleave(2, dim=1).transpose(2, 3)) * D ** -0.5)
     expected = torch.matmul(probs, v.repeat_interleave(2, dim=1)).transpose(1, 2)
     torch.testing.assert_close(module(q, k, v, None), expected)
+
+
+def test_sink_logit_at_zero_is_softmax_plus_one_and_learns() -> None:
+    """gpt-oss's sink column with its logit at 0 (the init) is exp(x_i) / (1 + sum_j exp(x_j)); the logit trains."""
+    module = _Attention(AttentionSpec(kind="sink_logit"), causal=False, probs_tap=False).double()
+    assert torch.equal(module.attn_sink_logit.logit, torch.zeros(H, dtype=torch.float64))
+    q, k, v = _inputs()
+    x = torch.matmul(q, k.repeat_interleave(H // H_KV, dim=1).transpose(2, 3)) * D ** -0.5
+    probs = torch.exp(x) / (1 + torch.exp(x).sum(-1, keepdim=True))
+    expected = torch.matmul(probs, v.repeat_interleave(H // H_KV, dim=1)).transpose(1, 2)
+    out = module(q, k, v, None)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
+    out.square().sum().backward()
+    assert module.attn_sink_logit.logit.grad is not None and torch.all(module.attn_sink_logit.logit.grad != 0)
 
 
 def test_softpick_masked_entries_contribute_nothing() -> None:
@@ -197,29 +217,31 @@ def test_attention_gradcheck(kind: str, materialised: bool) -> None:
 # ---------------------------------------------------------------- in every family
 
 
-def _geometry(preset: str) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a tiny preset."""
+def _geometry(preset: str) -> tuple[int, int, int, int]:
+    """(layers, heads, kv heads, head dim) of a tiny preset."""
     config = create_model(preset).config
     heads = config.num_attention_heads
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return config.num_hidden_layers, heads, kv_heads, config.hidden_size // heads
 
 
 PER_LAYER = {
-    "sink_token": lambda kv, d: 2 * kv * d,  # a key and a value per kv-head
-    "key_bias": lambda kv, d: kv * d,  # a key per kv-head; its value is exactly zero
-    "sigmoid": lambda kv, d: 0,
-    "softpick": lambda kv, d: 0,
-    "value_gate": lambda kv, d: kv * (d + 1),  # w_h (d) and b_h per kv-head
+    "sink_token": lambda h, kv, d: 2 * kv * d,  # a key and a value per kv-head
+    "key_bias": lambda h, kv, d: kv * d,  # a key per kv-head; its value is exactly zero
+    "sigmoid": lambda h, kv, d: 0,
+    "softpick": lambda h, kv, d: 0,
+    "value_gate": lambda h, kv, d: kv * (d + 1),  # w_h (d) and b_h per kv-head
+    "sink_logit": lambda h, kv, d: h,  # a logit per query head
 }
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("kind", NEW_KINDS)
 def test_parameter_counts(preset: str, kind: str) -> None:
-    layers, kv_heads, head_dim = _geometry(preset)
+    layers, *geometry = _geometry(preset)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     extra = count(create_model(preset, spec_for_method(kind))) - count(create_model(preset))
-    assert extra == layers * PER_LAYER[kind](kv_heads, head_dim)
+    assert extra == layers * PER_LAYER[kind](*geometry)
 
 
 def _batch(preset: str, padded: bool = True) -> dict[str, torch.Tensor]:
@@ -237,7 +259,9 @@ def test_save_load_round_trip_and_training_step(tmp_path, preset: str, kind: str
     labels = torch.tensor([1, 2]) if preset.startswith("vit") else batch["input_ids"]
     loss = model(**batch, labels=labels).loss
     loss.backward()
-    added = [p for n, p in model.named_parameters() if ".attn_sink." in n or ".attn_value_gate." in n]
+    added = [p for n, p in model.named_parameters()
+             if any(f".{m}." in n for m in ("attn_sink", "attn_value_gate", "attn_sink_logit"))]
+    assert bool(added) == (PER_LAYER[kind](1, 1, 1) > 0)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in added)  # they train
     model.eval()
     model.save_pretrained(tmp_path / "model")
@@ -284,7 +308,7 @@ def test_quantization_and_analysis_see_token_columns(kind: str) -> None:
     from quantizable.quantization import QuantConfig, calibrate, freeze, quantize_
 
     preset = {"sink_token": "llama-tiny", "key_bias": "bert-tiny", "sigmoid": "opt-tiny", "softpick": "vit-tiny",
-              "value_gate": "llama-tiny"}[kind]
+              "value_gate": "llama-tiny", "sink_logit": "opt-tiny"}[kind]
     model = create_model(preset, spec_for_method(kind)).eval()
     batch = _batch(preset)
     with torch.no_grad():
@@ -306,7 +330,7 @@ def test_quantization_and_analysis_see_token_columns(kind: str) -> None:
 
 
 EXPORT_CASES = [("opt-tiny", "sink_token"), ("bert-tiny", "key_bias"), ("llama-tiny", "sigmoid"),
-                ("vit-tiny", "softpick"), ("opt-tiny", "value_gate")]
+                ("vit-tiny", "softpick"), ("opt-tiny", "value_gate"), ("llama-tiny", "sink_logit")]
 
 
 @pytest.mark.parametrize("preset,kind", EXPORT_CASES)
@@ -333,7 +357,7 @@ def test_every_kind_has_a_default_spec() -> None:
         assert AttentionSpec(kind=kind) == spec_for_method(kind)
     assert [spec_for_method(kind).kind for kind in KINDS] == list(KINDS)
     assert [k for k in KINDS if spec_for_method(k).needs_probabilities] == [
-        "clipped_softmax", "softmax_plus_one", "sigmoid", "softpick"]
+        "clipped_softmax", "softmax_plus_one", "sigmoid", "softpick", "sink_logit"]
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -5,9 +5,9 @@ from quantizable.attention.cpu_kernel import use_cpu_kernel
 from quantizable.attention.gates import AttentionGate
 from quantizable.attention.interface import (ATTN_IMPLEMENTATION, TAP_NAMES, fused_attention,
                                              register_attention_implementation)
-from quantizable.attention.no_op import AttentionSink, ValueGate
+from quantizable.attention.no_op import AttentionSink, SinkLogit, ValueGate
 from quantizable.attention.softmax import (clipped_softmax, gamma_from_alpha, sigmoid_attention, softmax_plus_one,
-                                           softpick)
+                                           softmax_with_sink, softpick)
 from quantizable.attention.spec import GATE_TYPES, KINDS, QK_INITS, AttentionSpec, spec_for_method
 
 __all__ = [
@@ -24,7 +24,9 @@ __all__ = [
     "gamma_from_alpha",
     "register_attention_implementation",
     "sigmoid_attention",
+    "SinkLogit",
     "softmax_plus_one",
+    "softmax_with_sink",
     "softpick",
     "spec_for_method",
     "use_cpu_kernel",

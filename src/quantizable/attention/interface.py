@@ -9,7 +9,8 @@ there lets us change only the part between the projections and the output projec
   intermediates or ``fused_attention(False)`` selects the reference ops (as does torch.compile by default:
   ``switch.compiled_fast_paths``);
 * the no-op parameters of ``attention.no_op``: a sink key/value column (``sink_token``, ``key_bias``) that SDPA sees
-  as one more key every query may attend to, and the value gate (``value_gate``) applied to the values before SDPA;
+  as one more key every query may attend to, the value gate (``value_gate``) applied to the values before SDPA, and
+  the learned extra softmax column of ``sink_logit`` (materialised);
 * an optional per-head gate on the attention output, computed from the module's input hidden state, which a
   forward pre-hook passes down as the keyword ``attn_gate_input`` (the linear gate is one fused node on CPU);
 * named *taps* (``scores``, ``probs``, ``context``; ``ungated_context``, the context before the gate of a gated
@@ -29,7 +30,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from quantizable.attention.fused import clipped_softmax_attention
 from quantizable.attention.softmax import (accumulation_dtype, clipped_softmax, sigmoid_attention, softmax_plus_one,
-                                           softpick)
+                                           softmax_with_sink, softpick)
 from quantizable.attention.spec import AttentionSpec
 from quantizable.attention.switch import fast_paths_apply, fused_attention
 
@@ -50,13 +51,17 @@ def _tap(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def normalise(scores: torch.Tensor, spec: AttentionSpec, valid: torch.Tensor | None = None) -> torch.Tensor:
+def normalise(scores: torch.Tensor, spec: AttentionSpec, valid: torch.Tensor | None = None,
+              sink_logit: torch.Tensor | None = None) -> torch.Tensor:
     """Turn masked, scaled scores into attention probabilities according to the spec (``valid``: the keys a query
-    may attend, for softpick, whose masked entries must drop out of its denominator)."""
+    may attend, for softpick, whose masked entries must drop out of its denominator; ``sink_logit``: the ``(H, 1, 1)``
+    extra column of ``sink_logit``)."""
     if spec.kind == "clipped_softmax":
         return clipped_softmax(scores, spec.resolved_gamma(), spec.zeta)
     if spec.kind == "softmax_plus_one":
         return softmax_plus_one(scores)
+    if spec.kind == "sink_logit":
+        return softmax_with_sink(scores, sink_logit)
     if spec.kind == "sigmoid":
         return sigmoid_attention(scores, spec.seq_len)
     if spec.kind == "softpick":
@@ -113,7 +118,8 @@ def _materialised_attention(
             scores = scores + attention_mask
     sink = getattr(module, "attn_sink", None)
     if sink is None:
-        probs = _tap(module, "probs", normalise(scores, spec, valid))
+        sink_logit = getattr(module, "attn_sink_logit", None)
+        probs = _tap(module, "probs", normalise(scores, spec, valid, None if sink_logit is None else sink_logit.column()))
         dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
         return torch.matmul(dropped, value), probs
     # softmax over the tokens and the sink column; the taps see the token columns

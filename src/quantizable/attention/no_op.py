@@ -8,7 +8,10 @@
   ``v_j * sigmoid(w_h . v_j + b_h)`` per key/value head, before attention mixes them; a token switches off its own
   contribution, so a head needs no near-zero value ("value-state drain") to do nothing.
 
-Both keep their weights as plain parameters batched over heads (no ``nn.Linear``), like ``AttentionGate``.
+* ``SinkLogit`` (``sink_logit``, gpt-oss's attention sinks): one learned logit per query head, appended to every
+  softmax row as one more column and dropped after it; softmax+1 with a learned extra logit, no key or value.
+
+All keep their weights as plain parameters batched over heads (no ``nn.Linear``), like ``AttentionGate``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,27 @@ class AttentionSink(nn.Module):
     def extra_repr(self) -> str:
         kind = "key_bias (zero value)" if self.value is None else "sink_token"
         return f"{kind}, kv_heads={self.key.shape[0]}, head_dim={self.key.shape[1]}"
+
+
+class SinkLogit(nn.Module):
+    """The extra softmax column of one attention layer: a logit per query head, ``(num_heads,)``, starting at 0
+    (softmax+1), as gpt-oss's sinks; it is query-independent, unlike ``key_bias``'s ``q . k'``."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(num_heads))
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.0) -> None:
+        """Zero, whatever the family's std (accepted for the same call as the other no-op modules)."""
+        init.zeros_(self.logit)
+
+    def column(self) -> torch.Tensor:
+        """The logits shaped ``(H, 1, 1)``, to broadcast against ``(B, H, T_q, 1)``."""
+        return self.logit[:, None, None]
+
+    def extra_repr(self) -> str:
+        return f"heads={self.logit.shape[0]}"
 
 
 class ValueGate(nn.Module):

@@ -62,6 +62,19 @@ def softmax_plus_one(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return (e / (torch.exp(-shift) + e.sum(dim=dim, keepdim=True))).to(x.dtype)
 
 
+def softmax_with_sink(x: torch.Tensor, logit: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``exp(x_i) / (exp(s) + sum_j exp(x_j))``: softmax over the row with one more column of logit ``s``, dropped
+    after it (gpt-oss's attention sinks). ``logit`` broadcasts against ``x`` with ``dim`` of size 1; ``s = 0`` is
+    ``softmax_plus_one``. The shift includes ``s``, so neither large scores nor a large ``s`` overflow. In float32
+    (or float64), cast back.
+    """
+    x32 = x.to(accumulation_dtype(x))
+    s = logit.to(x32.dtype)
+    shift = torch.maximum(x32.amax(dim=dim, keepdim=True), s).detach()
+    e = torch.exp(x32 - shift)
+    return (e / (torch.exp(s - shift) + e.sum(dim=dim, keepdim=True))).to(x.dtype)
+
+
 def sigmoid_attention(x: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
     """``sigmoid(x + b)`` elementwise, no normalisation, ``b = -log T`` (Ramapuram et al. 2024).
 

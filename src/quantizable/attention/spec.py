@@ -10,7 +10,7 @@ from quantizable.attention.softmax import gamma_from_alpha, validate_clip_params
 
 # Every no-op mechanism, in the order reports list them; docs/mechanisms.md has one row per kind.
 KINDS = ("vanilla", "clipped_softmax", "gated_attention", "softmax_plus_one", "sink_token", "key_bias", "sigmoid",
-         "softpick", "value_gate")
+         "softpick", "value_gate", "sink_logit")
 GATE_TYPES = ("linear", "mlp", "all_heads_linear", "elementwise")
 # How the query and key projections of a freshly built model are initialised. The initial score spread (std of
 # q.k/sqrt(d_head) in a row) is about d_model * std_w^2 for LayerNorm'd inputs: 0.04 with N(0, 0.02) at d = 128,
@@ -22,7 +22,7 @@ GATE_TYPES = ("linear", "mlp", "all_heads_linear", "elementwise")
 #                 the paper's official code got, since it swaps in fresh nn.Linear q/k/v without re-initialising them
 QK_INITS = ("family", "lecun", "torch_linear")
 # Kinds whose attention is not a softmax over the tokens: they materialise their probabilities (no SDPA kernel).
-MATERIALISED_KINDS = ("clipped_softmax", "softmax_plus_one", "sigmoid", "softpick")
+MATERIALISED_KINDS = ("clipped_softmax", "softmax_plus_one", "sigmoid", "softpick", "sink_logit")
 # Kinds whose probabilities can be exactly zero with zero gradient, so a row (or a whole layer) can stop learning.
 ZEROING_KINDS = ("clipped_softmax", "softpick")
 # Kinds that add one learnable key (and value) column that every query can attend to.
@@ -36,8 +36,9 @@ class AttentionSpec:
     kind: ``vanilla`` (softmax on SDPA), ``clipped_softmax`` (paper 4.1), ``gated_attention`` (paper 4.2, on SDPA),
         or a comparison mechanism from later papers (docs/mechanisms.md): ``softmax_plus_one``, ``sink_token``
         (learnable key/value per layer, on SDPA), ``key_bias`` (learnable key with zero value, on SDPA),
-        ``sigmoid`` (unnormalised ``sigmoid(x - log T)``), ``softpick`` (rectified softmax) or ``value_gate``
-        (each value vector scaled by a sigmoid of itself, on SDPA).
+        ``sigmoid`` (unnormalised ``sigmoid(x - log T)``), ``softpick`` (rectified softmax), ``value_gate``
+        (each value vector scaled by a sigmoid of itself, on SDPA) or ``sink_logit`` (a learned extra logit per
+        head, gpt-oss's sinks: softmax+1 with a learned logit).
     gamma / zeta: clipped softmax stretch; give ``alpha`` and ``seq_len`` instead for ``gamma = -alpha / seq_len``
         where ``seq_len`` is the configured training length T.
     seq_len: also sigmoid attention's T in its bias ``b = -log T``; ``None`` there means the key length of the row.

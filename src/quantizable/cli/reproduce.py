@@ -9,7 +9,7 @@ from pathlib import Path
 # quantizable.attention.spec.KINDS (a test checks they agree), not imported: the parser is built for every verb and
 # must stay light
 KINDS = ("vanilla", "clipped_softmax", "gated_attention", "softmax_plus_one", "sink_token", "key_bias", "sigmoid",
-         "softpick", "value_gate")
+         "softpick", "value_gate", "sink_logit")
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:

@@ -9,7 +9,8 @@ from quantizable.models.families import FAMILIES
 
 METHOD_NAMES = {"vanilla": "Vanilla", "clipped_softmax": "Clipped softmax", "gated_attention": "Gated attention",
                 "softmax_plus_one": "Softmax + 1", "sink_token": "Sink token", "key_bias": "Key bias",
-                "sigmoid": "Sigmoid attention", "softpick": "Softpick", "value_gate": "Value gate"}
+                "sigmoid": "Sigmoid attention", "softpick": "Softpick", "value_gate": "Value gate",
+                "sink_logit": "Sink logit"}
 TASK_NAMES = {"backcopy": "Bigram-Backcopy", "pretrain": "pre-training"}
 
 

@@ -23,12 +23,12 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from quantizable.attention.gates import AttentionGate
 from quantizable.attention.interface import ATTN_IMPLEMENTATION, pass_gate_input, register_attention_implementation
-from quantizable.attention.no_op import AttentionSink, ValueGate
+from quantizable.attention.no_op import AttentionSink, SinkLogit, ValueGate
 from quantizable.attention.spec import AttentionSpec
 from quantizable.models.families import FAMILIES, Family, attention_geometry, family_of_config, init_std
 
 # Attribute names of the modules a spec adds to each attention module (all new parameters live under them).
-ADDED_MODULES = ("attn_gate", "attn_sink", "attn_value_gate")
+ADDED_MODULES = ("attn_gate", "attn_sink", "attn_value_gate", "attn_sink_logit")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -124,6 +124,8 @@ class QuantizableMixin:
                 module.attn_sink = AttentionSink(spec, kv_heads, head_dim, std)
             if spec.kind == "value_gate":
                 module.attn_value_gate = ValueGate(spec, kv_heads, head_dim, std)
+            if spec.kind == "sink_logit":
+                module.attn_sink_logit = SinkLogit(heads)
         init_query_key(self, spec.qk_init)  # from_pretrained loads its weights over these afterwards
         patch_embedding = family_of_config(self.config).patch_embedding
         if patch_embedding and self.base_model is self:  # the headless model (AutoModel): names without its prefix
@@ -135,7 +137,7 @@ class QuantizableMixin:
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, (AttentionGate, AttentionSink, ValueGate)):
+        if isinstance(module, (AttentionGate, AttentionSink, SinkLogit, ValueGate)):
             module.reset_parameters(init_std(self.config))
 
 
