@@ -84,13 +84,14 @@ def test_clm_blocks_start_with_bos_and_tokens_are_cached(tmp_path, bpe, monkeypa
     data = text_dataset("train", bpe, 24, "clm", source=str(corpus), root=tmp_path)
     assert all(data[i]["input_ids"][0] == bpe.bos_token_id and data[i]["input_ids"].shape == (24,)
                for i in range(len(data)))
-    cached = list((tmp_path / "cache").glob("*.npy"))
+    cached = list((tmp_path / "cache").glob("tokens-*/*.npy"))
     assert len(cached) == 1 and np.array_equal(np.load(cached[0], allow_pickle=False), data.tokens)
+    assert isinstance(data.tokens, np.memmap)  # read memory-mapped, not loaded
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("the cached ids should have been used")
 
-    monkeypatch.setattr(text_module, "_tokenize", no_tokenizing)
+    monkeypatch.setattr(text_module, "write_token_stream", no_tokenizing)
     again = text_dataset("train", bpe, 16, "clm", source=str(corpus), root=tmp_path)
     assert np.array_equal(again.tokens, data.tokens) and again[0]["input_ids"].shape == (16,)
 

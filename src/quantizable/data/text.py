@@ -1,7 +1,8 @@
 """Text data: documents from the embedded corpus, local files or Hugging Face ``datasets``, packed into blocks.
 
 A corpus is a list of documents, a document a list of segments (paragraphs, verses, sentences). Documents are
-tokenized once into one flat stream of ids, cached as ``.npy`` under ``root/cache``, and cut into fixed-length blocks:
+tokenized once, in parallel, into one flat stream of ids, cached as memory-mapped ``.npy`` shards under
+``root/cache`` (:mod:`quantizable.data.token_cache`), and cut into fixed-length blocks:
 ``[CLS] ... [SEP] ... [SEP]`` for masked language modelling, ``<s> ...`` for causal language modelling.
 """
 
@@ -10,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,18 @@ import torch
 from torch.utils.data import Dataset
 
 from quantizable.data.backcopy import backcopy_dataset, backcopy_tokenizer, is_backcopy
-from quantizable.data.common import (NOT_PREPARED, check_split, load_hf_dataset, looks_like_path, resolve_root,
-                                     split_documents)
-from quantizable.data.text_file import read_text_file, text_files
+from quantizable.data.common import NOT_PREPARED, check_split, resolve_root
+from quantizable.data.text_file import read_text_file
+from quantizable.data.text_sources import corpus_files, documents_dataset
+from quantizable.data.token_cache import (TokenShards, default_num_proc, main_process_first, open_token_stream,
+                                          token_dtype, write_token_stream)
 from quantizable.tasks import Task
 
 Document = list[str]
 TASKS = (Task.MLM, Task.CLM)
 TOKENIZER_KINDS = ("wordpiece", "bpe")
 
-# Short names for the corpora of the paper; value: (datasets path, config, split name per split).
-HF_SOURCES: dict[str, tuple[str, str | None, dict[str, str]]] = {
-    "wikitext-103": ("wikitext", "wikitext-103-raw-v1", {"train": "train", "validation": "validation"}),
-    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "validation": "validation"}),
-    "wiki40b": ("wiki40b", "en", {"train": "train", "validation": "validation"}),
-    # BookCorpus has no validation split: hold out its last 1 % of rows (whole books at the end of the set).
-    "bookcorpus": ("bookcorpus", None, {"train": "train[:99%]", "validation": "train[99%:]"}),
-}
-BOOKCORPUS_SENTENCES_PER_DOCUMENT = 100
-CACHE_FORMAT = 1  # bump when the layout of the token stream changes, so old caches are not reused
+CACHE_FORMAT = 2  # bump when the layout of the token stream changes, so old caches are not reused (2: .npy shards)
 
 
 def source_tokenizer(source: str | os.PathLike | None, kind: str, root: str | Path | None = None):
@@ -85,107 +78,19 @@ def checkpoint_tokenizer(path: str | Path):
 
 # ----------------------------------------------------------------------------------------------- documents
 
-def parse_documents(text: str) -> list[Document]:
-    """Blank-line separated documents, one segment per non-empty line (the format of ``root/text/*.txt``)."""
-    documents = []
-    for block in re.split(r"\n\s*\n", text):
-        segments = [line.strip() for line in block.splitlines() if line.strip()]
-        if segments:
-            documents.append(segments)
-    return documents
-
-
-def _one_per_line(documents: list[Document]) -> list[Document]:
-    """A file without blank lines (one sentence or record per line) is one document per line, so that it can be
-    split into training and validation documents."""
-    return [[line] for line in documents[0]] if len(documents) == 1 else documents
-
-
-def _local_documents(path: Path, split: str) -> list[Document]:
-    """A .txt file, or a directory holding ``train.txt``/``validation.txt`` or any number of .txt files."""
-    if path.is_dir():
-        split_file = path / f"{split}.txt"
-        if split_file.exists() or (path / "train.txt").exists():
-            if not split_file.exists():
-                raise FileNotFoundError(f"{split_file} does not exist (the directory has train.txt, so each split "
-                                        "needs its own file)")
-            return parse_documents(read_text_file(split_file))
-        files = text_files(path)
-        if not files:
-            raise FileNotFoundError(f"no .txt or .txt.gz files found under {path}")
-        documents = [doc for file in files for doc in _one_per_line(parse_documents(read_text_file(file)))]
-    else:
-        documents = _one_per_line(parse_documents(read_text_file(path)))
-    if len(documents) < 2:
-        raise ValueError(f"{path} holds {len(documents)} document(s); splitting it into training and validation "
-                         "needs at least 2 (documents are separated by blank lines, or one per line in a file "
-                         "without blank lines)")
-    return split_documents(documents, split)
-
-
-def _wikitext_documents(rows: Iterable[dict]) -> Iterator[Document]:
-    """WikiText rows are lines; an article starts at a level-1 heading `` = Title = ``."""
-    current: Document = []
-    for row in rows:
-        line = row["text"].strip()
-        if re.fullmatch(r"= [^=].* =", line):
-            if current:
-                yield current
-            current = []
-        elif line and not line.startswith("="):
-            current.append(line)
-    if current:
-        yield current
-
-
-def _wiki40b_documents(rows: Iterable[dict]) -> Iterator[Document]:
-    """Wiki40B rows are whole articles with ``_START_PARAGRAPH_`` / ``_NEWLINE_`` markers."""
-    for row in rows:
-        paragraphs = re.findall(r"_START_PARAGRAPH_\n(.*?)(?=\n_START_|\Z)", row["text"], re.DOTALL)
-        segments = [s.strip() for p in paragraphs for s in p.split("_NEWLINE_") if s.strip()]
-        if segments:
-            yield segments
-
-
-def _bookcorpus_documents(rows: Iterable[dict]) -> Iterator[Document]:
-    """BookCorpus rows are sentences without book boundaries: group consecutive sentences into documents."""
-    rows = iter(rows)
-    while chunk := [row["text"].strip() for row in islice(rows, BOOKCORPUS_SENTENCES_PER_DOCUMENT)]:
-        if segments := [s for s in chunk if s]:
-            yield segments
-
-
-_HF_READERS: dict[str, Callable[[Iterable[dict]], Iterator[Document]]] = {
-    "wikitext": _wikitext_documents, "wiki40b": _wiki40b_documents, "bookcorpus": _bookcorpus_documents,
-}
-
-
-def _hf_documents(name: str, split: str) -> Iterator[Document]:
-    path, config, splits = HF_SOURCES[name]
-    rows = load_hf_dataset(path, config, splits[split])
-    return _HF_READERS[path](rows)
-
-
 def load_documents(split: str, source: str | os.PathLike | None = None,
-                   root: str | Path | None = None) -> Iterable[Document]:
-    """Documents of one split: the embedded corpus (``None``), a local .txt file/dir, or a ``datasets`` name."""
-    check_split(split)
-    if source is None:
-        root = resolve_root(root)
-        path = root / "text" / f"{split}.txt"
-        if not path.exists():
-            raise FileNotFoundError(NOT_PREPARED.format(root=root))
-        return parse_documents(read_text_file(path))
-    source = os.fspath(source)
-    if source in HF_SOURCES:
-        return _hf_documents(source, split)
-    path = Path(source).expanduser()
-    if path.exists():
-        return _local_documents(path, split)
-    if looks_like_path(source):
-        raise FileNotFoundError(f"text source {source} does not exist")
-    raise ValueError(f"unknown text source {source!r}; use a .txt file, a directory of .txt files, or one of "
-                     f"{', '.join(HF_SOURCES)}")
+                   root: str | Path | None = None) -> list[Document]:
+    """Documents of one split, in memory, for inspection: the embedded corpus (``None``), a local corpus file or
+    folder, or a hub corpus (training reads them through :func:`cached_token_stream`, which never holds them)."""
+    with tempfile.TemporaryDirectory(dir=_work_root(root)) as work:
+        return list(documents_dataset(split, source, root, Path(work))["segments"])
+
+
+def _work_root(root: str | Path | None) -> Path:
+    """Where intermediate Arrow files go: beside the token cache (the same disk), not in /tmp."""
+    path = resolve_root(root) / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------------------------------- tokens and cache
@@ -231,21 +136,20 @@ def prepend_bos_when_encoding(directory: Path, tokenizer: Any) -> None:
     backend.save(str(path))
 
 
-def _tokenize(documents: Iterable[Document], tokenizer: Any, task: str, max_tokens: int | None) -> np.ndarray:
-    """One flat id stream: MLM puts [SEP] after every segment, CLM joins a document's lines and ends it with EOS."""
+def _encoder(tokenizer: Any, task: str) -> Callable[[dict], dict]:
+    """The batched map function of tokenization: MLM puts [SEP] after every segment, CLM joins a document's lines
+    and ends it with EOS (a document's ids in order; their concatenation is the stream)."""
     _, separator = _special_ids(tokenizer, task)
-    texts = (segment for doc in documents for segment in doc) if task == Task.MLM else ("\n".join(d) for d in documents)
-    pieces: list[np.ndarray] = []
-    total = 0
-    while batch := list(islice(texts, 512)):
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            pieces.append(np.asarray(ids + [separator], dtype=np.int64))
-            total += len(ids) + 1
-        if max_tokens is not None and total >= max_tokens:
-            break
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    stream = stream[:max_tokens] if max_tokens is not None else stream
-    return stream.astype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        documents = batch["segments"]
+        if task == Task.CLM:
+            return {"ids": [ids + [separator] for ids in
+                            tokenizer(["\n".join(d) for d in documents], add_special_tokens=False)["input_ids"]]}
+        encoded = iter(tokenizer([s for d in documents for s in d], add_special_tokens=False)["input_ids"])
+        return {"ids": [[token for _ in document for token in [*next(encoded), separator]] for document in documents]}
+
+    return encode
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -264,14 +168,16 @@ def _source_fingerprint(split: str, source: str | None, root: Path) -> str:
     if path.exists() and not path.is_dir() and not path.is_file():
         return hashlib.sha256(read_text_file(path).encode()).hexdigest()
     if path.exists():
-        files = text_files(path) if path.is_dir() else [path]
-        return json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+        return json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in corpus_files(path)])
     return source
 
 
 def cached_token_stream(split: str, tokenizer: Any, task: str, source: str | os.PathLike | None = None,
-                        root: str | Path | None = None, max_tokens: int | None = None) -> np.ndarray:
-    """Token ids of a whole split, tokenized once and kept as ``root/cache/<key>.npy`` (no pickle)."""
+                        root: str | Path | None = None, max_tokens: int | None = None,
+                        num_proc: int | None = None) -> np.ndarray | TokenShards:
+    """Token ids of a whole split, tokenized once with ``num_proc`` processes (default: one per CPU) and kept as
+    ``root/cache/tokens-<key>/*.npy``; returned memory-mapped. In a distributed run only the main process
+    tokenizes."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
     check_split(split)
@@ -279,27 +185,26 @@ def cached_token_stream(split: str, tokenizer: Any, task: str, source: str | os.
     source = os.fspath(source) if source is not None else None
     key = hashlib.sha256(json.dumps([_tokenizer_fingerprint(tokenizer), split, _source_fingerprint(split, source, root),
                                      task, max_tokens, CACHE_FORMAT]).encode()).hexdigest()[:24]
-    path = root / "cache" / f"tokens-{key}.npy"
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    stream = _tokenize(load_documents(split, source, root), tokenizer, task, max_tokens)
-    if stream.size == 0:
-        raise ValueError(f"the {split} split of text source {source or root / 'text'} is empty (no tokens)")
-    _warn_unknown_tokens(stream, tokenizer, f"the {split} split of {source or root / 'text'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, stream, allow_pickle=False)
-    tmp.replace(path)
-    return stream
+    directory = root / "cache" / f"tokens-{key}"
+    where = f"the {split} split of {source or root / 'text'}"
+    with main_process_first():
+        if not directory.is_dir():
+            with tempfile.TemporaryDirectory(dir=_work_root(root)) as work:
+                documents = documents_dataset(split, source, root, Path(work), num_proc or default_num_proc())
+                total, unknown = write_token_stream(documents, _encoder(tokenizer, task), token_dtype(len(tokenizer)),
+                                                    directory, max_tokens, num_proc or default_num_proc(),
+                                                    getattr(tokenizer, "unk_token_id", None))
+            if total == 0:
+                raise ValueError(f"the {split} split of text source {source or root / 'text'} is empty (no tokens)")
+            _warn_unknown_tokens(unknown / total, tokenizer, where)
+    return open_token_stream(directory)
 
 
 UNKNOWN_WARNING = 0.05  # above this share of [UNK] tokens the model would learn the text's characters as one token
 
 
-def _warn_unknown_tokens(stream: np.ndarray, tokenizer: Any, where: str) -> None:
+def _warn_unknown_tokens(share: float, tokenizer: Any, where: str) -> None:
     """Say when the tokenizer does not cover the text (CJK or emoji with the English WordPiece: 56-78% [UNK])."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    share = float(np.mean(stream == unk)) if unk is not None else 0.0
     if share > UNKNOWN_WARNING:
         print(f"warning: {share:.0%} of the tokens of {where} are {tokenizer.unk_token}: the tokenizer "
               f"(data.tokenizer) does not cover this text's characters; fine-tune a checkpoint whose tokenizer does "
@@ -312,7 +217,7 @@ def _warn_unknown_tokens(stream: np.ndarray, tokenizer: Any, where: str) -> None
 class TextBlocks(Dataset):
     """Fixed-length blocks cut from a token stream: ``prefix`` + body (+ ``suffix``), no padding, no overlap."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, prefix: int, suffix: int | None = None):
+    def __init__(self, tokens: np.ndarray | TokenShards, seq_len: int, prefix: int, suffix: int | None = None):
         body = seq_len - 1 - (suffix is not None)
         if body < 1:
             raise ValueError(f"seq_len {seq_len} is too short for a block")
