@@ -153,9 +153,10 @@ def family_of_config(config: PreTrainedConfig) -> Family:
 
 
 def is_norm(module: nn.Module) -> bool:
-    """LayerNorm or RMSNorm of any family (transformers names its RMSNorms ``<Family>RMSNorm``)."""
+    """LayerNorm or RMSNorm of any family (transformers names its RMSNorms ``<Family>RMSNorm``), or the
+    ``SingleScaleNorm`` that replaces them (``models.structure``)."""
     name = type(module).__name__
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm"))
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm", "SingleScaleNorm"))
 
 
 def init_std(config: PreTrainedConfig) -> float:

@@ -26,6 +26,7 @@ from quantizable.attention.interface import ATTN_IMPLEMENTATION, pass_gate_input
 from quantizable.attention.no_op import AttentionSink, SinkLogit, ValueGate
 from quantizable.attention.spec import AttentionSpec
 from quantizable.models.families import FAMILIES, Family, attention_geometry, family_of_config, init_std
+from quantizable.models.structure import install_structure, reset_structure
 
 # Attribute names of the modules a spec adds to each attention module (all new parameters live under them).
 ADDED_MODULES = ("attn_gate", "attn_sink", "attn_value_gate", "attn_sink_logit")
@@ -134,11 +135,13 @@ class QuantizableMixin:
             patch_embeddings = self.get_submodule(patch_embedding)
             patch_embeddings.patch_layernorm = nn.LayerNorm(hidden, eps=self.config.layer_norm_eps)
             patch_embeddings.register_forward_hook(_patch_layernorm_hook)
+        install_structure(self, self.config)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, (AttentionGate, AttentionSink, SinkLogit, ValueGate)):
             module.reset_parameters(init_std(self.config))
+        reset_structure(module)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 SCHEDULES = ("linear", "cosine")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 TOKENIZERS = ("wordpiece", "bpe")
+NORMS = ("family", "single_scale")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -33,10 +35,25 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """A model preset of :data:`quantizable.models.MODEL_PRESETS` and config overrides (dropout, sizes, ...)."""
+    """A model preset of :data:`quantizable.models.MODEL_PRESETS` and config overrides (dropout, sizes, ...).
+
+    ``norm: single_scale`` gives every norm one scalar gain and ``embedding_projection`` adds a learnable d x d
+    matrix after the input embeddings (Outlier-Safe Pre-Training; ``models.structure``). Both are written into the
+    model's config, so the saved model rebuilds them.
+    """
 
     preset: str = "bert-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    norm: str = "family"
+    embedding_projection: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.norm in NORMS, f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+
+    def structure(self) -> dict[str, Any]:
+        """The model-config settings these fields become (only those that differ from the family's model)."""
+        settings = {"single_scale_norm": self.norm == "single_scale", "embedding_projection": self.embedding_projection}
+        return {key: value for key, value in settings.items() if value}
 
 
 @dataclass
@@ -64,6 +81,9 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warm-up then linear or cosine decay to ``final_lr_fraction * lr`` (paper appendix C).
 
+    ``name: muon`` trains the transformer blocks' weight matrices with Muon and the rest with AdamW
+    (``training.optim.make_optimizer``), at the same ``lr`` and ``weight_decay``.
+
     ``decay_layernorm_gamma`` also applies weight decay to LayerNorm weights (paper B.3); biases are never decayed.
     ``gate_lr_scale`` multiplies the learning rate of attention gates: when fine-tuning a pretrained model the gates
     are the only new parameters, and at the small learning rate that suits the pretrained weights they barely move.
@@ -72,6 +92,7 @@ class OptimConfig:
     (docs/reproduce.md, "Clipped softmax at initialisation").
     """
 
+    name: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -87,6 +108,7 @@ class OptimConfig:
     fused: bool = True  # fused AdamW where every parameter allows it (false: torch's default implementation)
 
     def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(self.schedule in SCHEDULES,
                  f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")

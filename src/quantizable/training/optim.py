@@ -1,4 +1,4 @@
-"""AdamW with the paper's parameter groups and the warm-up + decay learning-rate schedule."""
+"""AdamW (or Muon for the hidden matrices) with the paper's parameter groups and the warm-up + decay schedule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from quantizable.attention.gates import AttentionGate
-from quantizable.models.families import is_norm
+from quantizable.models.families import family_of_config, is_norm
 from quantizable.training.config import OptimConfig
 
 
@@ -36,14 +36,60 @@ def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     ]
 
 
-def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The 2D weights of the linear layers inside the transformer blocks (attention and MLP projections): what
+    Muon trains. Embeddings, norms, biases, gates and no-op parameters (plain parameters, not linear layers), the
+    embedding projection (outside the blocks) and the task head stay with AdamW, as in Outlier-Safe Pre-Training."""
+    family = family_of_config(model.config)
+    return [module.weight for _, block in family.blocks(model) for module in block.modules()
+            if family.linear_weight_axis(module) is not None and module.weight.ndim == 2
+            and module.weight.requires_grad]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon and AdamW stepped as one optimizer, so accelerate, the learning-rate schedule (which sets ``lr`` on the
+    shared ``param_groups``) and checkpoints see a single object; ``state_dict`` holds both."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+        super().__init__([p for g in [*muon.param_groups, *adamw.param_groups] for p in g["params"]], {})
+        self.param_groups = [*muon.param_groups, *adamw.param_groups]
+
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = self.muon.step(closure)
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+
+
+def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over ``parameter_groups``; with ``config.fused`` the fused implementation (one kernel over all
     parameters) wherever every parameter is a float tensor on CPU or CUDA. On CPU torch otherwise picks its
-    per-parameter loop, which took 4x as long (bert-small: 15.0 vs 3.7 ms per optimizer step)."""
+    per-parameter loop, which took 4x as long (bert-small: 15.0 vs 3.7 ms per optimizer step).
+
+    ``config.name == "muon"``: ``torch.optim.Muon`` for ``hidden_matrices`` (their weight decay as configured) and
+    AdamW for the rest of ``parameter_groups``. Muon runs with ``adjust_lr_fn="match_rms_adamw"`` (Moonlight's
+    0.2 sqrt(max(A, B)) scaling), which matches its update RMS to AdamW's, so one ``lr`` and schedule serve both.
+    """
     groups = parameter_groups(model, config)
+    muon = None
+    if config.name == "muon":
+        hidden = {id(p) for p in hidden_matrices(model)}
+        muon_params = [p for g in groups for p in g["params"] if id(p) in hidden]
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups]
+        groups = [g for g in groups if g["params"]]
+        muon = torch.optim.Muon(muon_params, lr=config.lr, weight_decay=config.weight_decay,
+                                adjust_lr_fn="match_rms_adamw")
     fused = config.fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                  for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=fused or None)
+    adamw = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=fused or None)
+    return adamw if muon is None else MuonAdamW(muon, adamw)
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:

@@ -146,7 +146,8 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
             extra = {"vocab_size": len(tokenizer), **data.special_token_ids(tokenizer, task)}
         else:
             extra = data.label_settings(data.image_classes(config.data.source), config.model.overrides)
-        model = create_model(config.model.preset, config.attention, **{**config.model.overrides, **extra})
+        model = create_model(config.model.preset, config.attention,
+                             **{**config.model.overrides, **extra, **config.model.structure()})
     limit = getattr(model.config, "max_position_embeddings", None)
     if task != Task.IMAGE and limit is not None and config.data.seq_len > limit:
         raise ValueError(f"data.seq_len={config.data.seq_len} is above the model's max_position_embeddings={limit}; "
@@ -251,7 +252,7 @@ def train(
     set_seed(run.seed)
     model, tokenizer = build_model(config, init_from)
     task = family_of_config(model.config).task
-    data = task_data(config, task, tokenizer)
+    data = task_data(config, task, tokenizer, model.config)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if write_config:

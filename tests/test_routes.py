@@ -1,0 +1,106 @@
+"""Routes to W8A8 besides the attention kinds (issue 33): Muon, single-scale norms, the embedding projection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from quantizable.models import create_model, load_model
+from quantizable.models.families import is_norm
+from quantizable.models.structure import SingleScaleNorm
+from quantizable.training import TrainConfig, load_config, train
+from quantizable.training.config import OptimConfig
+from quantizable.training.optim import MuonAdamW, make_optimizer
+from tests.conftest import tiny_batch
+
+torch.set_num_threads(1)
+
+OSP = {"single_scale_norm": True, "embedding_projection": True}
+
+
+@pytest.mark.parametrize("preset", ["bert-tiny", "opt-tiny", "gpt2-tiny", "llama-tiny", "vit-tiny"])
+def test_muon_gets_exactly_the_hidden_matrices(preset: str) -> None:
+    model = create_model(preset, **OSP)
+    optimizer = make_optimizer(model, OptimConfig(name="muon"))
+    assert isinstance(optimizer, MuonAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in optimizer.adamw.param_groups for p in g["params"]}
+    assert not muon & adamw and muon | adamw == set(names.values())
+    layers = model.config.num_hidden_layers
+    # per block: q, k, v, out and two MLP matrices (Llama: three; GPT-2: fused qkv, out, two MLP)
+    per_block = {"llama": 7, "gpt2": 4}.get(preset.split("-")[0], 6)
+    assert len(muon) == layers * per_block
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim == 2 and n.endswith("weight") for n in muon)
+    assert not any(word in n for n in muon for word in ("embed", "wte", "wpe", "norm", "ln_", "head", "classifier",
+                                                        "attn_", "embedding_projection"))
+
+
+def test_muon_and_adamw_step_and_checkpoint_together() -> None:
+    model = create_model("opt-tiny")
+    optimizer = make_optimizer(model, OptimConfig(name="muon", lr=1e-3))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.grad is not None)
+    state = optimizer.state_dict()
+    again = make_optimizer(model, OptimConfig(name="muon", lr=1e-3))
+    again.load_state_dict(state)
+    assert again.muon.state_dict()["state"].keys() == optimizer.muon.state_dict()["state"].keys()
+    for group in optimizer.param_groups:  # the schedule sets lr on the shared groups: both optimizers follow
+        group["lr"] = 0.5e-3
+    assert optimizer.muon.param_groups[0]["lr"] == optimizer.adamw.param_groups[0]["lr"] == 0.5e-3
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(16, eps=1e-5), LlamaRMSNorm(16, eps=1e-6)])
+def test_single_scale_norm_is_the_norm_with_its_gain_broadcast(norm: nn.Module) -> None:
+    with torch.no_grad():
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.normal_()
+        single = SingleScaleNorm.replacing(norm)
+        single.weight.fill_(1.7)
+        norm.weight.fill_(1.7)
+    assert single.weight.shape == (1,) and is_norm(single)
+    x = torch.randn(3, 5, 16, dtype=torch.float64) * 4 + 1
+    torch.testing.assert_close(single.double()(x), norm.double()(x))
+
+
+@pytest.mark.parametrize("preset", ["bert-tiny", "opt-tiny", "gpt2-tiny", "llama-tiny", "vit-tiny"])
+def test_structure_replaces_every_norm_and_reloads(tmp_path: Path, preset: str) -> None:
+    model = create_model(preset, **OSP).eval()
+    norms = [m for m in model.modules() if is_norm(m)]
+    assert norms and all(isinstance(m, SingleScaleNorm) and m.weight.numel() == 1 for m in norms)
+    projection = model.get_input_embeddings().embedding_projection
+    assert torch.equal(projection.weight, torch.eye(projection.weight.shape[0]))  # starts as no projection
+    batch = tiny_batch(preset, length=12)
+    with torch.no_grad():  # the projection is in the forward: a non-identity one changes the output
+        projection.weight.mul_(0.5)
+        logits = model(**batch).logits
+    model.save_pretrained(tmp_path / "model")
+    loaded = load_model(tmp_path / "model").eval()
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, logits, atol=0, rtol=0)
+
+
+@pytest.mark.usefixtures("default_data")  # conftest: the embedded corpus, prepared once
+def test_route_settings_round_trip_through_config_yaml(tmp_path: Path) -> None:
+    config = load_config("opt-tiny", ["optim.name=muon", "model.norm=single_scale", "model.embedding_projection=true",
+                                      "run.steps=3", "run.log_every=1"])
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    summary = train(config, tmp_path, progress=False)
+    assert len(summary["losses"]) == 3
+    assert load_config(tmp_path / "config.yaml") == config
+    model = load_model(tmp_path)
+    assert model.config.single_scale_norm and model.config.embedding_projection
+    with pytest.raises(ValueError, match="optim.name"):
+        load_config("opt-tiny", ["optim.name=sgd"])
+    with pytest.raises(ValueError, match="model.norm"):
+        load_config("opt-tiny", ["model.norm=batch"])
