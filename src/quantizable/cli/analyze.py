@@ -35,12 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_batches(tokenizer, seq_len: int, task: str, batch_size: int, n_batches: int,
-                     source: str | None) -> Iterable:
+                     source: str | None, model_config) -> Iterable:
     """The validation split of the run's data source, or of the embedded default corpus / Fashion-MNIST."""
     from quantizable.data import image_dataset, make_loader, text_dataset
 
     if task == Task.IMAGE:
-        return make_loader(image_dataset("validation", source=source), batch_size)
+        return make_loader(image_dataset("validation", source=source, config=model_config), batch_size)
     if tokenizer is None:
         raise UserError("no tokenizer for this model: no tokenizer files next to it and no data.tokenizer in config.yaml")
     max_tokens = 2 * n_batches * batch_size * seq_len  # tokenize only what is analysed
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{args.model} has no tokenizer to read --data with (image model or no tokenizer files)")
         batches = text_batches(args.data, tokenizer, seq_len, args.batch_size, args.batches)
     else:
-        loader = _default_batches(tokenizer, seq_len, task, args.batch_size, args.batches, settings.get("source"))
+        loader = _default_batches(tokenizer, seq_len, task, args.batch_size, args.batches, settings.get("source"),
+                                  model.config)
         batches = islice(loader, args.batches)
     result = analyze(model, batches, tokenizer=tokenizer, out_dir=args.out, layer=args.layer, head=args.head)
     share = result["outliers"]["delimiter_share"]

@@ -92,7 +92,8 @@ def checkpoint_data(path: str | Path, model: Any, task: str, seq_len: int | None
     source = settings.get("source")
     seq_len = resolve_seq_len(seq_len, model, task, settings.get("seq_len"))
     if task == Task.IMAGE:
-        return CheckpointData(image_dataset("train", source), image_dataset("validation", source), lambda seed: None)
+        return CheckpointData(image_dataset("train", source, config=model.config),
+                              image_dataset("validation", source, config=model.config), lambda seed: None)
     tokenizer = model_tokenizer(path, task)
     vocab_size = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab_size:

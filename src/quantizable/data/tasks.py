@@ -28,13 +28,20 @@ class TaskData:
     tokens_per_sample: int  # for throughput: seq_len for text, 1 (image) for images
 
 
-def task_data(config: TrainConfig, task: str, tokenizer: Any) -> TaskData:
-    """Training dataset, its collator and a validation-loader factory for ``task`` (a ``quantizable.tasks.Task``)."""
+def task_data(config: TrainConfig, task: str, tokenizer: Any, model_config: Any = None) -> TaskData:
+    """Training dataset, its collator and a validation-loader factory for ``task`` (a ``quantizable.tasks.Task``);
+    images come at ``model_config``'s size and channels (default: grey 28x28)."""
     source, run = config.data.source, config.run
     if task == Task.IMAGE:
-        train = image_dataset("train", source=source)
-        validation = image_dataset("validation", source=source)
-        collate, make_eval_collate, tokens = lambda epoch: None, lambda: None, 1
+        # a folder or hub set is augmented (random resized crops, flips); the embedded Fashion-MNIST recipe is not
+        train = image_dataset("train", source=source, config=model_config, augment=source is not None, seed=run.seed)
+        validation = image_dataset("validation", source=source, config=model_config)
+
+        def collate(epoch: int) -> None:
+            train.set_epoch(epoch)  # the crops of epoch e depend on (seed, e, image) only
+            return None
+
+        make_eval_collate, tokens = lambda: None, 1
     else:
         train = text_dataset("train", tokenizer, config.data.seq_len, task, source=source)
         validation = text_dataset("validation", tokenizer, config.data.seq_len, task, source=source)

@@ -149,13 +149,10 @@ def _local_rows(files: list[Path], cache_dir: Path) -> Any:
     """A folder's or file's rows through the ``datasets`` builder of its kind (one kind per source)."""
     import datasets
 
-    kinds = {_kind(p) for p in files}
+    kinds = {_kind(p) or "text" for p in files}  # a file of another name (or a pipe) is read as text, as before
     if len(kinds) > 1:
-        raise ValueError(f"the text source mixes file kinds ({', '.join(sorted(k or '?' for k in kinds))}); "
-                         "keep one kind per folder")
+        raise ValueError(f"the text source mixes file kinds ({', '.join(sorted(kinds))}); keep one kind per folder")
     kind = kinds.pop()
-    if kind is None:
-        raise ValueError(f"{files[0]} is not a corpus file (.txt, .txt.gz, .parquet, .arrow, .jsonl, .json)")
     if kind == "text":
         return _text_files_dataset(files, cache_dir)
     try:
