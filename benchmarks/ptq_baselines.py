@@ -26,6 +26,7 @@ from quantizable.data import scoring_data
 from quantizable.io import write_json_atomic
 from quantizable.models import family_of_config, load_model
 from quantizable.quantization import QuantConfig, simulate_w8a8
+from quantizable.quantization.calibration import fp_of
 from quantizable.quantization.ptq import METHODS, NotApplicable, parse_ptq, simulate_ptq
 
 
@@ -83,7 +84,7 @@ def main() -> None:
     for ptq in methods:
         start = time.perf_counter()
         try:
-            result = simulate_ptq(model, calibration, eval_batches, ptq, seeds=seeds, score=score)
+            result = simulate_ptq(model, calibration, eval_batches, ptq, seeds=seeds, score=score, fp=fp_of(plain))
         except NotApplicable as error:
             results["ptq"][ptq.name] = {"not_applicable": str(error)}
             print(f"{ptq.name}: not applicable ({error})", flush=True)

@@ -164,10 +164,12 @@ def test_every_method_runs_on_every_family(method: str) -> None:
         assert len(result["quantized"]["per_seed"]) == 2 and result["ptq"]["method"] == method
         assert all(v == v for v in result["quantized"]["per_seed"])  # not NaN
         assert {"extra_params", "runtime", "backend"} <= set(result["cost"])
+        # the keys of results files written before the registry (docs/results/ptq/*.json)
+        assert set(result) == {"metric", "fp", "quantized", "seeds", "ptq", "cost", "details", "config"}
 
 
-@pytest.mark.parametrize("text,message", [("bogus", "valid: smoothquant, rotation"), ("rotation:3", "takes no value"),
-                                          ("smoothquant:2", "alpha"), ("outlier_fp:x", "not a whole number")])
+@pytest.mark.parametrize("text,message", [("bogus", "valid: smoothquant"), ("rotation:3", "takes no value"),
+                                          ("smoothquant:2", "ALPHA"), ("outlier_fp:x", "not a whole number")])
 def test_bad_ptq_names(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_ptq(text)
@@ -177,7 +179,7 @@ def test_bad_ptq_names(text: str, message: str) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_registered_method_round_trips_through_its_name(method: str) -> None:
     """Text -> config -> text for each method of the registry, with and without its parameter; the config carries
-    its cost description and serialises with its own parameter only."""
+    its cost description and serialises with its own parameter's value."""
     default = parse_ptq(method)
     assert parse_ptq(default.name) == default and default.cost["runtime"] and default.to_dict()["method"] == method
     field = default.parameter()
@@ -185,12 +187,22 @@ def test_every_registered_method_round_trips_through_its_name(method: str) -> No
         value = {"alpha": 0.25, "k": 3, "positions": 2}[field.name]
         configured = parse_ptq(f"{method}:{value}")
         assert getattr(configured, field.name) == value and parse_ptq(configured.name) == configured
-        assert set(configured.to_dict()) == {"name", "method", field.name}
+        assert configured.to_dict()[field.name] == value
+    if method == "smoothquant":  # names keep every digit of the value (they key results)
+        assert parse_ptq("smoothquant:1").name == "smoothquant:1"
+        assert parse_ptq(parse_ptq("smoothquant:0.123456789").name).alpha == 0.123456789
+    # one ``ptq`` record shape for every method, as results files have it
+    assert list(default.to_dict()) == ["name", "method", "alpha", "k", "positions"]
 
 
-@pytest.mark.parametrize("text,message", [("outlier_fp:0", "outlier_fp K must be at least 1"),
-                                          ("prefix:1.5", r"prefix: '1.5' is not a whole number \(prefix:POSITIONS\)"),
-                                          ("smoothquant:-1", r"alpha must be in \[0, 1\]")])
+@pytest.mark.parametrize("text,message", [
+    ("outlier_fp:0", r"outlier_fp K must be at least 1, got 0 \(outlier_fp\[:K\]\)"),
+    ("prefix:0", r"prefix N must be at least 1, got 0 \(prefix\[:N\]\)"),
+    ("prefix:1.5", r"prefix: '1.5' is not a whole number \(prefix\[:N\]\)"),
+    ("smoothquant:-1", r"smoothquant ALPHA must be in \[0, 1\], got -1 \(smoothquant\[:ALPHA\]\)"),
+    ("smoothquant:x", r"smoothquant: 'x' is not a number \(smoothquant\[:ALPHA\]\)"),
+    ("rotation:3", r"PTQ method rotation takes no value, got 'rotation:3' \(rotation\)"),
+    ("bogus", r"valid: smoothquant\[:ALPHA\], rotation, per_token, outlier_fp\[:K\], prefix\[:N\]$")])
 def test_a_bad_parameter_names_the_method_and_what_it_takes(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_ptq(text)

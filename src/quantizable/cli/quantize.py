@@ -142,10 +142,12 @@ def run(args: argparse.Namespace) -> int:
     results = simulate_w8a8(model, calibration, evaluation, config, seeds=range(args.seeds),
                             report=lambda line: print(f"  {line}", flush=True))
     if ptq is not None:
+        from quantizable.quantization.calibration import fp_of
         from quantizable.quantization.ptq import NotApplicable, simulate_ptq
 
-        try:
-            results["ptq"] = simulate_ptq(model, calibration, evaluation, ptq, config, seeds=range(args.seeds))
+        try:  # the FP model was scored above
+            results["ptq"] = simulate_ptq(model, calibration, evaluation, ptq, config, seeds=range(args.seeds),
+                                          fp=fp_of(results))
         except NotApplicable as error:
             raise UserError(f"--ptq {ptq.name}: {error}") from None
     if args.attribute is not None:

@@ -83,12 +83,13 @@ def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -
     family's range estimators; the calibration batches stay the scale's, so both setups see the same data."""
     from quantizable.analysis import analyze
     from quantizable.quantization import simulate_w8a8
+    from quantizable.quantization.calibration import fp_of
 
     base = quant_base(run.model, setup)
     score = task_score(run)
     quant = simulate_w8a8(run.model, run.calibration, run.eval_batches, base, seeds=scale.calib_seeds, score=score)
     sweep = {"W8A8": quant["quantized"]["per_seed"]}
-    fp = {"metric": quant["metric"], "value": quant["fp"]}  # scored once, reused by every bit width
+    fp = fp_of(quant)  # scored once, reused by every bit width
     for name in BIT_WIDTHS[1:]:
         weights, acts = bit_widths(name)
         swept = simulate_w8a8(run.model, run.calibration, run.eval_batches, seeds=scale.calib_seeds,
@@ -146,16 +147,20 @@ def measure_int8(run: RunData, run_dir: Path, scale: Scale) -> dict[str, Any]:
 
 def measure_ptq(run: RunData, scale: Scale, names: tuple[str, ...]) -> dict[str, Any]:
     """W8A8 under each PTQ baseline (``quantization.ptq``) of one trained run, on the calibration seeds and
-    evaluation batches of ``measure``; a method that does not apply records its reason."""
+    evaluation batches of ``measure``; a method that does not apply records its reason. The FP model is scored
+    once, by the first method that applies."""
+    from quantizable.quantization.calibration import fp_of
     from quantizable.quantization.ptq import NotApplicable, parse_ptq, simulate_ptq
 
     results: dict[str, Any] = {}
+    fp = None
     for name in names:
         ptq = parse_ptq(name)
         try:
-            result = simulate_ptq(run.model, run.calibration, run.eval_batches, ptq, seeds=scale.calib_seeds)
+            result = simulate_ptq(run.model, run.calibration, run.eval_batches, ptq, seeds=scale.calib_seeds, fp=fp)
         except NotApplicable as error:
             results[ptq.name] = {"not_applicable": str(error)}
             continue
+        fp = fp_of(result)
         results[ptq.name] = {key: result[key] for key in ("fp", "quantized", "ptq", "cost")}
     return results

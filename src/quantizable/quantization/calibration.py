@@ -58,6 +58,12 @@ def summarise(values: list[float]) -> dict[str, Any]:
     }
 
 
+def fp_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The floating-point score inside a ``simulate_w8a8`` / ``simulate_ptq`` result, as their ``fp`` argument
+    takes it: one model on one set of evaluation batches is scored once, however many simulations follow."""
+    return {"metric": result["metric"], "value": result["fp"]}
+
+
 def simulate_w8a8(
     model: nn.Module,
     calib_batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],

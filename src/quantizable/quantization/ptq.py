@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,27 +39,62 @@ Batch = dict[str, torch.Tensor]
 TOKEN_FEATURE_KINDS = frozenset({"linear", "activation", "gated_product", "norm", "residual", "embedding_sum"})
 __all__ = ["METHODS", "REGISTRY", "NotApplicable", "PTQMethod", "parse_ptq", "simulate_ptq"]
 
+REGISTRY: dict[str, type[PTQMethod]] = {}  # method name -> its config class, in the order defined
+
 
 @dataclass(frozen=True)
 class PTQMethod:
-    """A PTQ baseline. Subclasses set ``method`` and ``cost`` and may declare one parameter (a ``NAME:VALUE``)."""
+    """A PTQ baseline. A subclass registers under its name (``class Rotation(PTQMethod, method="rotation")``),
+    sets ``cost`` and may declare one parameter (a ``NAME:VALUE``) whose allowed values are ``bounds`` (closed)."""
 
     method: ClassVar[str]
     cost: ClassVar[dict[str, str]]  # what the method needs at inference beyond static INT8 (descriptions)
+    bounds: ClassVar[tuple[float, float]] = (1, math.inf)
+
+    def __init_subclass__(cls, *, method: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.method = method
+        REGISTRY[method] = cls
+
+    def __post_init__(self) -> None:
+        field = self.parameter()
+        value = None if field is None else getattr(self, field.name)
+        low, high = self.bounds
+        if value is not None and not low <= value <= high:
+            allowed = f"in [{low:g}, {high:g}]" if high < math.inf else f"at least {low:g}"
+            raise ValueError(f"{self.method} {self.placeholder()} must be {allowed}, got {value:g} ({self.usage()})")
 
     @classmethod
     def parameter(cls) -> dataclasses.Field | None:
         fields = dataclasses.fields(cls)
         return fields[0] if fields else None
 
+    @classmethod
+    def placeholder(cls) -> str | None:
+        """How help and errors name the parameter's value (``ALPHA``, ``K``, ``N``); None without a parameter."""
+        field = cls.parameter()
+        return None if field is None else field.metadata.get("text", field.name.upper())
+
+    @classmethod
+    def usage(cls) -> str:
+        """How the method is written: ``NAME`` or ``NAME[:VALUE]`` (e.g. ``prefix[:N]``)."""
+        return cls.method if cls.parameter() is None else f"{cls.method}[:{cls.placeholder()}]"
+
     @property
     def name(self) -> str:
         """``NAME`` or ``NAME:VALUE``, as the user writes it and results are keyed."""
         field = self.parameter()
-        return self.method if field is None else f"{self.method}:{getattr(self, field.name):g}"
+        if field is None:
+            return self.method
+        value = getattr(self, field.name)
+        text = f"{value:g}"  # 0.5, 1, 8 as users write them; repr where %g would round (0.123456789)
+        return f"{self.method}:{text if float(text) == value else repr(value)}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method, **dataclasses.asdict(self)}
+        """``name``, ``method`` and every registered method's parameter (the others' at their defaults), the
+        ``ptq`` record of results files since PTQ had one config for all methods."""
+        defaults = {f.name: f.default for cls in REGISTRY.values() for f in dataclasses.fields(cls)}
+        return {"name": self.name, "method": self.method, **defaults, **dataclasses.asdict(self)}
 
     def not_applicable(self, model: nn.Module) -> str | None:
         """Why the method cannot run on ``model`` (None when it can)."""
@@ -73,28 +109,15 @@ class PTQMethod:
         return {}
 
 
-REGISTRY: dict[str, type[PTQMethod]] = {}
-
-
-def register(cls: type[PTQMethod]) -> type[PTQMethod]:
-    REGISTRY[cls.method] = cls
-    return cls
-
-
-@register
 @dataclass(frozen=True)
-class SmoothQuant(PTQMethod):
+class SmoothQuant(PTQMethod, method="smoothquant"):
     alpha: float = 0.5  # migration strength: 0 keeps activations, 1 moves all their range into the weights
 
-    method: ClassVar[str] = "smoothquant"
-    cost: ClassVar[dict[str, str]] = {
+    cost = {
         "runtime": "static ranges; pre-LN: none (1/s folded into the norm); post-LN: one per-channel multiply "
                    "before each smoothed quantizer",
         "backend": "any static INT8 backend (ONNX Runtime QDQ measured here, PT2E / X86Inductor)"}
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"smoothquant alpha must be in [0, 1], got {self.alpha}")
+    bounds = (0.0, 1.0)
 
     def prepare(self, model: nn.Module, calibration: list[Batch], seed: int) -> tuple[nn.Module, dict[str, Any]]:
         target = copy.deepcopy(model)
@@ -108,11 +131,9 @@ class SmoothQuant(PTQMethod):
         return {"smoothed_sites": len(smoothed)}
 
 
-@register
 @dataclass(frozen=True)
-class Rotation(PTQMethod):
-    method: ClassVar[str] = "rotation"
-    cost: ClassVar[dict[str, str]] = {
+class Rotation(PTQMethod, method="rotation"):
+    cost = {
         "runtime": "static ranges; norms become gain-free RMS norms, a tied LM head is untied",
         "backend": "any static INT8 backend (weights only change)"}
 
@@ -129,11 +150,9 @@ def _sequence_sites(handle: QuantizedModelHandle) -> list[str]:
     return [key for key in handle.act_quantizers if handle.site_kinds[key] != "conv"]
 
 
-@register
 @dataclass(frozen=True)
-class PerToken(PTQMethod):
-    method: ClassVar[str] = "per_token"
-    cost: ClassVar[dict[str, str]] = {
+class PerToken(PTQMethod, method="per_token"):
+    cost = {
         "runtime": "dynamic ranges: a min/max reduction per token before every quantized op",
         "backend": "dynamic-activation INT8 kernels (e.g. torchao Int8DynamicActivationInt8Weight); not ONNX "
                    "Runtime's static QDQ graph"}
@@ -145,19 +164,13 @@ class PerToken(PTQMethod):
         return {"configured_sites": len(keys)}
 
 
-@register
 @dataclass(frozen=True)
-class OutlierFP(PTQMethod):
+class OutlierFP(PTQMethod, method="outlier_fp"):
     k: int = 8  # channels per site kept in floating point
 
-    method: ClassVar[str] = "outlier_fp"
-    cost: ClassVar[dict[str, str]] = {
+    cost = {
         "runtime": "mixed precision: K channels per site in floating point (decomposed matmuls)",
         "backend": "LLM.int8() kernels (bitsandbytes, CUDA); no static INT8 CPU backend"}
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"outlier_fp K must be at least 1, got {self.k}")
 
     @torch.no_grad()
     def configure(self, handle: QuantizedModelHandle, calibration: list[Batch], details: dict) -> dict[str, Any]:
@@ -179,20 +192,14 @@ class OutlierFP(PTQMethod):
         return {"k": self.k, "sites_with_kept_channels": len(keys), "kept_channels_total": kept}
 
 
-@register
 @dataclass(frozen=True)
-class Prefix(PTQMethod):
-    positions: int = 1  # leading positions (the sink token) kept in floating point
+class Prefix(PTQMethod, method="prefix"):
+    positions: int = dataclasses.field(default=1, metadata={"text": "N"})  # leading positions (the sink token)
 
-    method: ClassVar[str] = "prefix"
-    cost: ClassVar[dict[str, str]] = {
+    cost = {
         "runtime": "mixed precision: the first N positions in floating point (decoders: an FP prefix whose KV "
                    "cache is computed once)",
         "backend": "a static INT8 graph for the other positions plus an FP prefix pass; not one ORT graph"}
-
-    def __post_init__(self) -> None:
-        if self.positions < 1:
-            raise ValueError(f"prefix N must be at least 1, got {self.positions}")
 
     def configure(self, handle: QuantizedModelHandle, calibration: list[Batch], details: dict) -> dict[str, Any]:
         selected = [handle.act_quantizers[key] for key in _sequence_sites(handle)]
@@ -212,25 +219,28 @@ class Prefix(PTQMethod):
 METHODS = tuple(REGISTRY)
 
 
+def usage() -> str:
+    """Every registered method as it is written: ``smoothquant[:ALPHA], rotation, ..., prefix[:N]``."""
+    return ", ".join(cls.usage() for cls in REGISTRY.values())
+
+
 def parse_ptq(text: str) -> PTQMethod:
-    """``NAME`` or ``NAME:VALUE``: ``smoothquant[:ALPHA]``, ``rotation``, ``per_token``, ``outlier_fp[:K]``,
-    ``prefix[:N]``."""
+    """``NAME`` or ``NAME:VALUE`` of a registered method (``usage()``), e.g. ``smoothquant:0.8``."""
     name, _, value = text.strip().lower().partition(":")
     if name not in REGISTRY:
-        raise ValueError(f"unknown PTQ method {text!r}; valid: {', '.join(METHODS)} "
-                         "(smoothquant:ALPHA, outlier_fp:K, prefix:N take a value)")
+        raise ValueError(f"unknown PTQ method {text!r}; valid: {usage()}")
     cls = REGISTRY[name]
     field = cls.parameter()
     if not value:
         return cls()
     if field is None:
-        raise ValueError(f"PTQ method {name} takes no value, got {text!r}")
+        raise ValueError(f"PTQ method {name} takes no value, got {text!r} ({cls.usage()})")
     kind = float if field.type in (float, "float") else int
     try:
         number = kind(value)
     except ValueError:
         raise ValueError(f"{name}: {value!r} is not {'a number' if kind is float else 'a whole number'} "
-                         f"({name}:{field.name.upper()})") from None
+                         f"({cls.usage()})") from None
     return cls(number)
 
 
@@ -253,6 +263,7 @@ def simulate_ptq(
     result = simulate_w8a8(model, calib_batches, eval_batches, config, seeds=seeds, score=score, fp=fp, method=ptq)
     details = result.pop("details")
     details.pop("scales", None)
-    result.pop("site_table")
+    for key in ("site_table", "sites", "weight_sites"):  # a PTQ result keeps its own keys (results files)
+        result.pop(key)
     return {**result, "ptq": ptq.to_dict(), "cost": {"extra_params": details.get("extra_params", 0), **ptq.cost},
             "details": details}
