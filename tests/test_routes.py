@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from quantizable.attention import spec_for_method
 from quantizable.models import create_model, load_model
 from quantizable.models.families import is_norm
 from quantizable.models.structure import SingleScaleNorm
@@ -104,3 +105,45 @@ def test_route_settings_round_trip_through_config_yaml(tmp_path: Path) -> None:
         load_config("opt-tiny", ["optim.name=sgd"])
     with pytest.raises(ValueError, match="model.norm"):
         load_config("opt-tiny", ["model.norm=batch"])
+
+
+# ---------------------------------------------------------------- quantization-aware training
+
+
+def test_qat_forward_is_the_simulators_and_its_gradient_reaches_the_weights() -> None:
+    import copy
+
+    from quantizable.quantization import QuantConfig, calibrate, freeze, quantize_
+    from quantizable.training.qat import parse_setting, prepare_qat
+
+    assert parse_setting("W8A4") == QuantConfig(weight_bits=8, act_bits=4)
+    model = create_model("opt-tiny", spec_for_method("sink_logit")).eval()
+    simulated = copy.deepcopy(model)
+    batches = [tiny_batch("opt-tiny", length=12, seed=s) for s in (1, 2)]
+    prepare_qat(model, QuantConfig(), batches)
+    quantize_(simulated, QuantConfig())
+    calibrate(simulated, batches)
+    freeze(simulated)
+    batch = tiny_batch("opt-tiny", length=12, seed=3)
+    with torch.no_grad():
+        expected = simulated(**batch).logits
+    out = model(**batch, labels=batch["input_ids"])
+    torch.testing.assert_close(out.logits, expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(expected, create_model("opt-tiny", spec_for_method("sink_logit")).eval()(**batch).logits)
+    out.loss.backward()
+    originals = [p for n, p in model.named_parameters() if n.endswith("parametrizations.weight.original")]
+    assert originals and all(p.grad is not None and p.grad.abs().sum() > 0 for p in originals)
+
+
+@pytest.mark.usefixtures("default_data")
+def test_qat_fine_tune_saves_a_normal_model(tmp_path: Path) -> None:
+    base = load_config("opt-tiny", ["run.steps=2"])
+    train(base, tmp_path / "fp", progress=False)
+    config = load_config("opt-tiny", ["run.steps=2", "qat.setting=w8a8", "qat.calibration_batches=2"])
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    train(config, tmp_path / "qat", init_from=tmp_path / "fp", progress=False)
+    fp, qat = load_model(tmp_path / "fp"), load_model(tmp_path / "qat")
+    assert qat.state_dict().keys() == fp.state_dict().keys()  # no quantizer left in the saved model
+    assert any(not torch.equal(a, b) for a, b in zip(qat.state_dict().values(), fp.state_dict().values()))
+    with pytest.raises(ValueError, match="qat.setting"):
+        load_config("opt-tiny", ["qat.setting=int8"])

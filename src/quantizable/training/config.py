@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -151,6 +152,22 @@ class RunConfig:
 
 
 @dataclass
+class QATConfig:
+    """Quantization-aware training (``training.qat``): ``setting`` ``w8a8`` (or ``w8a4``, ...) fine-tunes through
+    the simulator's quantizers, activation ranges calibrated on ``calibration_batches`` validation batches at the
+    start; null trains in floating point."""
+
+    setting: str | None = None
+    calibration_batches: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.setting is None or re.fullmatch(r"w\d+a\d+", self.setting.lower()) is not None,
+                 f"qat.setting must look like w8a8 (weight and activation bits) or be null, got {self.setting!r}")
+        _require(self.calibration_batches >= 1,
+                 f"qat.calibration_batches must be >= 1, got {self.calibration_batches}")
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs; ``attention`` is the model's :class:`AttentionSpec`."""
 
@@ -159,6 +176,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
 
     def __post_init__(self) -> None:
         # a 0-step run only saves its initial model; any other must get through its warm-up, or the learning rate

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from quantizable.attention.gates import AttentionGate
 from quantizable.models.families import family_of_config, is_norm
@@ -41,9 +42,12 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     Muon trains. Embeddings, norms, biases, gates and no-op parameters (plain parameters, not linear layers), the
     embedding projection (outside the blocks) and the task head stay with AdamW, as in Outlier-Safe Pre-Training."""
     family = family_of_config(model.config)
-    return [module.weight for _, block in family.blocks(model) for module in block.modules()
-            if family.linear_weight_axis(module) is not None and module.weight.ndim == 2
-            and module.weight.requires_grad]
+    linears = [module for _, block in family.blocks(model) for module in block.modules()
+               if family.linear_weight_axis(module) is not None]
+    # under QAT the weight is a parametrization of the trained tensor
+    weights = [m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+               for m in linears]
+    return [w for w in weights if w.ndim == 2 and w.requires_grad]
 
 
 class MuonAdamW(torch.optim.Optimizer):

@@ -7,6 +7,7 @@ The run directory holds ``config.yaml`` (resolved config), ``metrics.jsonl`` (on
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import signal
@@ -38,6 +39,7 @@ from quantizable.training.checkpoint import (check_resume_config, check_resume_i
 from quantizable.training.config import TrainConfig
 from quantizable.training.monitor import attention_liveness, dead_attention_warning, training_outlier_metrics
 from quantizable.training.optim import make_optimizer, make_scheduler
+from quantizable.training.qat import parse_setting, prepare_qat
 
 
 class TrainingDivergedError(RuntimeError):
@@ -259,6 +261,9 @@ def train(
             config.save(run_dir / "config.yaml")
     accelerator.init_trackers("tb")
 
+    qat = None if config.qat.setting is None else prepare_qat(
+        model, parse_setting(config.qat.setting),
+        itertools.islice(data.validation_loader(), config.qat.calibration_batches))
     optimizer = make_optimizer(model, config.optim)
     scheduler = make_scheduler(optimizer, run.steps, config.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -369,6 +374,8 @@ def train(
         "num_processes": accelerator.num_processes,
         "process_index": accelerator.process_index,
     }
+    if qat is not None:
+        qat.remove()  # a normal model, which quantize scores like any other
     full_state = accelerator.get_state_dict(model)  # gathered across FSDP shards; only complete on rank 0 there
     if accelerator.distributed_type != DistributedType.FSDP:
         summary["weight_digests"] = gather_object([weight_digest(full_state)])
