@@ -131,9 +131,12 @@ def write_token_stream(documents: Any, encode: Callable[[dict], dict], dtype: ty
             return 0, 0
         staging = work / "shards"
         staging.mkdir()
-        shards = [np.lib.format.open_memmap(staging / f"{k:05d}.npy", mode="w+", dtype=dtype,
-                                            shape=(min(SHARD_TOKENS, total - k * SHARD_TOKENS),))
-                  for k in range(-(-total // SHARD_TOKENS))]
+        # plain appends, not a writable memory map, whose dirty pages would count as this process's memory
+        handles = [open(staging / f"{k:05d}.npy", "wb") for k in range(-(-total // SHARD_TOKENS))]
+        for k, handle in enumerate(handles):
+            np.lib.format.write_array_header_2_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                          "fortran_order": False,
+                                                          "shape": (min(SHARD_TOKENS, total - k * SHARD_TOKENS),)})
         position, unknown = 0, 0
         for ids in _id_chunks(pieces):
             ids = ids[:total - position]
@@ -141,13 +144,12 @@ def write_token_stream(documents: Any, encode: Callable[[dict], dict], dtype: ty
             while len(ids):
                 shard, offset = divmod(position, SHARD_TOKENS)
                 room = min(len(ids), SHARD_TOKENS - offset)
-                shards[shard][offset:offset + room] = ids[:room]
+                handles[shard].write(ids[:room].astype(dtype).tobytes())
                 ids, position = ids[room:], position + room
             if position >= total:
                 break
-        for shard in shards:
-            shard.flush()
-        del shards
+        for handle in handles:
+            handle.close()
         with contextlib.suppress(OSError):  # another process finished the same cache first: keep that one
             staging.replace(directory)
         return total, unknown
