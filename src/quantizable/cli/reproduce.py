@@ -18,7 +18,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short trainings (minutes): the quick-start job")
-    parser.add_argument("--scale", choices=("full", "quick", "tiny", "long", "long-tiny"),
+    parser.add_argument("--scale", choices=("full", "quick", "tiny", "long", "long-tiny", "paper"),
                         help="full (default), quick, tiny (CI smoke), or long: Bigram-Backcopy at a constant "
                              "learning rate for 8,000 steps, six attention kinds, two seeds, every snapshot "
                              "quantized (about an hour on 2 cores; long-tiny is its smoke form)")
@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setup", default="default", choices=("default", "paper"),
                         help="quantization setup of every W8A8 number: default (ours) or paper (the official code's "
                              "placement, grid and range estimators; docs/quantization.md)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="--scale paper: print every run, its steps, tokens and estimated GPU-hours; read no data")
     parser.add_argument("--out", type=Path, required=True, help="output directory (finished runs are reused)")
 
 
@@ -55,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scale = args.scale or ("quick" if args.quick else "full")
     methods, tasks = _names(args.methods), _names(args.tasks)
+    if scale == "paper" or args.dry_run:
+        return _paper(args, scale, methods)
     rows = reproduce(args.out, scale, _names(args.families), methods,
                      overrides=tuple(args.overrides), train_seeds=args.train_seeds, workers=args.workers,
                      tasks=tasks, ptq=_names(args.ptq) or (), setup=args.setup)
@@ -63,4 +67,18 @@ def run(args: argparse.Namespace) -> int:
               f"W8A8 {row['w8a8']['mean']:8.2f}  INT8 (ORT) {row['int8']['mean']:8.2f}  "
               f"inf-norm {row['max_inf_norm']['mean']:8.1f}  kurtosis {row['avg_kurtosis']['mean']:8.1f}")
     print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def _paper(args: argparse.Namespace, scale: str, methods: tuple[str, ...] | None) -> int:
+    """The paper's recipes on GPUs (experiments.paper); its own path, the CPU scales' jobs do not apply."""
+    from quantizable.experiments import paper
+
+    if scale != "paper":
+        raise SystemExit("--dry-run is only for --scale paper")
+    if args.dry_run:
+        print(paper.dry_run(methods or paper.METHODS, _names(args.families)))
+        return 0
+    for run_dir in paper.launch(args.out, methods or paper.METHODS, _names(args.families)):
+        print(f"trained: {run_dir}; measure with: quantizable quantize {run_dir} --out {run_dir / 'w8a8'}")
     return 0
