@@ -19,13 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
-from quantizable.benchmarking import BenchmarkRun
+from quantizable.benchmarking import BenchmarkRun, ort_single_op
 from quantizable.export import cpu_flags, median_latencies_ms
 
 # (name, in, out): the GEMMs of a d=256 / d=768 block and the BERT head (30,522-word vocabulary)
@@ -39,22 +36,6 @@ FP32_KERNELS = ("fp32_torch_mkl", "fp32_ort_mlas")
 INT8_KERNELS = ("int8_ort_mlas", "int8_onednn")
 
 
-def _ort_single_op(directory: Path, name: str, op: str, x_type: int, weight: np.ndarray,
-                   threads: int) -> ort.InferenceSession:
-    """A one-node ONNX graph ``y = op(x, W)`` with ``W`` an initializer, as a session with ``threads`` threads."""
-    w = numpy_helper.from_array(weight, "w")
-    y_type = TensorProto.FLOAT if op == "MatMul" else TensorProto.INT32
-    graph = helper.make_graph([helper.make_node(op, ["x", "w"], ["y"])], name,
-                              [helper.make_tensor_value_info("x", x_type, ["m", weight.shape[0]])],
-                              [helper.make_tensor_value_info("y", y_type, ["m", weight.shape[1]])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    path = directory / f"{name}.onnx"
-    onnx.save(model, str(path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def bench(label: str, tokens: int, k: int, n: int, threads: int, repeats: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, k, generator=g)
@@ -64,8 +45,8 @@ def bench(label: str, tokens: int, k: int, n: int, threads: int, repeats: int) -
     packed = torch.ops.onednn.qlinear_prepack(qw, [tokens, k])
     w_scale, w_zero = torch.full((n,), 0.01), torch.zeros(n, dtype=torch.long)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_session = _ort_single_op(Path(tmp), "fp32", "MatMul", TensorProto.FLOAT, w.numpy(), threads)
-        int8_session = _ort_single_op(Path(tmp), "int8", "MatMulInteger", TensorProto.UINT8,
+        fp32_session = ort_single_op(Path(tmp), "fp32", "MatMul", TensorProto.FLOAT, w.numpy(), threads)
+        int8_session = ort_single_op(Path(tmp), "int8", "MatMulInteger", TensorProto.UINT8,
                                       qw.T.contiguous().numpy(), threads)
         x_np, qx_np = x.numpy(), qx.numpy()
         kernels = {

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from quantizable.attention.spec import spec_for_method
-from quantizable.benchmarking import BenchmarkRun, paired_ratio
+from quantizable.benchmarking import BenchmarkRun, ort_gemm_limit_calls, paired_ratio
 from quantizable.export import cpu_flags, ort_int8
-from quantizable.export.common import latency_samples_ms
+from quantizable.export.onnx import weight_type
+from quantizable.export.common import input_names, latency_samples_ms
 from quantizable.export.pt2e import pt2e_int8
 from quantizable.models import MODEL_PRESETS, create_model
 
@@ -81,17 +82,28 @@ def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, r
         for function in (pt2e["fp32"], pt2e["int8"]):  # compile outside the timed runs
             function(batch)
         compile_s = time.perf_counter() - started
+        # the GEMM limit in the same interleaved run: one ORT GEMM at the model's FFN-up shape (tokens x d -> 4d),
+        # FP32 vs INT8 with the weight type the INT8 model has (u8 on a CPU without VNNI, where u8 x s8 saturates)
+        hidden = model.config.hidden_size
+        tokens = batch_size * (seq_len if "input_ids" in input_names(batch)
+                               else (model.config.image_size // model.config.patch_size) ** 2 + 1)
+        gemm = ort_gemm_limit_calls(Path(tmp), tokens, hidden, 4 * hidden, threads,
+                                    unsigned_weights=weight_type().name == "QUInt8")
+        functions.update({name: (lambda _, call=call: call()) for name, call in gemm.items()})
         samples = latency_samples_ms(functions, batch, repeats=repeats)
+    limit = paired_ratio(samples, "gemm_fp32", "gemm_int8")["median"]
     latency = {name: statistics.median(values) for name, values in samples.items()}
     fastest = min(FP32_PATHS, key=latency.get)
     common = {"model": name, "preset": preset, "overrides": overrides, "method": method,
               "parameters": sum(p.numel() for p in model.parameters()),
               "batch": {k: list(v.shape) for k, v in batch.items()}, "threads": threads, "cpu_flags": cpu_flags(),
-              "repeats": repeats, "latency_ms": latency, "fastest_fp32": fastest}
+              "repeats": repeats, "latency_ms": latency, "fastest_fp32": fastest,
+              "gemm_limit": {"shape": [tokens, hidden, 4 * hidden], "weights": weight_type().name, "limit": limit}}
     same = {"onnxruntime": ("fp32_ort", "int8_ort"), "pt2e": ("fp32_compiled", "int8_pt2e")}
     return [{**common, "backend": backend, "fp32_ms": latency[fp32], "int8_ms": latency[int8],
              "speedup": paired_ratio(samples, fp32, int8)["median"],
              "speedup_vs_fastest_fp32": paired_ratio(samples, fastest, int8)["median"],
+             "share_of_gemm_limit": paired_ratio(samples, fastest, int8)["median"] / limit,
              "pt2e_vs_ort_int8": paired_ratio(samples, "int8_pt2e", "int8_ort"),
              **sizes[backend], **({"compile_s": compile_s} if backend == "pt2e" else {})}
             for backend, (fp32, int8) in same.items()]
@@ -115,7 +127,10 @@ def main() -> None:
         ms = pair[0]["latency_ms"]
         print(f"{name:10s} " + "  ".join(f"{path} {ms[path]:8.2f}" for path in (*FP32_PATHS, *INT8_PATHS))
               + f"  | vs fastest FP32 ({pair[0]['fastest_fp32']}): "
-              + "  ".join(f"{row['backend']} {row['speedup_vs_fastest_fp32']:.2f}x" for row in pair), flush=True)
+              + "  ".join(f"{row['backend']} {row['speedup_vs_fastest_fp32']:.2f}x "
+                          f"({row['share_of_gemm_limit']:.0%} of limit)" for row in pair)
+              + f"  | same-run GEMM limit {pair[0]['gemm_limit']['limit']:.2f}x  flags {run.machine['cpu_flags']}",
+              flush=True)
         rows += pair
         run.write(args.out, rows)
     print(f"wrote {args.out}")

@@ -156,3 +156,42 @@ class BenchmarkRun:
                   **extra, "rows": rows}
         write_json_atomic(path, result)
         return result
+
+
+def ort_single_op(directory: Path, name: str, op: str, x_type: int, weight: Any, threads: int) -> Any:
+    """A one-node ONNX graph ``y = op(x, W)`` (``MatMul`` on float, ``MatMulInteger`` on 8-bit ``x``; ``W`` a numpy
+    initializer) as an ORT CPU session with ``threads`` threads: the GEMM limit's kernels (bench_gemm_limit,
+    bench_int8)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    y_type = TensorProto.FLOAT if op == "MatMul" else TensorProto.INT32
+    graph = helper.make_graph([helper.make_node(op, ["x", "w"], ["y"])], name,
+                              [helper.make_tensor_value_info("x", x_type, ["m", weight.shape[0]])],
+                              [helper.make_tensor_value_info("y", y_type, ["m", weight.shape[1]])],
+                              [numpy_helper.from_array(weight, "w")])
+    path = Path(directory) / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_gemm_limit_calls(directory: Path, tokens: int, k: int, n: int, threads: int,
+                         unsigned_weights: bool) -> dict[str, Callable[[], Any]]:
+    """Callables of one ORT GEMM (``tokens x k -> n``) in FP32 (``gemm_fp32``) and INT8 (``gemm_int8``: u8
+    activations, u8 or s8 weights as the INT8 model has them), to time in the same interleaved run as a model: their
+    time ratio is the same-run GEMM limit."""
+    import numpy as np
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((tokens, k), dtype=np.float32)
+    w = (rng.standard_normal((k, n), dtype=np.float32) / k**0.5).astype(np.float32)
+    qx = rng.integers(0, 256, (tokens, k), dtype=np.uint8)
+    qw = rng.integers(0, 256, (k, n), dtype=np.uint8) if unsigned_weights else \
+        rng.integers(-127, 128, (k, n), dtype=np.int8)
+    fp32 = ort_single_op(directory, "gemm_fp32", "MatMul", TensorProto.FLOAT, w, threads)
+    int8 = ort_single_op(directory, "gemm_int8", "MatMulInteger", TensorProto.UINT8, qw, threads)
+    return {"gemm_fp32": lambda: fp32.run(None, {"x": x}), "gemm_int8": lambda: int8.run(None, {"x": qx})}

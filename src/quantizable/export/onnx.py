@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import create_calibrator
 from torch import nn
@@ -133,6 +134,8 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Ite
     if float_logits:
         int8 = onnx.load(str(int8_path))
         unquantize_outputs(int8.graph)
+        if not any(opset.domain == "com.microsoft" for opset in int8.opset_import):
+            int8.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         onnx.save(int8, str(int8_path))
     return Path(int8_path)
 
@@ -153,7 +156,52 @@ def unquantize_outputs(graph: onnx.GraphProto) -> int:
         if producer.op_type == "Add":
             for tensor in list(producer.input):
                 removed += _drop_qdq(graph, tensor, sources=GEMMS) is not None
+            _fold_head_bias(graph, producer)
     return removed
+
+
+def _constant_dequantized(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
+                          constants: dict[str, onnx.TensorProto], name: str) -> bool:
+    """Whether ``name`` is an initializer or a DequantizeLinear of initializers."""
+    node = producers.get(name)
+    return name in constants or (node is not None and node.op_type == "DequantizeLinear"
+                                 and all(value in constants for value in node.input))
+
+
+def _fold_head_bias(graph: onnx.GraphProto, add: onnx.NodeProto) -> bool:
+    """``Add(MatMul(DequantizeLinear(a), DequantizeLinear(W)), bias)`` with a constant bias and per-tensor
+    quantization -> one ``com.microsoft.MatMulIntegerToFloat(a, W, scales, zero points, bias)``, what ORT runs for the
+    MatMul anyway, now adding the bias in the kernel instead of one more pass over batch x length x vocabulary floats
+    (BERT's head; issue 34: ~15% of the head's time on the AVX2 EPYC). Same float operations, same logits."""
+    producers = _producers(graph)
+    constants = {init.name: init for init in graph.initializer}
+    bias = next((name for name in add.input if _constant_dequantized(graph, producers, constants, name)), None)
+    matmul = next((producers[name] for name in add.input if name != bias and name in producers), None)
+    if matmul is None or bias is None or matmul.op_type != "MatMul" or len(_readers(graph, matmul.output[0])) != 1:
+        return False
+    dequantized = [producers.get(name) for name in matmul.input]
+    if not all(node is not None and node.op_type == "DequantizeLinear" and len(node.input) == 3 for node in dequantized):
+        return False
+    if any(len(constants[node.input[1]].dims) if node.input[1] in constants else 1 for node in dequantized):
+        return False  # per-channel (or non-constant) scales
+    (a, a_scale, a_zero), (w, w_scale, w_zero) = (list(node.input) for node in dequantized)
+    if bias not in constants:  # the quantizer's 8-bit bias: its float values, as DequantizeLinear computes them
+        bias_dq = producers[bias]
+        q, scale, zero = (numpy_helper.to_array(constants[name]) for name in bias_dq.input)
+        values = ((q.astype(np.int32) - zero.astype(np.int32)).astype(np.float32) * scale).astype(np.float32)
+        bias = f"{bias}_folded"
+        graph.initializer.append(numpy_helper.from_array(values, bias))
+        if len(_readers(graph, bias_dq.output[0])) == 1:
+            graph.node.remove(bias_dq)
+    fused = onnx.helper.make_node("MatMulIntegerToFloat", [a, w, a_scale, w_scale, a_zero, w_zero, bias],
+                                  list(add.output), name=f"{matmul.name}_bias", domain="com.microsoft")
+    graph.node.insert(list(graph.node).index(add), fused)
+    graph.node.remove(add)
+    graph.node.remove(matmul)
+    for node in dequantized:
+        if node in graph.node and not _readers(graph, node.output[0]):
+            graph.node.remove(node)
+    return True
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
