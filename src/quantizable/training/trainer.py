@@ -245,6 +245,7 @@ def train(
     accelerator = Accelerator(
         gradient_accumulation_steps=config.optim.grad_accum,
         mixed_precision=mixed_precision,
+        dynamo_backend="inductor" if run.compile else "no",
         log_with="tensorboard",
         project_dir=str(run_dir),
         cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch start CPU (gloo) process groups
