@@ -21,6 +21,8 @@ def save_model(model: PreTrainedModel, state: dict[str, torch.Tensor], tokenizer
     staging = dest.with_name(f".tmp_{dest.name}")
     if staging.exists():
         shutil.rmtree(staging)
+    # run.compile: the gathered state of the compiled wrapper names every weight "_orig_mod.<name>"
+    state = {name.removeprefix("_orig_mod."): tensor for name, tensor in state.items()}
     # with the modeling code beside it (QuantizableMixin.save_pretrained): loads where we are not installed
     model.save_pretrained(staging, state_dict=state, safe_serialization=True)
     # the tokenizer (a causal LM's starting every input with BOS, as training did) or the image processor
