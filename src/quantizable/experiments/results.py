@@ -13,24 +13,27 @@ Stat = dict[str, float]  # {"mean", "std", "n"}
 MECHANISM_KEYS = ("sink_share", "value_drain", "residual_peak")  # analyze's no-op numbers, each with a per-layer list
 
 
-def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` restricted to the fields of ``cls``; a key it does not know is an error (a misspelling, or a file
-    written by another version, which the version check re-measures)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
-    return data
+class _Record:
+    """Reading and writing a record as the JSON files hold it: a key it does not know is an error (a misspelling,
+    or a file written by another version, which the version check re-measures); an ``OPTIONAL`` field that is None
+    is left out, as it always was."""
 
+    OPTIONAL: frozenset[str] = frozenset()
 
-def _serialise(record: Any, optional: frozenset[str]) -> dict[str, Any]:
-    """The record's fields in declaration order; an ``optional`` field that is None is left out, as it always was."""
-    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
-            if not (f.name in optional and getattr(record, f.name) is None)}
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.name in self.OPTIONAL and getattr(self, f.name) is None)}
 
 
 @dataclass(frozen=True)
-class RunMeasurement:
+class RunMeasurement(_Record):
     """One trained run: FP, simulated W8A8 and the bit-width sweep, outlier and no-op metrics (``measure``), then
     real INT8, the curve over snapshots and PTQ baselines added by the runner."""
 
@@ -73,16 +76,10 @@ class RunMeasurement:
     OPTIONAL = frozenset({"scores", "bos_share_copy_per_layer", "bos_share_other_per_layer", "int8", "run_dir",
                           "seed", "curve", "ptq"})
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunMeasurement:
-        return cls(**_known(cls, data))
-
-    def to_dict(self) -> dict[str, Any]:
-        return _serialise(self, self.OPTIONAL)
 
 
 @dataclass(frozen=True)
-class ResultRow:
+class ResultRow(_Record):
     """One row of ``results.json``: mean ± std over training seeds (FP, outliers, mechanism) and over training x
     calibration seeds (W8A8, the sweep, PTQ) of one task x family x method."""
 
@@ -130,9 +127,3 @@ class ResultRow:
                           "scores", "bos_share_copy_per_layer", "bos_share_copy", "bos_share_other_per_layer",
                           "bos_share_other", "curve", "floor"})
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ResultRow:
-        return cls(**_known(cls, data))
-
-    def to_dict(self) -> dict[str, Any]:
-        return _serialise(self, self.OPTIONAL)
