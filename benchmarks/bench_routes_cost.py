@@ -8,12 +8,13 @@ embedding projection), sink logit vs vanilla attention, and a QAT W8A8 step (the
 forward, activation ranges calibrated then fixed) vs the FP step. One torch thread, this process's CPU time
 (``benchmarking.interleaved_times``); machine flags and load before and after are in the result file.
 
-Measured 2026-12-04 (2 cores, AVX2 without bf16 units, load 2.9-4.3 from other jobs; results/routes_cost.json):
-per step vanilla AdamW 43 ms; single-scale norm 1.08x, sink logit 1.10x, QAT W8A8 2.0x, Muon 14x (OSP 14x).
-Muon's cost is torch.optim.Muon's Newton-Schulz iteration, which it runs in bfloat16: slow on a CPU without
-native bf16 matrix units, so on CPU Muon dominates the step of so small a model.
+Measured 2026-12-04 06:03 UTC (2 cores, AVX2 without bf16 units, load 0.9-1.2; results/routes_cost.json): per step
+vanilla AdamW 27 ms; single-scale norm 1.02x, sink logit 1.05x, Muon 1.66x, OSP (Muon + single-scale + embedding
+projection) 1.72x, QAT W8A8 1.95x. Muon orthogonalises in float32 on CPU (training.optim.Muon); with torch's
+bfloat16 iteration, emulated on this CPU, Muon was 14x (earlier run of this benchmark, load 3-4). On so small a
+model (d = 128, batch 8) the optimizer is a large share of the step; OSP reports about 2% at 1.4B parameters.
 
-    python benchmarks/bench_routes_cost.py                  # ~5 min on 1 CPU thread
+    python benchmarks/bench_routes_cost.py                  # ~1 min on 1 CPU thread
     python benchmarks/bench_routes_cost.py --seconds 20
 """
 

@@ -125,3 +125,20 @@ def test_a_failed_job_stops_the_workers_without_running_the_queue(tmp_path):
     assert not last.exists()  # the queue was dropped, not worked through
     left = multiprocessing.active_children()
     assert not left, [(c.name, c.pid, c.exitcode, c.is_alive()) for c in left]  # no worker outlives the failure
+
+
+def test_run_directories_survive_a_new_config_field_but_not_a_changed_setting(monkeypatch):
+    """Finished runs are found by their directory's hash: a field added later at its default (simulated by adding
+    one to every config's dict) must not rename them; any changed setting must."""
+    from quantizable.experiments.plan import SCALES, fingerprint, run_config
+    from quantizable.training.config import TrainConfig
+
+    config = run_config("opt", "vanilla", 0, SCALES["long"], task="backcopy")
+    before = fingerprint(config, SCALES["long"])
+    plain = TrainConfig.to_dict
+    monkeypatch.setattr(TrainConfig, "to_dict", lambda self: {**plain(self), "run": {**plain(self)["run"], "new": 1}})
+    assert fingerprint(config, SCALES["long"]) == before
+    monkeypatch.undo()
+    changed = run_config("opt", "vanilla", 0, SCALES["long"], ("optim.lr=0.001",), task="backcopy")
+    assert fingerprint(changed, SCALES["long"]) != before
+    assert fingerprint(config, SCALES["quick"]) != before  # the measurement sizes are part of it

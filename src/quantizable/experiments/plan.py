@@ -124,6 +124,23 @@ def run_config(family: str, method: str, seed: int, scale: Scale, overrides: tup
 
 
 def fingerprint(config: TrainConfig, scale: Scale) -> str:
-    payload = json.dumps({"config": config.to_dict(), "calib": scale.calib_seeds, "calib_batches": scale.calib_batches,
-                          "eval_batches": scale.eval_batches}, sort_keys=True, default=str)
+    """A short hash naming a run's directory: the settings that differ from ``TrainConfig()``'s and the scale's
+    measurement sizes. Only the differences, so a new config field with a default leaves finished runs reusable."""
+    payload = json.dumps({"config": _changed(config.to_dict(), TrainConfig().to_dict()), "calib": scale.calib_seeds,
+                          "calib_batches": scale.calib_batches, "eval_batches": scale.eval_batches},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a nested settings dict that differ from ``defaults`` (nested sections compared per key)."""
+    changed = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict) and default.keys() <= value.keys():
+            value = _changed(value, default)
+            if value:
+                changed[key] = value
+        elif value != default or key not in defaults:
+            changed[key] = value
+    return changed
