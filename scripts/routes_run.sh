@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 33: every route to W8A8 on the same Bigram-Backcopy runs (the long scale of `reproduce --scale long`,
 # docs/reproduce.md): vanilla, gated attention, sink logit, Muon, Muon + single-scale norm, full OSP (Muon +
-# single-scale norm + embedding projection), and a short W8A8 QAT fine-tune of each vanilla run; then one table
+# single-scale norm + embedding projection), the PTQ baselines on each kinds run, and a short W8A8 QAT fine-tune of each
+# vanilla run; then one table
 # (OUT/routes.md, OUT/routes.json): FP, W8A8/W8A6/W8A4, max inf-norm, kurtosis, train-step time.
 #
 #   scripts/routes_run.sh OUT [SCALE [QAT_STEPS]]     SCALE: long (default) or long-tiny (smoke test)
@@ -14,8 +15,9 @@ qat_steps=${3:-$([ "$scale" = long ] && echo 800 || echo 4)}
 mkdir -p "$out"
 { date -u; uptime; grep -m1 -o -w -E 'avx2|avx512f|avx512_vnni|avx_vnni|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; 
   git -C "$(dirname "$0")/.." rev-parse HEAD; } > "$out/machine.txt"
-repro() { quantizable reproduce --scale "$scale" --out "$out/$1" "${@:2}"; }
-repro kinds --methods vanilla,gated_attention,sink_logit
+start=$(date +%s)
+repro() { quantizable reproduce --scale "$scale" --out "$out/$1" "${@:2}"; echo "$1 done $(( $(date +%s) - start )) s; $(uptime)" >> "$out/machine.txt"; }
+repro kinds --methods vanilla,gated_attention,sink_logit --ptq smoothquant,rotation,per_token,outlier_fp
 repro muon --methods vanilla --set optim.name=muon
 repro muon-ss --methods vanilla --set optim.name=muon --set model.norm=single_scale
 repro osp --methods vanilla --set optim.name=muon --set model.norm=single_scale --set model.embedding_projection=true
