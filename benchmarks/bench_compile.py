@@ -1,21 +1,33 @@
 """torch.compile of the whole model against eager: training-step time of vanilla, clipped and gated attention on CPU.
 
-For bert-small and opt-small at T=128, each attention variant runs a training step (forward, backward, the trainer's
-fused AdamW) eagerly and as ``torch.compile(model)`` (Inductor; the optimizer step stays eager). The fast paths run
-as our custom ops (the C row kernels; ``compiled_fast_paths(True)``) or, with ``fused_attention(False)``, as the plain
-reference ops that Inductor fuses itself (what compiling picks by default); that pair answers whether the
-hand-written kernels still pay off under compile. All variants of a
-model share weights and batch, their steps are interleaved round-robin (rotating the order every round) so a shared
-machine's slow phases hit all alike, and the reported time is the median step of this process's CPU time on one
-torch thread. Ratios are to eager vanilla SDPA of the same model, and compiled to eager of the same variant.
+Default (issue 30): the trainer's step as ``run.compile=true`` runs it. For the CPU training presets ``bert-cpu``
+and ``opt-cpu`` with the reproduction's attention settings (``experiments.plan.run_config`` at scale ``full``:
+batch 16 of T=128 from the real data pipeline, dropout as in the preset), each of vanilla, clipped softmax and gated
+attention takes a training step (forward, backward, gradient clipping, the preset's fused AdamW) eagerly and as
+``torch.compile(model)`` (Inductor, what accelerate's dynamo plugin does; the optimizer step stays eager), each on
+the paths the trainer takes: our C row kernels eagerly, the reference ops that Inductor fuses under compile. All six
+share weights and batch; their steps are interleaved round-robin (order rotated every round) and timed as this
+process's CPU time on one torch thread. Ratios are the median per-round ratio (``paired_ratio``, with quartiles) to
+compiled vanilla, the issue's targets being clipped <= 1.03 and gated <= 1.02. The first step (mostly compiling,
+into a fresh Inductor cache shared by the run: the first compiled model pays for the kernels the others reuse) is a
+column of its own, wall time.
 
-    python benchmarks/bench_compile.py                       # 8-25 min on 2 loaded cores, mostly compiling
-    python benchmarks/bench_compile.py --presets opt-small   # one model: 8 min here (warm Inductor cache)
+``--kernels``: the 2026-12-01 comparison (issue 16) of our custom ops traced into the compiled graph
+(``compiled_fast_paths(True)``) against the reference ops Inductor fuses, on the model presets bert-small /
+opt-small at batch 2 without dropout, ratios to eager vanilla (``results/compile.json``).
+
+    python benchmarks/bench_compile.py                       # ~9 min on 2 idle cores, half of it compiling
+    python benchmarks/bench_compile.py --presets opt-cpu     # one preset
+    python benchmarks/bench_compile.py --kernels             # 8-25 min on 2 loaded cores, mostly compiling
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +37,18 @@ import torch
 
 from quantizable.attention import AttentionSpec, spec_for_method
 from quantizable.attention.switch import compiled_fast_paths, fused_attention
-from quantizable.benchmarking import BenchmarkRun, interleaved_times, medians
+from quantizable.benchmarking import BenchmarkRun, interleaved_times, medians, paired_ratio
 from quantizable.models import apply_attention_spec, create_model
 from quantizable.training.allocator import keep_freed_memory
 from quantizable.training.config import OptimConfig
 from quantizable.training.optim import make_optimizer
 
-RESULTS = Path(__file__).parent / "results" / "compile.json"
-PRESETS = ("bert-small", "opt-small")
+RESULTS = Path(__file__).parent / "results" / "compile_train_step.json"
+KERNEL_RESULTS = Path(__file__).parent / "results" / "compile.json"
+TRAIN_PRESETS = ("bert-cpu", "opt-cpu")  # the trainer's CPU presets (issue 30)
+PRESETS = ("bert-small", "opt-small")  # --kernels: model presets
+METHODS = ("vanilla", "clipped_softmax", "gated_attention")
+TARGETS = {"clipped_softmax": 1.03, "gated_attention": 1.02}  # compiled step over compiled vanilla (issue 30)
 
 
 @dataclass(frozen=True)
@@ -68,19 +84,110 @@ def build(preset: str, seq_len: int, batch: int) -> tuple[torch.nn.Module, dict[
 
 
 def make_step(model: torch.nn.Module, run: Callable, inputs: dict[str, torch.Tensor],
-              variant: Variant) -> Callable[[], None]:
-    optimizer = make_optimizer(model, OptimConfig())
+              context: Callable[[], ContextManager], optim: OptimConfig | None = None) -> Callable[[], None]:
+    """One training step of ``model`` through ``run`` (the model or its compiled wrapper): forward and backward under
+    ``context``, gradient clipping when ``optim.grad_clip`` (as the trainer), the optimizer step."""
+    optim = optim or OptimConfig()
+    optimizer = make_optimizer(model, optim)
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
-        with variant.context():
+        with context():
             run(**inputs).loss.backward()
+        if optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def measure(preset: str, seq_len: int, batch: int, steps: int, warmup: int) -> list[dict]:
+def first_step(name: str, step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()  # the first call of a compiled model compiles
+    seconds = time.perf_counter() - start
+    print(f"  {name}: first step {seconds:.1f} s", flush=True)
+    return seconds
+
+
+# ---- default: the trainer's step on the CPU training presets (issue 30) ----
+
+def train_setup(preset: str, method: str, batch: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], OptimConfig]:
+    """The model, optimizer settings and first training batch the reproduction (scale ``full``) trains ``method``
+    with on ``preset`` (``bert-cpu`` -> family bert), at ``batch``."""
+    from quantizable.data import make_loader
+    from quantizable.data.tasks import task_data
+    from quantizable.experiments.plan import SCALES, run_config
+    from quantizable.models import family_of_config
+    from quantizable.training.trainer import build_model
+
+    family = preset.split("-")[0]
+    config = run_config(family, method, 0, SCALES["full"], (f"run.batch_size={batch}",))
+    if config.model.preset != load_model_preset(preset):
+        raise ValueError(f"{preset}: the reproduction trains {config.model.preset}, not the preset's model")
+    torch.manual_seed(0)
+    model, tokenizer = build_model(config)
+    data = task_data(config, family_of_config(model.config).task, tokenizer, model.config)
+    inputs = next(iter(make_loader(data.train, batch, data.collate(0), shuffle=True, seed=0)))
+    return model.train(), inputs, config.optim
+
+
+def load_model_preset(preset: str) -> str:
+    from quantizable.training.config import load_config
+
+    return load_config(preset).model.preset
+
+
+def measure_train(preset: str, batch: int, steps: int, warmup: int) -> list[dict]:
+    runs: dict[str, Callable[[], None]] = {}
+    first_s: dict[str, float] = {}
+    shapes = {}
+    for method in METHODS:
+        model, inputs, optim = train_setup(preset, method, batch)  # initialised as the trainer does (seed 0)
+        shapes[method] = tuple(inputs["input_ids"].shape)
+        for mode in ("eager", "compiled"):
+            own = model if mode == "eager" else copy.deepcopy(model)
+            name = f"{method}/{mode}"
+            runs[name] = make_step(own, torch.compile(own) if mode == "compiled" else own, inputs,
+                                   contextlib.nullcontext, optim)
+            first_s[name] = first_step(f"{preset} {name}", runs[name])
+    times = interleaved_times(runs, steps, warmup, clock=time.process_time)
+    median = medians(times)
+    rows = []
+    for name in runs:
+        method, mode = name.split("/")
+        row = {"preset": preset, "batch": shapes[method][0], "seq_len": shapes[method][1], "variant": method,
+               "mode": mode, "step_ms": round(1000 * median[name], 1), "steps": len(times[name]),
+               "first_step_s": round(first_s[name], 1)}
+        for key, reference in (("vs_compiled_vanilla", "vanilla/compiled"), ("vs_eager_vanilla", "vanilla/eager"),
+                               ("compiled_vs_eager", f"{method}/eager")):
+            ratio = paired_ratio(times, name, reference)
+            row[key] = round(ratio["median"], 3)
+            row[f"{key}_iqr"] = [round(ratio["q1"], 3), round(ratio["q3"], 3)]
+        if mode == "compiled" and method in TARGETS:
+            row["target"] = TARGETS[method]
+            row["target_met"] = row["vs_compiled_vanilla"] <= TARGETS[method]
+        rows.append(row)
+    return rows
+
+
+def train_table(rows: list[dict]) -> str:
+    lines = ["| preset | variant | step ms eager / compiled | x compiled vanilla: eager | compiled (IQR) | target | "
+             "compiled / eager | first step s (compile) |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    for row in (r for r in rows if r["mode"] == "eager"):
+        c = next(r for r in rows if r["preset"] == row["preset"] and r["variant"] == row["variant"]
+                 and r["mode"] == "compiled")
+        target = "" if "target" not in c else f"<= {c['target']:.2f} {'met' if c['target_met'] else 'NOT met'}"
+        iqr = c["vs_compiled_vanilla_iqr"]
+        lines.append(f"| {row['preset']} | {row['variant']} | {row['step_ms']:.0f} / {c['step_ms']:.0f} | "
+                     f"{row['vs_compiled_vanilla']:.3f} | {c['vs_compiled_vanilla']:.3f} ({iqr[0]:.3f}-{iqr[1]:.3f}) | "
+                     f"{target} | {c['compiled_vs_eager']:.3f} | {row['first_step_s']:.1f} / {c['first_step_s']:.1f} |")
+    return "\n".join(lines)
+
+
+# ---- --kernels: our custom ops against Inductor's fusion of the reference ops (issue 16) ----
+
+def measure_kernels(preset: str, seq_len: int, batch: int, steps: int, warmup: int) -> list[dict]:
     base, inputs = build(preset, seq_len, batch)
     runs: dict[str, Callable[[], None]] = {}
     compile_s = {}
@@ -89,11 +196,8 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, warmup: int) -> l
             model = apply_attention_spec(base, variant.spec).train()
             run = torch.compile(model) if mode == "compiled" else model
             name = f"{variant.name}/{mode}"
-            runs[name] = make_step(model, run, inputs, variant)
-            start = time.perf_counter()
-            runs[name]()  # the first call compiles
-            compile_s[name] = time.perf_counter() - start
-            print(f"  {preset} {name}: first step {compile_s[name]:.1f} s", flush=True)
+            runs[name] = make_step(model, run, inputs, variant.context)
+            compile_s[name] = first_step(f"{preset} {name}", runs[name])
     names = list(runs)
     times = interleaved_times(runs, steps, warmup, clock=time.process_time)
     median = medians(times)
@@ -120,27 +224,59 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=PRESETS)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--tokens", type=int, default=256, help="tokens per batch: batch = max(1, tokens // T)")
-    parser.add_argument("--steps", type=int, default=15, help="timed rounds (every variant once per round)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="our custom ops vs the reference ops under compile on model presets (issue 16)")
+    parser.add_argument("--presets", nargs="+", choices=TRAIN_PRESETS + PRESETS,
+                        help=f"default {' '.join(TRAIN_PRESETS)} (--kernels: {' '.join(PRESETS)})")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step (the reproduction's full scale)")
+    parser.add_argument("--length", type=int, default=128, help="--kernels: T")
+    parser.add_argument("--tokens", type=int, default=256,
+                        help="--kernels: tokens per batch: batch = max(1, tokens // T)")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds, every variant once per round "
+                        "(default 12; --kernels 15)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="use Inductor's usual cache (default: a fresh one, so first steps are cold compiles)")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    presets = args.presets or (PRESETS if args.kernels else TRAIN_PRESETS)
+    wrong = [p for p in presets if p not in (PRESETS if args.kernels else TRAIN_PRESETS)]
+    if wrong:
+        parser.error(f"{' '.join(wrong)}: {'--kernels takes model' if args.kernels else 'takes training'} presets")
+    steps = args.steps or (15 if args.kernels else 12)
+    out = args.out or (KERNEL_RESULTS if args.kernels else RESULTS)
+    cache = None
+    if not args.warm_cache and not args.kernels:
+        cache = tempfile.mkdtemp(prefix="bench_compile_inductor_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read when Inductor first compiles
     torch.set_num_threads(args.threads)
     # Every compiled model adds guards to the same transformers code objects: past dynamo's default limit of 8
     # entries per frame the later models would silently run eagerly.
     torch._dynamo.config.recompile_limit = 64
     kept = keep_freed_memory()
-    run = BenchmarkRun("compile", {"threads": args.threads, "steps": args.steps, "length": args.length,
-                                   "tokens": args.tokens, "kept_freed_memory": kept,
-                                   "clock": "process CPU time, median step"})
+    settings = {"threads": args.threads, "steps": steps, "kept_freed_memory": kept,
+                "clock": "process CPU time; ratios: median per-round ratio (paired_ratio)"}
+    if args.kernels:
+        settings.update(length=args.length, tokens=args.tokens, clock="process CPU time, median step")
+    else:
+        settings.update(presets=list(presets), batch=args.batch, inductor_cache="fresh" if cache else "warm",
+                        first_step="wall time of the first step (compiling, for compiled models)",
+                        command="python benchmarks/bench_compile.py" + (
+                            f" --presets {' '.join(presets)}" if args.presets else "") + (
+                            f" --batch {args.batch}" if args.batch != 16 else "") + (
+                            f" --steps {steps}" if args.steps else "") + (" --warm-cache" if args.warm_cache else ""))
+    run = BenchmarkRun("compile" if args.kernels else "compile_train_step", settings)
     rows = []
-    for preset in args.presets:
-        rows += measure(preset, args.length, max(1, args.tokens // args.length), args.steps, warmup=2)
-    print(table(rows))
-    result = run.write(args.out, rows)
-    print(f"wrote {args.out} ({result['wall_s']} s)")
+    for preset in presets:
+        if args.kernels:
+            rows += measure_kernels(preset, args.length, max(1, args.tokens // args.length), steps, warmup=2)
+        else:
+            rows += measure_train(preset, args.batch, steps, warmup=2)
+            run.write(out, rows)  # a complete file after every preset
+    print(table(rows) if args.kernels else train_table(rows))
+    result = run.write(out, rows)
+    print(f"wrote {out} ({result['wall_s']} s; load average {result['machine']['load_average']} -> "
+          f"{result['machine']['load_average_after']}, flags {result['machine']['cpu_flags']})")
 
 
 if __name__ == "__main__":
