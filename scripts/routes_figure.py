@@ -18,9 +18,10 @@ def main() -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, row in routes.items():
-        bits = [0, 1, 2, 3]  # FP, A8, A6, A4: evenly spaced categories
-        ppl = [row["fp_ppl"], row["w8a8_ppl"], row["w8a6_ppl"], row["w8a4_ppl"]]
-        ax.plot(bits, ppl, marker="o", label=f"{name} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})")
+        keys = [key for key in ("fp_ppl", "w8a8_ppl", "w8a6_ppl", "w8a4_ppl") if key in row]  # PTQ rows: FP, W8A8
+        # FP, A8, A6, A4 as evenly spaced categories; PTQ rows dashed
+        ax.plot(range(len(keys)), [row[key] for key in keys], marker="o", linestyle="-" if len(keys) == 4 else "--",
+                label=f"{name} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})")
     ax.set_xticks([0, 1, 2, 3], ["FP", "W8A8", "W8A6", "W8A4"])
     ax.set_yscale("log")
     ax.set_xlabel("simulated quantization (static per-tensor ranges)")

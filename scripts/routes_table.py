@@ -59,16 +59,40 @@ def row(runs: list[tuple[dict, dict]]) -> dict[str, float]:
             "ms_per_step": _mean([1000 * s["train_seconds"] / s["step"] for _, s in runs if s.get("step")])}
 
 
+def best_ptq(out: Path, kind: str) -> tuple[str, dict[str, float]] | None:
+    """The PTQ baseline (``reproduce --ptq``, the run's ptq.json) with the lowest mean W8A8 perplexity over the
+    seeds of one kinds route, as a row with only FP and W8A8 (PTQ is measured at W8A8)."""
+    files = sorted((out / "kinds" / "runs").glob(f"backcopy-opt-{kind}-seed*/ptq.json"))
+    per_method: dict[str, list[tuple[float, float]]] = {}
+    for path in files:
+        for name, result in json.loads(path.read_text()).items():
+            if "quantized" in result:
+                per_method.setdefault(name, []).append((result["fp"], result["quantized"]["mean"]))
+    scored = {name: pairs for name, pairs in per_method.items() if len(pairs) == len(files)}
+    if not scored:
+        return None
+    name, pairs = min(scored.items(), key=lambda item: _mean([q for _, q in item[1]]))
+    fp, w8a8 = _mean([f for f, _ in pairs]), _mean([q for _, q in pairs])
+    return name, {"seeds": len(pairs), "fp_ppl": fp, "w8a8_ppl": w8a8, "w8a8_cost_pct": 100 * (w8a8 / fp - 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--scale", default="long")
     args = parser.parse_args()
     rows = {name: row(runs) for name, (d, kind) in ROUTES.items() if (runs := _runs(args.out, d, kind, args.scale))}
+    for route, kind in (("vanilla", "vanilla"), ("gated attention", "gated_attention")):
+        if (best := best_ptq(args.out, kind)) is not None:
+            rows[f"{route} + best PTQ ({best[0]})"] = best[1]
     (args.out / "routes.json").write_text(json.dumps(rows, indent=1))
     lines = ["| route | seeds | FP ppl | W8A8 ppl (cost) | W8A6 ppl | W8A4 ppl (cost) | max inf-norm | avg kurtosis | "
              "train step |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        if "w8a4_ppl" not in r:  # a PTQ row: W8A8 only
+            lines.append(f"| {name} | {r['seeds']} | {r['fp_ppl']:.3f} | {r['w8a8_ppl']:.3f} ({r['w8a8_cost_pct']:+.2f}%) "
+                         "| - | - | - | - | - |")
+            continue
         lines.append(f"| {name} | {r['seeds']} | {r['fp_ppl']:.3f} | {r['w8a8_ppl']:.3f} ({r['w8a8_cost_pct']:+.2f}%) | "
                      f"{r['w8a6_ppl']:.3f} | {r['w8a4_ppl']:.3f} ({r['w8a4_cost_pct']:+.1f}%) | "
                      f"{r['max_inf_norm']:.1f} | {r['avg_kurtosis']:.2f} | {r['ms_per_step']:.1f} ms |")
