@@ -60,7 +60,9 @@ class _Collector:
     causal: bool
     zeroing_layers: set[int]  # layers whose attention kind outputs exact zeros (AttentionSpec.exact_zeros)
     flattened_tokens: bool  # the family's FFN sees (B*T, d) (Family.flattens_ffn_tokens)
+    registers: int = 0  # ViT register tokens, the last positions: outside every statistic but their own
     stats: dict[tuple[int, str], RunningStats] = field(default_factory=dict)
+    register_stats: dict[int, RunningStats] = field(default_factory=dict)  # per layer, block output on registers
     outliers: OutlierCounts = field(default_factory=OutlierCounts)
     figure: FigureData = field(default_factory=FigureData)
     batch: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -83,10 +85,12 @@ class _Collector:
         self.valid = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
 
     def _image_tokens(self, length: int) -> None:
-        """Token 0 is [CLS], then patches in raster order; [CLS] is the only sink and delimiter of an image."""
-        batch_size = self.batch["pixel_values"].shape[0]
-        self.token_labels = [["[CLS]"] + [f"patch {p}" for p in range(length - 1)]] * batch_size
-        self.valid = torch.ones(batch_size, length, dtype=torch.bool)
+        """Token 0 is [CLS], then patches in raster order; [CLS] is the only sink and delimiter of an image. Register
+        tokens (last) count as padding: no statistic, outlier count or mechanism metric reads them."""
+        batch_size, patches = self.batch["pixel_values"].shape[0], length - 1 - self.registers
+        self.token_labels = [["[CLS]"] + [f"patch {p}" for p in range(patches)]
+                             + [f"register {r}" for r in range(self.registers)]] * batch_size
+        self.valid = (torch.arange(length) <= patches).expand(batch_size, length)
         self.delimiters = self.valid & (torch.arange(length) == 0)
 
     def record(self, layer: int, name: str, x: torch.Tensor) -> None:
@@ -109,12 +113,13 @@ class _Collector:
         batch_size = next(iter(self.batch.values())).shape[0]
         if self.flattened_tokens and x.dim() == 2:
             x = x.view(batch_size, -1, x.shape[-1])
-        mask = self.batch.get("attention_mask")
-        self.stats.setdefault((layer, name), RunningStats()).update(x, mask)
+        self.stats.setdefault((layer, name), RunningStats()).update(x, self.valid)
         if name == MAIN_TENSOR:
             self.mechanism.add_hidden(layer, x, self.valid)
+            if self.registers:
+                self.register_stats.setdefault(layer, RunningStats()).update(x[:, -self.registers:])
         if name == OUTLIER_TENSOR:
-            found = outlier_mask(x, mask)
+            found = outlier_mask(x, self.valid)
             self.outliers.add(layer, found, self.token_labels, self.delimiters if "input_ids" in self.batch else None)
             if self.first_batch:
                 self.figure.first_outliers[layer] = found[0].sum(-1).cpu()
@@ -131,6 +136,18 @@ def _per_layer(stats: dict[tuple[int, str], RunningStats]) -> list[dict[str, Any
          "mean_kurtosis": s.mean_kurtosis, "sequences": s.count}
         for (layer, name), s in sorted(stats.items())
     ]
+
+
+def _register_summary(count: int, stats: dict[int, RunningStats]) -> dict[str, Any] | None:
+    """The block-output metrics of the register tokens alone, defined as ``max_inf_norm`` / ``avg_kurtosis`` are on
+    the image tokens: did the registers take the high-norm tokens?"""
+    if not count:
+        return None
+    per_layer = [stats[layer].mean_inf_norm for layer in sorted(stats)]
+    worst = max(range(len(per_layer)), key=per_layer.__getitem__)
+    return {"count": count, "max_inf_norm": per_layer[worst], "max_inf_norm_layer": worst,
+            "avg_kurtosis": sum(s.mean_kurtosis for s in stats.values()) / len(stats),
+            "per_layer_inf_norm": per_layer}
 
 
 def _summary(per_layer: list[dict[str, Any]]) -> dict[str, Any]:
@@ -163,7 +180,8 @@ def analyze(
 
     Returns (and with ``out_dir`` writes as ``metrics.json``, ``report.md`` and PNG figures) the paper's
     ``max_inf_norm`` and ``avg_kurtosis`` of block outputs, a per-layer table of every recorded tensor, and where
-    the FFN-output outliers (> 6 std) sit: hidden dims, positions, tokens, delimiter share; and the no-op
+    the FFN-output outliers (> 6 std) sit: hidden dims, positions, tokens, delimiter share; a ViT's register tokens
+    are left out of all of these and reported on their own (``registers``); and the no-op
     mechanism over all batches (``analysis.mechanism``): attention share on the first token and on delimiters per
     layer and head, value drain, first-token residual peak, gate statistics and, for kinds with exact zeros (clipped softmax, softpick), the alive
     share (allowed entries above zero) and dead rows (all zero) per layer, and the layers with no alive entry. ``layer``/``head``
@@ -180,8 +198,10 @@ def analyze(
     device = next(model.parameters()).device
     zeroing = {i for i, m in enumerate(attention_modules(model))
                if getattr(m, "attention_spec", None) is not None and m.attention_spec.exact_zeros}
+    registers = getattr(model.config, "registers", 0)
     collector = _Collector(_TokenLabels(tokenizer), MechanismStats(n_layers), family.task is Task.CLM, zeroing,
-                           family.flattens_ffn_tokens)
+                           family.flattens_ffn_tokens, registers)
+    collector.figure.registers = registers
     official = recording_paper_metrics(model) if covers_family(model) else nullcontext(None)
     try:
         with official as paper:
@@ -224,6 +244,7 @@ def analyze(
                                 and "input_ids" in collector.batch else None),
         },
         **collector.mechanism.summary(),
+        "registers": _register_summary(registers, collector.register_stats),  # None: no registers
         # the official scripts' pooling and kurtosis formula (analysis.paper_metrics); None: no official code
         "paper_metrics": paper.summary() if paper is not None else None,
         "figure_layer": layer,

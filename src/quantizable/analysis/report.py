@@ -27,6 +27,7 @@ class FigureData:
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # (S, H, T, T) attention probabilities
     value_norms: dict[int, torch.Tensor] = field(default_factory=dict)  # (S, T, H_kv) value-vector norms
     first_outliers: dict[int, torch.Tensor] = field(default_factory=dict)  # (T,) ffn_out outliers of sequence 0
+    registers: int = 0  # ViT register tokens at the end of the sequence (not patches: no place in the grids)
 
 
 def _pyplot():
@@ -109,9 +110,10 @@ def vit_patch_grids(data: FigureData, layer: int, head: int, path: Path) -> Path
     head ``head`` of the next layer (column sums of its probability matrix), and that matrix."""
     plt = _pyplot()
     attention_layer = min(layer + 1, max(data.probs))
-    outliers = data.first_outliers[layer][1:].float()
+    patches = slice(1, data.first_outliers[layer].numel() - data.registers)
+    outliers = data.first_outliers[layer][patches].float()
     probs = data.probs[attention_layer][0, head]
-    received = probs.sum(0)[1:]
+    received = probs.sum(0)[patches]
     side = math.isqrt(outliers.numel())
     image = data.inputs["pixel_values"][0]
     image = (image - image.min()) / (image.max() - image.min() + 1e-12)
@@ -126,7 +128,8 @@ def vit_patch_grids(data: FigureData, layer: int, head: int, path: Path) -> Path
         ax.set_title(title, fontsize=9)
     shown = axes[3].imshow(probs.numpy(), cmap="viridis", aspect="auto")
     fig.colorbar(shown, ax=axes[3], fraction=0.046)
-    axes[3].set_title("attention probabilities (token 0 = [CLS])", fontsize=9)
+    registers = f", last {data.registers} = registers" if data.registers else ""
+    axes[3].set_title(f"attention probabilities (token 0 = [CLS]{registers})", fontsize=9)
     for ax in axes:
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
@@ -290,6 +293,14 @@ def _inputs_noun(family: str) -> str:
     return "images" if get_family(family).task is Task.IMAGE else "sequences"
 
 
+def _register_rows(registers: dict[str, Any] | None) -> list[str]:
+    if registers is None:
+        return []
+    return [f"| registers ({registers['count']} tokens, left out above): max inf-norm (block output, layer "
+            f"{registers['max_inf_norm_layer']}) | {registers['max_inf_norm']:.2f} |",
+            f"| registers: avg kurtosis (block output) | {registers['avg_kurtosis']:.2f} |"]
+
+
 def _markdown(result: dict[str, Any]) -> str:
     outliers = result["outliers"]
     share = outliers["delimiter_share"]
@@ -308,6 +319,7 @@ def _markdown(result: dict[str, Any]) -> str:
           for key in ("attn_out", "ffn_out", "ln_in") if f"max_{key}_inf_norm" in result),
         f"| outliers (> {outliers['threshold_std']:g} std, {outliers['tensor']}) | {outliers['total']} |",
         f"| delimiter share of outliers | {'n/a' if share is None else f'{100 * share:.1f}%'} |",
+        *_register_rows(result.get("registers")),
         *_paper_metric_rows(result.get("paper_metrics")),
         "",
         *([PAPER_METRICS_NOTE, ""] if result.get("paper_metrics") else []),

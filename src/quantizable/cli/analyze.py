@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
           f"(layer {result['max_inf_norm_layer']}), avg kurtosis {result['avg_kurtosis']:.2f}, "
           f"{result['outliers']['total']} outliers"
           + ("" if share is None else f" ({100 * share:.0f}% on delimiters)"))
+    if result["registers"] is not None:
+        registers = result["registers"]
+        print(f"{registers['count']} register tokens (left out of the above): max inf-norm "
+              f"{registers['max_inf_norm']:.2f} (layer {registers['max_inf_norm_layer']})")
     print(f"no-op mechanism: sink share {100 * result['sink_share']:.1f}% (max layer), "
           f"{100 * result['dormant_share']:.0f}% of heads >= 50% on the first token, value drain "
           f"{result['value_drain_min']:.3g}-{result['value_drain']:.3g}, residual peak {result['residual_peak']:.3g}")

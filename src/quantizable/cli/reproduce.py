@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['task']:8s} {row['family']:5s} {row['method']:16s} FP {row['fp']['mean']:8.2f}  "
               f"W8A8 {row['w8a8']['mean']:8.2f}  INT8 (ORT) {row['int8']['mean']:8.2f}  "
-              f"inf-norm {row['max_inf_norm']['mean']:8.1f}  kurtosis {row['avg_kurtosis']['mean']:8.1f}")
+              f"inf-norm {row['max_inf_norm']['mean']:8.1f}  kurtosis {row['avg_kurtosis']['mean']:8.1f}"
+              + (f"  registers' inf-norm {row['register_max_inf_norm']['mean']:8.1f}"
+                 if row.get("register_max_inf_norm") else ""))
     print(f"report: {args.out / 'report.md'}")
     return 0
 

@@ -54,6 +54,8 @@ def aggregate(task: str, family: str, method: str, runs: list[RunMeasurement], s
         row["dead_layers"] = {r.run_dir: r.dead_layers for r in runs if r.dead_layers}
         row["dead_layers_at_init"] = {r.run_dir: r.liveness_at_init["dead_layers"] for r in runs
                                       if (r.liveness_at_init or {}).get("dead_layers")}
+    if first.register_max_inf_norm is not None:  # ViT registers: did they take the high norms?
+        row["register_max_inf_norm"] = _mean_std([r.register_max_inf_norm for r in runs])
     if first.ptq is not None:  # W8A8 under each PTQ baseline, over training x calibration seeds
         row["ptq"] = {name: entry if "not_applicable" in entry else
                       {"w8a8": _mean_std([v for r in runs for v in r.ptq[name]["quantized"]["per_seed"]]),

@@ -109,6 +109,7 @@ def measure(run: RunData, run_dir: Path, scale: Scale, setup: str = "default") -
         max_inf_norm=analysis["max_inf_norm"],
         avg_kurtosis=analysis["avg_kurtosis"],
         per_layer_inf_norm=[row["mean_inf_norm"] for row in analysis["per_layer"] if row["tensor"] == "block_out"],
+        register_max_inf_norm=analysis["registers"]["max_inf_norm"] if analysis["registers"] else None,
         analysis_dir=str(run_dir / "analysis"),
         figures=analysis["figures"],
         # kinds with exact zeros (clipped softmax, softpick) add entries above zero, all-zero rows and dead layers;

@@ -77,6 +77,18 @@ def _liveness_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _register_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The register tokens' own max inf-norm for every row trained with registers (``model.registers``): the
+    table's max inf-norm leaves them out."""
+    lines = []
+    for row in rows:
+        if row.get("register_max_inf_norm") is not None:
+            lines += ["", f"{method_name(row['method'])} ({family_name(row['family'])}) has register tokens: max "
+                          f"inf-norm on them {_pm(row['register_max_inf_norm'], 1)} (the table's is on [CLS] and "
+                          f"the patches only)."]
+    return lines
+
+
 def _idle_copy(row: dict[str, Any]) -> str:
     """BOS attention of idle vs copying queries in the layer where the idle ones look at BOS most."""
     idle, copy = row.get("bos_share_other_per_layer"), row.get("bos_share_copy_per_layer")
@@ -163,6 +175,7 @@ def _pretrain_section(out: Path, rows: list[dict[str, Any]]) -> list[str]:
             f"{_degradation(row, 'int8'):+.2f}{unit} |")
     for family in dict.fromkeys(row["family"] for row in rows):
         lines += _floor_lines([row for row in rows if row["family"] == family])
+    lines += _register_lines(rows)
     lines += _liveness_lines(rows)
     for family in dict.fromkeys(row["family"] for row in rows):
         group = [row for row in rows if row["family"] == family]

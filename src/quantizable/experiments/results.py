@@ -66,6 +66,9 @@ class RunMeasurement(_Record):
     scores: dict[str, Any] | None = None  # backcopy: copy accuracy and bigram excess, FP and per seed
     bos_share_copy_per_layer: list[float] | None = None
     bos_share_other_per_layer: list[float] | None = None
+    # ViT registers (model.registers): max inf-norm on them alone, left out of max_inf_norm; None on every run
+    # measured before registers existed, so no MEASURE_VERSION bump
+    register_max_inf_norm: float | None = None
     # added by the runner, not by measure()
     int8: dict[str, Any] | None = None
     run_dir: str | None = None
@@ -73,8 +76,8 @@ class RunMeasurement(_Record):
     curve: list[dict[str, Any]] | None = None
     ptq: dict[str, Any] | None = None
 
-    OPTIONAL = frozenset({"scores", "bos_share_copy_per_layer", "bos_share_other_per_layer", "int8", "run_dir",
-                          "seed", "curve", "ptq"})
+    OPTIONAL = frozenset({"scores", "bos_share_copy_per_layer", "bos_share_other_per_layer",
+                          "register_max_inf_norm", "int8", "run_dir", "seed", "curve", "ptq"})
 
 
 
@@ -122,8 +125,9 @@ class ResultRow(_Record):
     bos_share_other: Stat | None = None
     curve: list[dict[str, Any]] | None = None
     floor: dict[str, Any] | None = None
+    register_max_inf_norm: Stat | None = None
 
     OPTIONAL = frozenset({"alive_share", "alive_share_per_layer", "dead_layers", "dead_layers_at_init", "ptq",
                           "scores", "bos_share_copy_per_layer", "bos_share_copy", "bos_share_other_per_layer",
-                          "bos_share_other", "curve", "floor"})
+                          "bos_share_other", "curve", "floor", "register_max_inf_norm"})
 

@@ -66,6 +66,7 @@ class Family:
     pre_ln_flag: str | None = None  # a config field that switches pre-/post-LN (OPT's do_layer_norm_before)
     positions_before_first_block: bool = False  # learnt positions added to the tokens right before block 0
     patch_embedding: str | None = None  # the patch-embedding module (ViT), for the optional patch LayerNorm
+    sequence_embeddings: str | None = None  # outputs block 0's input ([CLS] + patches + positions), for registers
     token_type_embeddings: str | None = None  # added to the word embeddings before the positions (BERT)
     flattens_ffn_tokens: bool = False  # the FFN sees (B*T, d) instead of (B, T, d) (OPT)
     linear_layers: tuple[tuple[type[nn.Module], int], ...] = LINEAR_LAYERS
@@ -95,6 +96,13 @@ class Family:
                              f"blocks ({' / '.join(names)}), expected {expected}")
         return found
 
+    def submodule(self, model: nn.Module, name: str) -> nn.Module:
+        """The module ``name`` (a path in the task model, like the fields above) of the task model or of its headless
+        base model (``AutoModel``), whose paths lack the base model's prefix."""
+        if model.base_model is model:
+            name = name.removeprefix(f"{model.base_model_prefix}.")
+        return model.get_submodule(name)
+
     def linear_weight_axis(self, module: nn.Module) -> int | None:
         """The output-channel axis of a linear-like layer's weight, or None if ``module`` is not one."""
         for layer_type, axis in self.linear_layers:
@@ -117,7 +125,8 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            attention_output="attention.o_proj", ffn_output="mlp.fc2", value="attention.v_proj",
            query_key=("q_proj", "k_proj"),
            ffn_activation_input="mlp.fc1",
-           positions_before_first_block=True, patch_embedding="vit.embeddings.patch_embeddings"),
+           positions_before_first_block=True, patch_embedding="vit.embeddings.patch_embeddings",
+           sequence_embeddings="vit.embeddings"),
     Family("llama", "Llama", Task.CLM, LlamaConfig, LlamaForCausalLM, LlamaAttention,
            attention_output="self_attn.o_proj", ffn_output="mlp.down_proj", value="self_attn.v_proj",
            query_key=("q_proj", "k_proj"),

@@ -128,11 +128,9 @@ class QuantizableMixin:
             if spec.kind == "sink_logit":
                 module.attn_sink_logit = SinkLogit(heads)
         init_query_key(self, spec.qk_init)  # from_pretrained loads its weights over these afterwards
-        patch_embedding = family_of_config(self.config).patch_embedding
-        if patch_embedding and self.base_model is self:  # the headless model (AutoModel): names without its prefix
-            patch_embedding = patch_embedding.removeprefix(f"{self.base_model_prefix}.")
-        if patch_embedding and getattr(self.config, "patch_layernorm", False):
-            patch_embeddings = self.get_submodule(patch_embedding)
+        family = family_of_config(self.config)
+        if family.patch_embedding and getattr(self.config, "patch_layernorm", False):
+            patch_embeddings = family.submodule(self, family.patch_embedding)
             patch_embeddings.patch_layernorm = nn.LayerNorm(hidden, eps=self.config.layer_norm_eps)
             patch_embeddings.register_forward_hook(_patch_layernorm_hook)
         install_structure(self, self.config)

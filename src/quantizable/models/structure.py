@@ -9,7 +9,15 @@
   held by the embedding module and applied by a forward hook, so tied output embeddings stay tied. It starts at the
   identity: the model starts out computing what it would without it.
 
-Both replace modules through ``is_norm`` and ``get_input_embeddings`` (no per-family code).
+* ``registers``: ``N`` learned tokens appended to a ViT's input sequence after [CLS] and the patches, without a
+  position embedding, and dropped from the base model's output, so the pooled [CLS] token and the head never see
+  them (Darcet et al., "Vision Transformers Need Registers", ICLR 2024): they give attention a place to park the
+  high-norm tokens a ViT otherwise builds on background patches. ``register_tokens`` (``(1, N, d)``) sits on the
+  family's ``sequence_embeddings`` module, beside [CLS] and the position embeddings, so weight transforms that
+  handle those (rotation) handle it too. Hidden states read inside the model keep them as the last ``N`` positions.
+
+The first two replace modules through ``is_norm`` and ``get_input_embeddings`` (no per-family code), registers go
+where the family record says.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from torch.nn import functional as F
 from transformers import PreTrainedConfig
 from transformers import initialization as init
 
-from quantizable.models.families import is_norm
+from quantizable.models.families import family_of_config, is_norm
+
+REGISTER_INIT_STD = 1e-6  # DINOv2's and timm's initialisation of register tokens
 
 
 class SingleScaleNorm(nn.Module):
@@ -57,8 +67,38 @@ def _project_embeddings(module: nn.Module, args: tuple, output: torch.Tensor) ->
     return module.embedding_projection(output)
 
 
+def _append_registers(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    registers = module.register_tokens.to(output.dtype).expand(output.shape[0], -1, -1)
+    return torch.cat((output, registers), dim=1)
+
+
+def _drop_registers(module: nn.Module, args: tuple, output):
+    """The base model's output without the trailing registers (a ``ModelOutput``, or a tuple with
+    ``return_dict=False``); the pooler, if any, read [CLS] at position 0."""
+    count = module.config.registers
+    if isinstance(output, tuple):
+        return (output[0][:, :-count], *output[1:])
+    output.last_hidden_state = output.last_hidden_state[:, :-count]
+    return output
+
+
+def _install_registers(model: nn.Module, config: PreTrainedConfig) -> None:
+    count, family = config.registers, family_of_config(config)
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"model.registers must be an integer >= 0, got {count!r}")
+    if family.sequence_embeddings is None:
+        raise ValueError(f"model.registers={count}: registers are tokens appended to a ViT's image patches; the "
+                         f"{family.display_name} family has none (only vit supports them)")
+    embeddings = family.submodule(model, family.sequence_embeddings)
+    embeddings.register_tokens = nn.Parameter(torch.empty(1, count, config.hidden_size))
+    reset_structure(embeddings)
+    embeddings.register_forward_hook(_append_registers)
+    model.base_model.register_forward_hook(_drop_registers)
+
+
 def install_structure(model: nn.Module, config: PreTrainedConfig) -> None:
-    """Apply the config's ``single_scale_norm`` and ``embedding_projection`` to a freshly built model."""
+    """Apply the config's ``single_scale_norm``, ``embedding_projection`` and ``registers`` to a freshly built
+    model."""
     if getattr(config, "single_scale_norm", False):
         for name, module in list(model.named_modules()):
             if is_norm(module) and not isinstance(module, SingleScaleNorm):
@@ -71,14 +111,18 @@ def install_structure(model: nn.Module, config: PreTrainedConfig) -> None:
         embeddings.embedding_projection = projection
         reset_structure(projection)
         embeddings.register_forward_hook(_project_embeddings)
+    if getattr(config, "registers", 0):
+        _install_registers(model, config)
 
 
 def reset_structure(module: nn.Module) -> None:
-    """Initialise a module this file adds (gain 1, identity projection); transformers' init functions skip
-    tensors loaded from a checkpoint."""
+    """Initialise what this file adds (gain 1, identity projection, registers near zero); transformers' init
+    functions skip tensors loaded from a checkpoint."""
     if isinstance(module, SingleScaleNorm):
         init.ones_(module.weight)
         if module.bias is not None:
             init.zeros_(module.bias)
     elif isinstance(module, nn.Linear) and getattr(module, "is_embedding_projection", False):
         init.eye_(module.weight)
+    elif isinstance(getattr(module, "register_tokens", None), nn.Parameter):
+        init.normal_(module.register_tokens, std=REGISTER_INIT_STD)

@@ -39,21 +39,25 @@ class ModelConfig:
     """A model preset of :data:`quantizable.models.MODEL_PRESETS` and config overrides (dropout, sizes, ...).
 
     ``norm: single_scale`` gives every norm one scalar gain and ``embedding_projection`` adds a learnable d x d
-    matrix after the input embeddings (Outlier-Safe Pre-Training; ``models.structure``). Both are written into the
-    model's config, so the saved model rebuilds them.
+    matrix after the input embeddings (Outlier-Safe Pre-Training); ``registers: N`` appends N learned tokens to a
+    ViT's patches that the head never sees (Darcet et al. 2024). All are ``models.structure``'s and are written into
+    the model's config, so the saved model rebuilds them.
     """
 
     preset: str = "bert-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     norm: str = "family"
     embedding_projection: bool = False
+    registers: int = 0
 
     def __post_init__(self) -> None:
         _require(self.norm in NORMS, f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        _require(self.registers >= 0, f"model.registers must be >= 0, got {self.registers}")
 
     def structure(self) -> dict[str, Any]:
         """The model-config settings these fields become (only those that differ from the family's model)."""
-        settings = {"single_scale_norm": self.norm == "single_scale", "embedding_projection": self.embedding_projection}
+        settings = {"single_scale_norm": self.norm == "single_scale", "embedding_projection": self.embedding_projection,
+                    "registers": self.registers}
         return {key: value for key, value in settings.items() if value}
 
 
