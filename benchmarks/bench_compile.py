@@ -5,9 +5,10 @@ and ``opt-cpu`` with the reproduction's attention settings (``experiments.plan.r
 batch 16 of T=128 from the real data pipeline, dropout as in the preset), each of vanilla, clipped softmax and gated
 attention takes a training step (forward, backward, gradient clipping, the preset's fused AdamW) eagerly and as
 ``torch.compile(model)`` (Inductor, what accelerate's dynamo plugin does; the optimizer step stays eager), each on
-the paths the trainer takes: our C row kernels eagerly, the reference ops that Inductor fuses under compile. All six
-share weights and batch; their steps are interleaved round-robin (order rotated every round) and timed as this
-process's CPU time on one torch thread. Ratios are the median per-round ratio (``paired_ratio``, with quartiles) to
+the paths the trainer takes: our C row kernels eagerly, the reference ops that Inductor fuses under compile; clipped
+softmax also compiled with our kernels traced into the graph (``compiled_fast_paths(True)``, mode
+``compiled_kernel``). The eager and compiled models of a method share weights, all share the batch; their steps are
+interleaved round-robin (order rotated every round) and timed as this process's CPU time on one torch thread. Ratios are the median per-round ratio (``paired_ratio``, with quartiles) to
 compiled vanilla, the issue's targets being clipped <= 1.03 and gated <= 1.02. The first step (mostly compiling,
 into a fresh Inductor cache shared by the run: the first compiled model pays for the kernels the others reuse) is a
 column of its own, wall time.
@@ -16,7 +17,7 @@ column of its own, wall time.
 (``compiled_fast_paths(True)``) against the reference ops Inductor fuses, on the model presets bert-small /
 opt-small at batch 2 without dropout, ratios to eager vanilla (``results/compile.json``).
 
-    python benchmarks/bench_compile.py                       # ~9 min on 2 idle cores, half of it compiling
+    python benchmarks/bench_compile.py                       # ~9 min on 2 cores, half of it compiling
     python benchmarks/bench_compile.py --presets opt-cpu     # one preset
     python benchmarks/bench_compile.py --kernels             # 8-25 min on 2 loaded cores, mostly compiling
 """
@@ -49,6 +50,9 @@ TRAIN_PRESETS = ("bert-cpu", "opt-cpu")  # the trainer's CPU presets (issue 30)
 PRESETS = ("bert-small", "opt-small")  # --kernels: model presets
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")
 TARGETS = {"clipped_softmax": 1.03, "gated_attention": 1.02}  # compiled step over compiled vanilla (issue 30)
+# compiled: what run.compile=true runs (Inductor fuses the reference ops); compiled_kernel: with our C row kernels
+# traced into the graph instead (compiled_fast_paths(True)), the alternative for clipped softmax
+TRAIN_MODES = {"clipped_softmax": ("eager", "compiled", "compiled_kernel")}
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,10 @@ def first_step(name: str, step: Callable[[], None]) -> float:
 
 # ---- default: the trainer's step on the CPU training presets (issue 30) ----
 
-def train_setup(preset: str, method: str, batch: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], OptimConfig]:
+def train_setup(preset: str, method: str, batch: int,
+                overrides: tuple[str, ...] = ()) -> tuple[torch.nn.Module, dict[str, torch.Tensor], OptimConfig]:
     """The model, optimizer settings and first training batch the reproduction (scale ``full``) trains ``method``
-    with on ``preset`` (``bert-cpu`` -> family bert), at ``batch``."""
+    with on ``preset`` (``bert-cpu`` -> family bert), at ``batch``, with ``overrides`` (``key=value``) on top."""
     from quantizable.data import make_loader
     from quantizable.data.tasks import task_data
     from quantizable.experiments.plan import SCALES, run_config
@@ -122,7 +127,7 @@ def train_setup(preset: str, method: str, batch: int) -> tuple[torch.nn.Module, 
     from quantizable.training.trainer import build_model
 
     family = preset.split("-")[0]
-    config = run_config(family, method, 0, SCALES["full"], (f"run.batch_size={batch}",))
+    config = run_config(family, method, 0, SCALES["full"], (f"run.batch_size={batch}", *overrides))
     if config.model.preset != load_model_preset(preset):
         raise ValueError(f"{preset}: the reproduction trains {config.model.preset}, not the preset's model")
     torch.manual_seed(0)
@@ -138,18 +143,18 @@ def load_model_preset(preset: str) -> str:
     return load_config(preset).model.preset
 
 
-def measure_train(preset: str, batch: int, steps: int, warmup: int) -> list[dict]:
+def measure_train(preset: str, batch: int, steps: int, warmup: int, overrides: tuple[str, ...] = ()) -> list[dict]:
     runs: dict[str, Callable[[], None]] = {}
     first_s: dict[str, float] = {}
     shapes = {}
     for method in METHODS:
-        model, inputs, optim = train_setup(preset, method, batch)  # initialised as the trainer does (seed 0)
+        model, inputs, optim = train_setup(preset, method, batch, overrides)  # initialised as the trainer does
         shapes[method] = tuple(inputs["input_ids"].shape)
-        for mode in ("eager", "compiled"):
+        for mode in TRAIN_MODES.get(method, ("eager", "compiled")):
             own = model if mode == "eager" else copy.deepcopy(model)
             name = f"{method}/{mode}"
-            runs[name] = make_step(own, torch.compile(own) if mode == "compiled" else own, inputs,
-                                   contextlib.nullcontext, optim)
+            context = (lambda: compiled_fast_paths(True)) if mode == "compiled_kernel" else contextlib.nullcontext
+            runs[name] = make_step(own, own if mode == "eager" else torch.compile(own), inputs, context, optim)
             first_s[name] = first_step(f"{preset} {name}", runs[name])
     times = interleaved_times(runs, steps, warmup, clock=time.process_time)
     median = medians(times)
@@ -160,7 +165,7 @@ def measure_train(preset: str, batch: int, steps: int, warmup: int) -> list[dict
                "mode": mode, "step_ms": round(1000 * median[name], 1), "steps": len(times[name]),
                "first_step_s": round(first_s[name], 1)}
         for key, reference in (("vs_compiled_vanilla", "vanilla/compiled"), ("vs_eager_vanilla", "vanilla/eager"),
-                               ("compiled_vs_eager", f"{method}/eager")):
+                               ("vs_eager", f"{method}/eager")):
             ratio = paired_ratio(times, name, reference)
             row[key] = round(ratio["median"], 3)
             row[f"{key}_iqr"] = [round(ratio["q1"], 3), round(ratio["q3"], 3)]
@@ -172,16 +177,15 @@ def measure_train(preset: str, batch: int, steps: int, warmup: int) -> list[dict
 
 
 def train_table(rows: list[dict]) -> str:
-    lines = ["| preset | variant | step ms eager / compiled | x compiled vanilla: eager | compiled (IQR) | target | "
-             "compiled / eager | first step s (compile) |", "|---|---|---:|---:|---:|---|---:|---:|"]
-    for row in (r for r in rows if r["mode"] == "eager"):
-        c = next(r for r in rows if r["preset"] == row["preset"] and r["variant"] == row["variant"]
-                 and r["mode"] == "compiled")
-        target = "" if "target" not in c else f"<= {c['target']:.2f} {'met' if c['target_met'] else 'NOT met'}"
-        iqr = c["vs_compiled_vanilla_iqr"]
-        lines.append(f"| {row['preset']} | {row['variant']} | {row['step_ms']:.0f} / {c['step_ms']:.0f} | "
-                     f"{row['vs_compiled_vanilla']:.3f} | {c['vs_compiled_vanilla']:.3f} ({iqr[0]:.3f}-{iqr[1]:.3f}) | "
-                     f"{target} | {c['compiled_vs_eager']:.3f} | {row['first_step_s']:.1f} / {c['first_step_s']:.1f} |")
+    lines = ["| preset | variant | mode | step ms | x compiled vanilla (IQR) | target | x eager vanilla | x own eager "
+             "| first step s |", "|---|---|---|---:|---:|---|---:|---:|---:|"]
+    for row in rows:
+        target = "" if "target" not in row else \
+            f"<= {row['target']:.2f}: {'met' if row['target_met'] else 'not met'}"
+        low, high = row["vs_compiled_vanilla_iqr"]
+        lines.append(f"| {row['preset']} | {row['variant']} | {row['mode']} | {row['step_ms']:.0f} | "
+                     f"{row['vs_compiled_vanilla']:.3f} ({low:.3f}-{high:.3f}) | {target} | "
+                     f"{row['vs_eager_vanilla']:.3f} | {row['vs_eager']:.3f} | {row['first_step_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -234,6 +238,8 @@ def main() -> None:
                         help="--kernels: tokens per batch: batch = max(1, tokens // T)")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds, every variant once per round "
                         "(default 12; --kernels 15)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training-config override for every model, e.g. model.overrides.hidden_dropout_prob=0")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Inductor's usual cache (default: a fresh one, so first steps are cold compiles)")
@@ -259,19 +265,21 @@ def main() -> None:
     if args.kernels:
         settings.update(length=args.length, tokens=args.tokens, clock="process CPU time, median step")
     else:
-        settings.update(presets=list(presets), batch=args.batch, inductor_cache="fresh" if cache else "warm",
+        settings.update(presets=list(presets), batch=args.batch, overrides=args.set,
+                        inductor_cache="fresh" if cache else "warm",
                         first_step="wall time of the first step (compiling, for compiled models)",
                         command="python benchmarks/bench_compile.py" + (
                             f" --presets {' '.join(presets)}" if args.presets else "") + (
                             f" --batch {args.batch}" if args.batch != 16 else "") + (
-                            f" --steps {steps}" if args.steps else "") + (" --warm-cache" if args.warm_cache else ""))
+                            f" --steps {steps}" if args.steps else "") + (" --warm-cache" if args.warm_cache else "")
+                        + "".join(f" --set {item}" for item in args.set))
     run = BenchmarkRun("compile" if args.kernels else "compile_train_step", settings)
     rows = []
     for preset in presets:
         if args.kernels:
             rows += measure_kernels(preset, args.length, max(1, args.tokens // args.length), steps, warmup=2)
         else:
-            rows += measure_train(preset, args.batch, steps, warmup=2)
+            rows += measure_train(preset, args.batch, steps, warmup=2, overrides=tuple(args.set))
             run.write(out, rows)  # a complete file after every preset
     print(table(rows) if args.kernels else train_table(rows))
     result = run.write(out, rows)
