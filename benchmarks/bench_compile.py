@@ -8,16 +8,17 @@ attention takes a training step (forward, backward, gradient clipping, the prese
 the paths the trainer takes: our C row kernels eagerly, the reference ops that Inductor fuses under compile; clipped
 softmax also compiled with our kernels traced into the graph (``compiled_fast_paths(True)``, mode
 ``compiled_kernel``). The eager and compiled models of a method share weights, all share the batch; their steps are
-interleaved round-robin (order rotated every round) and timed as this process's CPU time on one torch thread. Ratios are the median per-round ratio (``paired_ratio``, with quartiles) to
-compiled vanilla, the issue's targets being clipped <= 1.03 and gated <= 1.02. The first step (mostly compiling,
-into a fresh Inductor cache shared by the run: the first compiled model pays for the kernels the others reuse) is a
-column of its own, wall time.
+interleaved round-robin (order rotated every round) and timed as this process's CPU time on one torch thread.
+Ratios are the median per-round ratio (``paired_ratio``, with quartiles) to compiled vanilla, the issue's targets
+being clipped <= 1.03 and gated <= 1.02. The first step (mostly compiling, into a fresh Inductor cache shared by the
+run: the first compiled model pays for the kernels the others reuse) is a column of its own, wall time.
+``--profile`` adds one profiled step per model: milliseconds per group of ops (``PROFILE_GROUPS``).
 
 ``--kernels``: the 2026-12-01 comparison (issue 16) of our custom ops traced into the compiled graph
 (``compiled_fast_paths(True)``) against the reference ops Inductor fuses, on the model presets bert-small /
 opt-small at batch 2 without dropout, ratios to eager vanilla (``results/compile.json``).
 
-    python benchmarks/bench_compile.py                       # ~9 min on 2 cores, half of it compiling
+    python benchmarks/bench_compile.py --profile             # 6-8 min on 2 loaded cores, half of it compiling
     python benchmarks/bench_compile.py --presets opt-cpu     # one preset
     python benchmarks/bench_compile.py --kernels             # 8-25 min on 2 loaded cores, mostly compiling
 """
@@ -143,7 +144,8 @@ def load_model_preset(preset: str) -> str:
     return load_config(preset).model.preset
 
 
-def measure_train(preset: str, batch: int, steps: int, warmup: int, overrides: tuple[str, ...] = ()) -> list[dict]:
+def measure_train(preset: str, batch: int, steps: int, warmup: int, overrides: tuple[str, ...] = (),
+                  profile: bool = False) -> list[dict]:
     runs: dict[str, Callable[[], None]] = {}
     first_s: dict[str, float] = {}
     shapes = {}
@@ -172,8 +174,30 @@ def measure_train(preset: str, batch: int, steps: int, warmup: int, overrides: t
         if mode == "compiled" and method in TARGETS:
             row["target"] = TARGETS[method]
             row["target_met"] = row["vs_compiled_vanilla"] <= TARGETS[method]
+        if profile:
+            row["profile_ms"] = profile_step(runs[name])
         rows.append(row)
     return rows
+
+
+# where a step's CPU time goes: torch.profiler's self times, grouped (first matching prefix wins; the compiled graph's
+# self time is the Inductor-generated C++ kernels it runs inline, everything it hands to ATen is counted apart)
+PROFILE_GROUPS = (("inductor_kernels", ("## Call CompiledFxGraph",)), ("linear_gemm", ("aten::mm", "aten::addmm")),
+                  ("attention_matmul", ("aten::bmm", "aten::baddbmm")), ("sdpa", ("aten::_scaled_dot_product",)),
+                  ("our_ops", ("quantizable::",)), ("dropout_rng", ("aten::bernoulli", "aten::native_dropout")))
+
+
+def profile_step(step: Callable[[], None]) -> dict[str, float]:
+    """Milliseconds of one step's CPU time per ``PROFILE_GROUPS`` group, the rest as ``other``, and ``total``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    groups = dict.fromkeys([name for name, _ in PROFILE_GROUPS] + ["other"], 0.0)
+    for event in prof.key_averages():
+        group = next((name for name, prefixes in PROFILE_GROUPS if event.key.startswith(prefixes)), "other")
+        groups[group] += event.self_cpu_time_total / 1000
+    return {**{k: round(v, 1) for k, v in groups.items()}, "total": round(sum(groups.values()), 1)}
 
 
 def train_table(rows: list[dict]) -> str:
@@ -186,6 +210,15 @@ def train_table(rows: list[dict]) -> str:
         lines.append(f"| {row['preset']} | {row['variant']} | {row['mode']} | {row['step_ms']:.0f} | "
                      f"{row['vs_compiled_vanilla']:.3f} ({low:.3f}-{high:.3f}) | {target} | "
                      f"{row['vs_eager_vanilla']:.3f} | {row['vs_eager']:.3f} | {row['first_step_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[dict]) -> str:
+    groups = list(rows[0]["profile_ms"])
+    lines = [f"| preset | variant | mode | {' | '.join(groups)} |", "|---|---|---|" + "---:|" * len(groups)]
+    for row in rows:
+        lines.append(f"| {row['preset']} | {row['variant']} | {row['mode']} | "
+                     + " | ".join(f"{row['profile_ms'][g]:.0f}" for g in groups) + " |")
     return "\n".join(lines)
 
 
@@ -240,6 +273,8 @@ def main() -> None:
                         "(default 12; --kernels 15)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training-config override for every model, e.g. model.overrides.hidden_dropout_prob=0")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one step of each model: ms per group of ops (profile_ms)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Inductor's usual cache (default: a fresh one, so first steps are cold compiles)")
@@ -272,6 +307,7 @@ def main() -> None:
                             f" --presets {' '.join(presets)}" if args.presets else "") + (
                             f" --batch {args.batch}" if args.batch != 16 else "") + (
                             f" --steps {steps}" if args.steps else "") + (" --warm-cache" if args.warm_cache else "")
+                        + (" --profile" if args.profile else "")
                         + "".join(f" --set {item}" for item in args.set))
     run = BenchmarkRun("compile" if args.kernels else "compile_train_step", settings)
     rows = []
@@ -279,9 +315,12 @@ def main() -> None:
         if args.kernels:
             rows += measure_kernels(preset, args.length, max(1, args.tokens // args.length), steps, warmup=2)
         else:
-            rows += measure_train(preset, args.batch, steps, warmup=2, overrides=tuple(args.set))
+            rows += measure_train(preset, args.batch, steps, warmup=2, overrides=tuple(args.set),
+                                  profile=args.profile)
             run.write(out, rows)  # a complete file after every preset
     print(table(rows) if args.kernels else train_table(rows))
+    if args.profile and not args.kernels:
+        print(profile_table(rows))
     result = run.write(out, rows)
     print(f"wrote {out} ({result['wall_s']} s; load average {result['machine']['load_average']} -> "
           f"{result['machine']['load_average_after']}, flags {result['machine']['cpu_flags']})")
