@@ -283,7 +283,10 @@ def train(
     position_source = _Batches(accelerator, data, run.batch_size, run.seed, epoch, position)
     batches = iter(position_source)
     outlier_batch = next(iter(data.validation_loader()))
-    unwrapped = accelerator.unwrap_model(model)
+    # the eager module (same parameters) for measuring, evaluating and saving: under run.compile the analysis hooks
+    # and their .item() calls would otherwise be traced, breaking the graph a dozen times and recompiling the
+    # training graph after every measurement
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     gamma_warmup = config.optim.gamma_warmup_steps
 
     def warm_gamma() -> None:
