@@ -1,4 +1,5 @@
-"""Issue 33: quality vs activation bits per route to W8A8 (OUT/routes.json of scripts/routes_table.py).
+"""Issue 33: quality vs activation bits per route to W8A8, and each route's largest activation over training
+(OUT/routes.json of scripts/routes_table.py).
 
     python scripts/routes_figure.py docs/results/routes/routes.json docs/results/routes/routes.png
 """
@@ -16,7 +17,7 @@ def main() -> None:
     source, target = Path(sys.argv[1]), Path(sys.argv[2])
     routes = json.loads(source.read_text())
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, (ax, over_training) = plt.subplots(1, 2, figsize=(11, 4))
     for name, row in routes.items():
         keys = [key for key in ("fp_ppl", "w8a8_ppl", "w8a6_ppl", "w8a4_ppl") if key in row]  # PTQ rows: FP, W8A8
         # FP, A8, A6, A4 as evenly spaced categories; PTQ rows dashed
@@ -27,7 +28,17 @@ def main() -> None:
     ax.set_xlabel("simulated quantization (static per-tensor ranges)")
     ax.set_ylabel("backcopy perplexity")
     ax.set_title("Routes to W8A8, long Bigram-Backcopy run (8,000 steps)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    for name, row in routes.items():  # the largest activation over training, where the reproduction recorded it
+        if row.get("curve"):
+            points = row["curve"]
+            over_training.plot([p["step"] for p in points], [p["max_inf_norm"] for p in points], marker=".",
+                               label=name)
+    over_training.set_yscale("log")
+    over_training.set_xlabel("training step")
+    over_training.set_ylabel("max inf-norm of any activation (FP)")
+    over_training.set_title("The largest activation over training", fontsize=10)
+    over_training.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(target, dpi=120)
     print(f"wrote {target}")

@@ -59,6 +59,18 @@ def row(runs: list[tuple[dict, dict]]) -> dict[str, float]:
             "ms_per_step": _mean([1000 * s["train_seconds"] / s["step"] for _, s in runs if s.get("step")])}
 
 
+def curve(out: Path, directory: str, kind: str) -> list[dict[str, float]] | None:
+    """The route's snapshots over training (the reproduction's results.json, mean over seeds): step, max inf-norm
+    and the W8A8 / W8A4 perplexity cost in percent."""
+    path = out / directory / "results.json"
+    if not path.is_file():
+        return None
+    rows = [r for r in json.loads(path.read_text()) if r.get("method") == kind and r.get("curve")]
+    return [{"step": point["step"], "max_inf_norm": point["max_inf_norm"]["mean"],
+             "w8a8_cost_pct": point["W8A8_cost"]["mean"], "w8a4_cost_pct": point["W8A4_cost"]["mean"]}
+            for point in rows[0]["curve"]] if rows else None
+
+
 def best_ptq(out: Path, kind: str) -> tuple[str, dict[str, float]] | None:
     """The PTQ baseline (``reproduce --ptq``, the run's ptq.json) with the lowest mean W8A8 perplexity over the
     seeds of one kinds route, as a row with only FP and W8A8 (PTQ is measured at W8A8)."""
@@ -82,6 +94,9 @@ def main() -> None:
     parser.add_argument("--scale", default="long")
     args = parser.parse_args()
     rows = {name: row(runs) for name, (d, kind) in ROUTES.items() if (runs := _runs(args.out, d, kind, args.scale))}
+    for name, (directory, kind) in ROUTES.items():
+        if name in rows and kind is not None and (points := curve(args.out, directory, kind)):
+            rows[name]["curve"] = points
     for route, kind in (("vanilla", "vanilla"), ("gated attention", "gated_attention")):
         if (best := best_ptq(args.out, kind)) is not None:
             rows[f"{route} + best PTQ ({best[0]})"] = best[1]
