@@ -26,9 +26,11 @@ opt-small at batch 2 without dropout, ratios to eager vanilla (``results/compile
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -290,6 +292,7 @@ def main() -> None:
     if not args.warm_cache and not args.kernels:
         cache = tempfile.mkdtemp(prefix="bench_compile_inductor_")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read when Inductor first compiles
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     torch.set_num_threads(args.threads)
     # Every compiled model adds guards to the same transformers code objects: past dynamo's default limit of 8
     # entries per frame the later models would silently run eagerly.
