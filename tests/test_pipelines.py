@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from quantizable.models import FAMILIES
 from quantizable.training import load_config, train
 
 torch.set_num_threads(1)
@@ -280,3 +281,34 @@ def test_image_folder_classes_follow_the_data(tmp_path: Path) -> None:
     assert label_settings(["cat", "dog"], {})["num_labels"] == 2
     with pytest.raises(ValueError, match="num_labels=10 but the image data has 2 classes"):
         label_settings(["cat", "dog"], {"num_labels": 10})
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_automodel_of_a_saved_task_model_is_its_base_model(tmp_path: Path, family: str) -> None:
+    """``AutoModel.from_pretrained`` of a saved task model (``pipeline("feature-extraction")``'s load) gives that
+    model's base model weight for weight, with no missing tensor (was: a ViT's encoder layers came up at random,
+    their saved names not mapped to its modules; BERT's and ViT's pooler at random), and the task class loads a
+    saved headless model back."""
+    from transformers import AutoModel
+
+    from quantizable.models import create_model
+
+    model = create_model(f"{family}-tiny").eval()
+    model.save_pretrained(tmp_path / "task")
+    base, info = AutoModel.from_pretrained(tmp_path / "task", output_loading_info=True)
+    prefix = f"{model.base_model_prefix}."
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert not [key for key in info["unexpected_keys"] if key.startswith(prefix)]  # only the head is left out
+    saved = model.base_model.state_dict()
+    loaded = base.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[key], saved[key]) for key in saved)
+    inputs = ({"pixel_values": torch.randn(2, 1, 28, 28)} if model.main_input_name == "pixel_values"
+              else {"input_ids": torch.randint(0, model.config.vocab_size, (2, 8))})
+    with torch.no_grad():
+        assert torch.equal(base(**inputs).last_hidden_state, model.base_model(**inputs).last_hidden_state)
+
+    base.save_pretrained(tmp_path / "base")
+    task, info = type(model).from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert not [key for key in info["missing_keys"] if key.startswith(prefix)]
+    reloaded = task.base_model.state_dict()
+    assert reloaded.keys() == saved.keys() and all(torch.equal(reloaded[key], saved[key]) for key in saved)

@@ -12,6 +12,7 @@ code here; the configs get their own ``model_type`` so that, once ``quantizable`
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from quantizable.attention.gates import AttentionGate
@@ -142,6 +144,30 @@ class QuantizableMixin:
         reset_structure(module)
 
 
+class HeadlessMixin(QuantizableMixin):
+    """``AutoModel``'s class for a saved model: the task model's base model as the task model holds it. Our tasks
+    (masked LM, image classification, causal LM) build that base without a pooler, so a pooler here would have no
+    weights in any checkpoint we write and come up at random on every load."""
+
+    _takes_pooler_flag = False  # the stock class's ``__init__`` has ``add_pooling_layer`` (BERT, ViT)
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        if self._takes_pooler_flag and not args:
+            kwargs.setdefault("add_pooling_layer", False)
+        super().__init__(config, *args, **kwargs)
+
+
+def _share_weight_conversions(ours: type[PreTrainedModel], stock: type[PreTrainedModel]) -> None:
+    """Give our class the checkpoint key renamings transformers keeps for the stock one. transformers looks them up
+    by class name, then model type, and ours have neither: without this ``QuantizableViTModel`` would not map the
+    saved ``vit.encoder.layer.N.attention.attention.query`` to its ``layers.N.attention.q_proj`` (the task model's
+    stock ``ViTModel`` does), and every encoder layer would come up at random."""
+    conversions = (get_checkpoint_conversion_mapping(stock.__name__)
+                   or get_checkpoint_conversion_mapping(stock.config_class.model_type))
+    if conversions is not None:
+        register_checkpoint_conversion_mapping(ours.__name__, conversions, overwrite=True)
+
+
 @dataclass(frozen=True)
 class QuantizableClasses:
     """The quantizable config and model class of one family, the ``AutoModelFor*`` class that loads them, and the
@@ -164,9 +190,12 @@ def _quantizable_classes(family: Family) -> QuantizableClasses:
         "__doc__": f"{family.display_name} with the attention spec of its config installed."})
     base = MODEL_MAPPING[family.config_class]  # transformers' own headless class (BertModel, OPTModel, ...)
     base_name = f"Quantizable{base.__name__}"
-    base_model_class = type(base_name, (QuantizableMixin, base), {
+    base_model_class = type(base_name, (HeadlessMixin, base), {
         "config_class": config_class, "__module__": __name__,
+        "_takes_pooler_flag": "add_pooling_layer" in inspect.signature(base.__init__).parameters,
         "__doc__": f"{family.display_name} without its task head, with the attention spec installed."})
+    for ours, stock in ((model_class, family.model_class), (base_model_class, base)):
+        _share_weight_conversions(ours, stock)
     for name, cls in ((config_name, config_class), (model_name, model_class), (base_name, base_model_class)):
         globals()[name] = cls  # importable by name
     return QuantizableClasses(config_class, model_class, family.task.auto_class, base_model_class)
