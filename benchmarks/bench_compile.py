@@ -53,9 +53,9 @@ TRAIN_PRESETS = ("bert-cpu", "opt-cpu")  # the trainer's CPU presets (issue 30)
 PRESETS = ("bert-small", "opt-small")  # --kernels: model presets
 METHODS = ("vanilla", "clipped_softmax", "gated_attention")
 TARGETS = {"clipped_softmax": 1.03, "gated_attention": 1.02}  # compiled step over compiled vanilla (issue 30)
-# compiled: what run.compile=true runs (Inductor fuses the reference ops); compiled_kernel: with our C row kernels
-# traced into the graph instead (compiled_fast_paths(True)), the alternative for clipped softmax
-TRAIN_MODES = {"clipped_softmax": ("eager", "compiled", "compiled_kernel")}
+# compiled: Inductor fuses the reference ops (torch.export's and a GPU compile's path); compiled_kernel: our kernels
+# traced into the graph (compiled_fast_paths(True)), what run.compile=true trains with on CPU
+TRAIN_MODES = {method: ("eager", "compiled", "compiled_kernel") for method in ("clipped_softmax", "gated_attention")}
 
 
 @dataclass(frozen=True)
