@@ -1,19 +1,9 @@
 #!/usr/bin/env bash
-# Issue 33, this session's part: the routes that train at the long scale's speed on this CPU (Muon is 14x slower
-# here: bf16 Newton-Schulz), one training seed: vanilla, gated attention, sink logit, and QAT W8A8 of vanilla.
+# Issue 33: every route on the long backcopy run, two training seeds (docs/reproduce.md, "Routes to W8A8 on the
+# long run"). Run 2026-12-04 06:06-07:02 UTC from a worktree of commit bf708b3 at nice -5; the table and figure
+# were then written with the scripts of commit 9191ee4 (PTQ rows, curves).
 set -euo pipefail
-cd /work/main && source .venv/bin/activate
-out=/work/routes/out
-mkdir -p $out
-{ date -u; uptime; grep -m1 -o -w -E 'avx2|avx512f|avx512_vnni|avx_vnni|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; git rev-parse HEAD; } > $out/machine.txt
-start=$(date +%s)
-quantizable reproduce --scale long --train-seeds 1 --methods vanilla,gated_attention,sink_logit --out $out/kinds
-echo "kinds done $(( $(date +%s) - start )) s; $(uptime)" >> $out/machine.txt
-run=$(ls -d $out/kinds/runs/backcopy-opt-vanilla-seed0*)
-dest=$out/qat/seed0
-[ -d "$dest/model" ] || { rm -rf "$dest"; quantizable train --config "$run/config.yaml" --init-from "$run" --no-progress --out "$dest" \
-    --set qat.setting=w8a8 --set run.steps=800 --set run.snapshot_every=0 --set run.checkpoint_every=0 \
-    --set run.outlier_every=0 --set optim.warmup_steps=0; }
-echo "qat done $(( $(date +%s) - start )) s; $(uptime)" >> $out/machine.txt
-python scripts/routes_table.py $out --scale long || echo "table failed"
-echo "all done $(( $(date +%s) - start )) s" >> $out/machine.txt
+cd "$(dirname "$0")/../../.." && source .venv/bin/activate
+nice -n -5 bash scripts/routes_run.sh /work/routes/out long > /work/routes/log2.txt 2>&1
+python scripts/routes_table.py /work/routes/out
+python scripts/routes_figure.py /work/routes/out/routes.json docs/results/routes/routes.png
