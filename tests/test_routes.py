@@ -174,7 +174,12 @@ def test_qat_fine_tune_saves_a_normal_model(tmp_path: Path) -> None:
     train(base, tmp_path / "fp", progress=False)
     config = load_config("opt-tiny", ["run.steps=2", "qat.setting=w8a8", "qat.calibration_batches=2"])
     assert TrainConfig.from_dict(config.to_dict()) == config
-    train(config, tmp_path / "qat", init_from=tmp_path / "fp", progress=False)
+    from quantizable.cli.main import main  # the user's form: train --qat w8a8 --init-from RUN
+
+    assert main(["train", "--config", "opt-tiny", "--init-from", str(tmp_path / "fp"), "--qat", "w8a8", "--set",
+                 "run.steps=2", "--set", "qat.calibration_batches=2", "--no-progress", "--out",
+                 str(tmp_path / "qat")]) == 0
+    assert TrainConfig.from_run(tmp_path / "qat").qat.setting == "w8a8"
     fp, qat = load_model(tmp_path / "fp"), load_model(tmp_path / "qat")
     assert qat.state_dict().keys() == fp.state_dict().keys()  # no quantizer left in the saved model
     assert any(not torch.equal(a, b) for a, b in zip(qat.state_dict().values(), fp.state_dict().values()))

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "run.eval_every/eval_batches/checkpoint_every/log_every/outlier_every/mixed_precision "
                              "may change; a finished run is refused)")
     parser.add_argument("--init-from", type=Path, help="fine-tune: our run dir, a Hugging Face checkpoint dir or .gguf")
+    parser.add_argument("--qat", metavar="SETTING",
+                        help="quantization-aware training, e.g. --qat w8a8 --init-from RUN: the W8A8 simulator's "
+                             "quantizers in the forward (same as --set qat.setting=w8a8; docs/training.md)")
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps in total")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         if not (args.resume and (args.out / "config.yaml").is_file()):
             raise UserError("--config is required (a preset name or a YAML file) unless resuming a run dir")
         source = args.out / "config.yaml"
-    config = load_config(source, args.overrides)
+    overrides = [*args.overrides, *([f"qat.setting={args.qat}"] if args.qat else [])]
+    config = load_config(source, overrides)
     try:
         summary = train(config, args.out, resume=args.resume, init_from=args.init_from, stop_after=args.stop_after,
                         progress=not args.no_progress)
