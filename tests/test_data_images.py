@@ -4,6 +4,7 @@ train/ + val/, seeded augmentation, and an RGB ViT run that trains (or fails lea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,3 +119,23 @@ def test_rgb_vit_trains_and_a_bad_picture_leaves_nothing(tmp_path):
     with pytest.raises(Exception, match="000.png|identify"):
         train(load_config("vit-tiny", settings), tmp_path / "broken", progress=False)
     assert not (tmp_path / "broken").exists()
+
+
+def test_loader_workers_give_the_same_batches_and_losses(tmp_path):
+    """run.loader_workers decodes and augments in worker processes: the crops depend on (seed, epoch, image) only,
+    so the losses equal the single-process run's, across an epoch boundary too (8 pictures, batch 4, 3 steps)."""
+    from quantizable.training import load_config, train
+
+    folder = _folder(tmp_path / "images", {"train/cat": 4, "train/dog": 4, "val/cat": 1, "val/dog": 1})
+    settings = ["run.steps=3", "run.batch_size=4", "run.eval_batches=1", "run.log_every=1", f"data.source={folder}",
+                "model.overrides={image_size: 32, patch_size: 8, num_channels: 3, hidden_dropout_prob: 0.0, "
+                "attention_probs_dropout_prob: 0.0}"]
+    losses = {}
+    for workers in (0, 2):
+        run = tmp_path / f"workers{workers}"
+        train(load_config("vit-tiny", [*settings, f"run.loader_workers={workers}"]), run, progress=False)
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        losses[workers] = [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+    assert len(losses[0]) == 3 and losses[2] == losses[0]
+    with pytest.raises(ValueError, match="loader_workers"):
+        load_config("vit-tiny", ["run.loader_workers=-1"])

@@ -50,11 +50,12 @@ def split_documents(documents: Sequence[T], split: str, fraction: float = VALIDA
 
 
 def make_loader(dataset: Dataset, batch_size: int, collate: Callable[[list[dict]], dict[str, Any]] | None = None,
-                shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """A DataLoader of dict batches; shuffling uses its own seeded generator so runs repeat exactly."""
+                shuffle: bool = False, seed: int = 0, workers: int = 0) -> DataLoader:
+    """A DataLoader of dict batches; shuffling uses its own seeded generator so runs repeat exactly. ``workers``
+    processes build the batches (the datasets' randomness depends on the item, never on the process)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator,
-                      num_workers=0)
+                      num_workers=workers)
 
 
 def looks_like_path(source: str) -> bool:

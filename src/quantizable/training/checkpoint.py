@@ -26,7 +26,7 @@ STATE_FILE = "trainer_state.json"
 # machine it continues on. Everything else (model, data, attention, optimizer, number of steps, which shapes the
 # learning-rate schedule, batch size, seed) is what the checkpoint was trained with and must stay.
 RESUMABLE_KEYS = ("run.eval_every", "run.eval_batches", "run.checkpoint_every", "run.log_every", "run.outlier_every",
-                  "run.snapshot_every", "run.mixed_precision", "run.compile")
+                  "run.snapshot_every", "run.mixed_precision", "run.compile", "run.loader_workers")
 
 
 class CorruptCheckpointError(ValueError):

@@ -176,16 +176,16 @@ class _Batches:
     (epoch, batch) is enough to restart at exactly the same batch."""
 
     def __init__(self, accelerator: Accelerator, data: TaskData, batch_size: int, seed: int,
-                 epoch: int = 0, position: int = 0) -> None:
+                 epoch: int = 0, position: int = 0, workers: int = 0) -> None:
         self.accelerator, self.data, self.batch_size, self.seed = accelerator, data, batch_size, seed
-        self.epoch, self.position = epoch, position
+        self.epoch, self.position, self.workers = epoch, position, workers
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         from quantizable.data import make_loader
 
         while True:
             loader = make_loader(self.data.train, self.batch_size, self.data.collate(self.epoch), shuffle=True,
-                                 seed=self.seed + self.epoch)
+                                 seed=self.seed + self.epoch, workers=self.workers)
             loader = self.accelerator.prepare_data_loader(loader)
             if self.position:
                 loader = self.accelerator.skip_first_batches(loader, self.position)
@@ -281,7 +281,7 @@ def train(
             print(f"resuming {run_dir} at step {step} of {run.steps} (from {found[-1][1]})", flush=True)
     if accelerator.is_main_process:
         truncate_metrics(run_dir / "metrics.jsonl", step)  # a fresh or resumed log reads like one run
-    position_source = _Batches(accelerator, data, run.batch_size, run.seed, epoch, position)
+    position_source = _Batches(accelerator, data, run.batch_size, run.seed, epoch, position, run.loader_workers)
     batches = iter(position_source)
     outlier_batch = next(iter(data.validation_loader()))
     # the eager module (same parameters) for measuring, evaluating and saving: under run.compile the analysis hooks
