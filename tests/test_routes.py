@@ -185,3 +185,17 @@ def test_qat_fine_tune_saves_a_normal_model(tmp_path: Path) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(qat.state_dict().values(), fp.state_dict().values()))
     with pytest.raises(ValueError, match="qat.setting"):
         load_config("opt-tiny", ["qat.setting=int8"])
+
+
+@pytest.mark.usefixtures("default_data")
+def test_init_from_refuses_an_architecture_setting_the_checkpoint_lacks(tmp_path: Path) -> None:
+    """model.norm / embedding_projection / registers build the architecture; a fine-tune takes the checkpoint's, so
+    asking for one it lacks is an error (it was silently ignored), while repeating the checkpoint's own is fine."""
+    train(load_config("opt-tiny", ["run.steps=1", "model.embedding_projection=true"]), tmp_path / "osp",
+          progress=False)
+    train(load_config("opt-tiny", ["run.steps=1", "model.embedding_projection=true"]), tmp_path / "again",
+          init_from=tmp_path / "osp", progress=False)
+    with pytest.raises(ValueError, match="single_scale_norm=True.*--init-from"):
+        train(load_config("opt-tiny", ["run.steps=1", "model.norm=single_scale"]), tmp_path / "refused",
+              init_from=tmp_path / "osp", progress=False)
+    assert not (tmp_path / "refused").exists()

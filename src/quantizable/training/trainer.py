@@ -125,6 +125,11 @@ def build_model(config: TrainConfig, init_from: str | Path | None = None) -> tup
 
     if init_from is not None:
         model = apply_attention_spec(load_checked_model(init_from, new_weights=True), config.attention)
+        for key, value in config.model.structure().items():  # architecture: the checkpoint's, never silently dropped
+            if getattr(model.config, key, None) != value:
+                raise ValueError(f"{init_from} was not trained with {key}={value!r} (model.norm / "
+                                 "model.embedding_projection / model.registers): with --init-from the checkpoint's "
+                                 "architecture is used; drop the setting, or train from scratch")
         task = family_of_config(model.config).task
         tokenizer = None
         if task == Task.IMAGE:
