@@ -278,6 +278,18 @@ def test_latency_rounds_rotate_and_time_every_function() -> None:
     assert set(latency) == {"a", "b", "c"} and latency["a"] >= 2.0 > latency["b"]
 
 
+def test_gemm_limit_calls_time_every_kernel_kind(tmp_path) -> None:
+    """bench_int8's same-run GEMM limit: one FP32 GEMM and one ``MatMulInteger`` per 8-bit kernel kind asked for
+    (u8 x u8, u8 x s8, s8 x s8), each giving the product's shape; an unknown kind is refused."""
+    from quantizable.benchmarking import GEMM_KINDS, ort_gemm_limit_calls
+
+    calls = ort_gemm_limit_calls(tmp_path, 8, 16, 24, threads=1, kinds=GEMM_KINDS, prefix="head")
+    assert set(calls) == {"head_fp32", "head_u8u8", "head_u8s8", "head_s8s8"}
+    assert all(call()[0].shape == (8, 24) for call in calls.values())
+    with pytest.raises(ValueError, match="unknown GEMM kinds"):
+        ort_gemm_limit_calls(tmp_path, 8, 16, 24, threads=1, kinds=("s8u8",))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["opt-tiny", "bert-tiny", "llama-tiny"])
 def test_head_writes_float_logits(tmp_path, preset: str) -> None:

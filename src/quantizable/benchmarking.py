@@ -178,20 +178,35 @@ def ort_single_op(directory: Path, name: str, op: str, x_type: int, weight: Any,
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+# the 8-bit kernel kinds of one ORT ``MatMulInteger`` (activations x weights): u8 x s8 is what MLAS runs fastest but
+# saturates without VNNI; u8 x u8 (weights with zero point 128) is the exact kind an INT8 model takes there; s8 x s8 is
+# exact too but a much slower kernel on AVX2 (docs/int8.md, "Exact INT8 GEMMs")
+GEMM_KINDS = ("u8u8", "u8s8", "s8s8")
+
+
 def ort_gemm_limit_calls(directory: Path, tokens: int, k: int, n: int, threads: int,
-                         unsigned_weights: bool) -> dict[str, Callable[[], Any]]:
-    """Callables of one ORT GEMM (``tokens x k -> n``) in FP32 (``gemm_fp32``) and INT8 (``gemm_int8``: u8
-    activations, u8 or s8 weights as the INT8 model has them), to time in the same interleaved run as a model: their
-    time ratio is the same-run GEMM limit."""
+                         kinds: tuple[str, ...] = ("u8s8",), prefix: str = "gemm") -> dict[str, Callable[[], Any]]:
+    """Callables of one ORT GEMM (``tokens x k -> n``) in FP32 (``{prefix}_fp32``) and in INT8 of each kernel kind of
+    ``GEMM_KINDS`` asked for (``{prefix}_u8u8`` ...), to time in the same interleaved run as a model: FP32 time / a
+    kind's time is the same-run GEMM limit of that kind."""
     import numpy as np
     from onnx import TensorProto
 
+    unknown = set(kinds) - set(GEMM_KINDS)
+    if unknown:
+        raise ValueError(f"unknown GEMM kinds {sorted(unknown)}; known: {GEMM_KINDS}")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((tokens, k), dtype=np.float32)
     w = (rng.standard_normal((k, n), dtype=np.float32) / k**0.5).astype(np.float32)
-    qx = rng.integers(0, 256, (tokens, k), dtype=np.uint8)
-    qw = rng.integers(0, 256, (k, n), dtype=np.uint8) if unsigned_weights else \
-        rng.integers(-127, 128, (k, n), dtype=np.int8)
-    fp32 = ort_single_op(directory, "gemm_fp32", "MatMul", TensorProto.FLOAT, w, threads)
-    int8 = ort_single_op(directory, "gemm_int8", "MatMulInteger", TensorProto.UINT8, qw, threads)
-    return {"gemm_fp32": lambda: fp32.run(None, {"x": x}), "gemm_int8": lambda: int8.run(None, {"x": qx})}
+    fp32 = ort_single_op(directory, f"{prefix}_fp32", "MatMul", TensorProto.FLOAT, w, threads)
+    calls: dict[str, Callable[[], Any]] = {f"{prefix}_fp32": lambda: fp32.run(None, {"x": x})}
+    for kind in kinds:
+        if kind.startswith("u8"):
+            qx, x_type = rng.integers(0, 256, (tokens, k), dtype=np.uint8), TensorProto.UINT8
+        else:
+            qx, x_type = rng.integers(-127, 128, (tokens, k), dtype=np.int8), TensorProto.INT8
+        qw = rng.integers(0, 256, (k, n), dtype=np.uint8) if kind.endswith("u8") else \
+            rng.integers(-127, 128, (k, n), dtype=np.int8)
+        session = ort_single_op(directory, f"{prefix}_{kind}", "MatMulInteger", x_type, qw, threads)
+        calls[f"{prefix}_{kind}"] = lambda session=session, qx=qx: session.run(None, {"x": qx})
+    return calls

@@ -7,6 +7,7 @@ several of them on one batch, so FP32 and INT8 of every backend are scored and t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -70,20 +71,22 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 def latency_samples_ms(functions: dict[str, LogitsFn], batch: Batch, repeats: int = 20,
-                       warmup: int = 3) -> dict[str, list[float]]:
+                       warmup: int = 3, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Wall times (ms) of ``repeats`` forward passes on ``batch`` per logits function, after ``warmup`` untimed
-    rounds, interleaved by the benchmarks' one timing loop (``benchmarking.interleaved_times``)."""
+    rounds, interleaved by the benchmarks' one timing loop (``benchmarking.interleaved_times``). ``clock``:
+    ``time.process_time`` times this process's CPU time instead (with one thread, the latency other processes on a
+    shared CPU do not stretch)."""
     inputs = {name: batch[name] for name in input_names(batch)}
     calls = {name: (lambda function=function: function(inputs)) for name, function in functions.items()}
     with torch.no_grad():
-        seconds = interleaved_times(calls, repeats, warmup)
+        seconds = interleaved_times(calls, repeats, warmup, clock=clock)
     return {name: [1000.0 * value for value in values] for name, values in seconds.items()}
 
 
 def median_latencies_ms(functions: dict[str, LogitsFn], batch: Batch, repeats: int = 20,
-                        warmup: int = 3) -> dict[str, float]:
+                        warmup: int = 3, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median wall time (ms) of one forward pass on ``batch`` per logits function (``latency_samples_ms``)."""
-    return medians(latency_samples_ms(functions, batch, repeats, warmup))
+    return medians(latency_samples_ms(functions, batch, repeats, warmup, clock))
 
 
 def has_int8_dot_product() -> bool:
