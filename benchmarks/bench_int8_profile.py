@@ -37,7 +37,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 import onnxruntime as ort
@@ -237,6 +237,16 @@ def bench(name: str, method: str, batch_size: int, seq_len: int, threads: int, r
     return rows
 
 
+def _category_lines(left: dict[str, Any], right: dict[str, Any], ratio: Callable[[float, float], float]) -> list[str]:
+    """One line per category: each side's ms and share of its run, and ``ratio(left_ms, right_ms)``."""
+    lines = []
+    for c in CATEGORIES:
+        x, y = left["category_ms"][c], right["category_ms"][c]
+        shown = f"{ratio(x, y):8.2f}x" if x > 0 and y > 0 else "        -"
+        lines.append(f"  {c:17s} {x:9.1f} {x / left['nodes_ms']:6.1%} {y:9.1f} {y / right['nodes_ms']:6.1%} {shown}")
+    return lines
+
+
 def table(row: dict[str, Any], flags: list[str]) -> str:
     fp32, int8 = row["fp32"], row["int8"]
     lines = [f"{row['model']} {row.get('backend', 'onnxruntime')} (batch {row['batch'][0]} x {row['batch'][1]}, "
@@ -244,11 +254,7 @@ def table(row: dict[str, Any], flags: list[str]) -> str:
              f"CPU flags {' '.join(flags) or 'none'}): run FP32 {fp32['run_ms']:.1f} ms, INT8 {int8['run_ms']:.1f} ms "
              f"-> {row['speedup']:.2f}x",
              f"  {'category':17s} {'FP32 ms':>9s} {'share':>6s} {'INT8 ms':>9s} {'share':>6s} {'FP32/INT8':>9s}"]
-    for c in CATEGORIES:
-        a, b = fp32["category_ms"][c], int8["category_ms"][c]
-        ratio = f"{a / b:8.2f}x" if b > 0 and a > 0 else "        -"
-        lines.append(f"  {c:17s} {a:9.1f} {a / fp32['nodes_ms']:6.1%} {b:9.1f} {b / int8['nodes_ms']:6.1%} {ratio}")
-    return "\n".join(lines)
+    return "\n".join(lines + _category_lines(fp32, int8, lambda x, y: x / y))
 
 
 def backends_table(rows: list[dict[str, Any]]) -> str:
@@ -259,11 +265,7 @@ def backends_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{ort_row['model']} INT8: ORT run {a['run_ms']:.1f} ms, PT2E run {b['run_ms']:.1f} ms "
              f"-> PT2E / ORT {b['run_ms'] / a['run_ms']:.2f}",
              f"  {'category':17s} {'ORT ms':>9s} {'share':>6s} {'PT2E ms':>9s} {'share':>6s} {'PT2E/ORT':>9s}"]
-    for c in CATEGORIES:
-        x, y = a["category_ms"][c], b["category_ms"][c]
-        ratio = f"{y / x:8.2f}x" if x > 0 and y > 0 else "        -"
-        lines.append(f"  {c:17s} {x:9.1f} {x / a['nodes_ms']:6.1%} {y:9.1f} {y / b['nodes_ms']:6.1%} {ratio}")
-    return "\n".join(lines)
+    return "\n".join(lines + _category_lines(a, b, lambda x, y: y / x))
 
 
 def main() -> None:
